@@ -1,0 +1,8 @@
+"""glmkit: run ChatGLM3 (and models like it) on your own machines."""
+
+__version__ = "0.1.0"
+
+from .chat_model import ChatModel, Reply, load  # noqa: E402
+from .errors import CheckpointError, ContextLengthError, GlmkitError  # noqa: E402
+
+__all__ = ["load", "ChatModel", "Reply", "GlmkitError", "CheckpointError", "ContextLengthError", "__version__"]

@@ -102,7 +102,7 @@ class GGUFFile:
                 arr = quants.dequantize(t.data, t.tensor_type)
             except Exception as e:
                 raise CheckpointError(f"{self.path}: tensor {t.name} cannot be decoded ({e})") from None
-            tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            tensor = torch.from_numpy(np.array(arr, dtype=np.float32))  # copy: GGUF data is a read-only mmap
             name = t.name
             if name == "token_embd.weight":
                 yield self.path, "tok_embeddings.weight", tensor

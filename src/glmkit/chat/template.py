@@ -1,0 +1,111 @@
+"""Chat templates shipped inside GGUF files (Jinja, as Hugging Face defines them), applied at
+the level of token ids.
+
+The template is rendered in Jinja's sandbox with a unique placeholder in place of each
+message's content.  The text the template itself produces (trusted: it comes with the model)
+is tokenized with special-token recognition, so `<|im_start|>` becomes its id; the messages'
+content (untrusted) is tokenized as plain text, so a user typing `<|im_start|>` gets ordinary
+pieces.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import CheckpointError, GlmkitError
+from ..tokenizers.streaming import IncrementalDecoder
+from .formats import ReplyEvent
+from .messages import validate_messages
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class TemplateFormat:
+    name = "template"
+
+    def __init__(self, tokenizer, template: str):
+        self.tok = tokenizer
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        try:
+            self.template = env.from_string(template)
+        except TemplateError as e:
+            raise CheckpointError(f"the model's chat template does not parse: {e}") from None
+        # longest first so that '<|im_start|>' wins over any shorter special it contains
+        specials = sorted(tokenizer.specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        stops = {tokenizer.eos_id}
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+            if name in tokenizer.specials:
+                stops.add(tokenizer.specials[name])
+        self.stop_ids = frozenset(stops)
+
+    def _encode_trusted(self, text: str) -> list[int]:
+        if not self._special_re:
+            return self.tok.encode(text)
+        ids: list[int] = []
+        for part in self._special_re.split(text):
+            if part in self.tok.specials:
+                ids.append(self.tok.specials[part])
+            elif part:
+                ids += self.tok.encode(part)
+        return ids
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        msgs = validate_messages(messages, roles=ROLES + ("observation",))
+        marks = []
+        rendered_msgs = []
+        for m in msgs:
+            mark = f"\x00glmkit-{secrets.token_hex(8)}\x00"
+            marks.append((mark, m["content"]))
+            role = "tool" if m["role"] == "observation" else m["role"]
+            rendered_msgs.append({"role": role, "content": mark})
+        try:
+            text = self.template.render(messages=rendered_msgs, add_generation_prompt=True,
+                                        bos_token="", eos_token="")
+        except TemplateError as e:
+            raise GlmkitError(f"the model's chat template rejected the conversation: {e}") from None
+        ids: list[int] = []
+        rest = text
+        for mark, content in marks:
+            if mark not in rest:
+                raise GlmkitError("the model's chat template alters message content; glmkit cannot apply it safely")
+            before, rest = rest.split(mark, 1)
+            ids += self._encode_trusted(before) + self.tok.encode(content)
+        return ids + self._encode_trusted(rest)
+
+    def reply_parser(self) -> "PlainReplyParser":
+        return PlainReplyParser(self.tok)
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+class PlainReplyParser:
+    """A reply with no protocol inside: all visible text is content."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""
+        self.started = False
+
+    def feed(self, token_id: int) -> list[ReplyEvent]:
+        events = [] if self.started else [ReplyEvent("segment", metadata="")]
+        self.started = True
+        piece = "" if self.tok.is_special(token_id) else self.decoder.feed(token_id)
+        self.text += piece
+        return events + ([ReplyEvent("text", piece)] if piece else [])
+
+    def finish(self) -> list[ReplyEvent]:
+        piece = self.decoder.flush()
+        self.text += piece
+        return [ReplyEvent("text", piece)] if piece else []
+
+    def messages(self) -> list[dict]:
+        return [{"role": "assistant", "content": self.text}]

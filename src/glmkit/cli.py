@@ -1,0 +1,171 @@
+"""The `glmkit` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import ContextLengthError, GlmkitError
+
+EXIT_COMMANDS = {"stop", "exit", "quit", ":q", "/bye"}
+
+
+def _model_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", metavar="PATH",
+                   help="ChatGLM3 directory (config.json + tokenizer.model + safetensors/.bin shards) or a "
+                        ".gguf file; default: $MODEL_PATH, else the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+
+
+def _sampling_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("generation (defaults: the model's official values)")
+    g.add_argument("--temperature", type=float, help="0 = greedy; ChatGLM3 default 0.8")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass; ChatGLM3 default 0.8")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens (1 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens in one reply (default 1024)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="most tokens of prompt + reply (the official demos' max_length); default: the model's context")
+    g.add_argument("--seed", type=int, help="seed the sampler for reproducible replies")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop the reply at this text (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glmkit", description="Run ChatGLM3 and similar models on your own machine.")
+    p.add_argument("--version", action="version", version=f"glmkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    chat = sub.add_parser("chat", help="chat in the terminal (or answer one prompt with -p)",
+                          description="Chat in the terminal. Type `clear` to start over, `stop` (or Ctrl-D) to "
+                                      "quit; Ctrl-C interrupts an answer and keeps the conversation.")
+    chat.add_argument("-p", "--prompt", help="answer this one prompt, print only the reply, and exit")
+    chat.add_argument("-s", "--system", help="system prompt for the conversation")
+    _model_options(chat)
+    _sampling_options(chat)
+    return p
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _load(args, progress: bool):
+    import glmkit
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                       progress=progress)
+
+
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def cmd_chat(args) -> int:
+    model = _load(args, progress=sys.stderr.isatty())
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    gen = dict(max_new_tokens=max_new, max_length=args.max_length, stop=args.stop, **_sampling(args))
+    if args.prompt is not None:
+        messages = base + [{"role": "user", "content": args.prompt}]
+        for piece in model.stream_chat(messages, **gen):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    return interactive(model, base, gen, max_new)
+
+
+def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    from .chat_model import Reply
+    print(f"glmkit {__version__} · {model.name} · context {model.context_length} tokens")
+    print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
+    history = list(base)
+    while True:
+        try:
+            text = input("You: ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = text.strip().lower()
+        if cmd in EXIT_COMMANDS:
+            return 0
+        if cmd == "clear":
+            history = list(base)
+            print("[conversation cleared]\n")
+            continue
+        if not text.strip():
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        try:
+            reserve = min(max_new, max(16, (gen.get("max_length") or model.context_length) // 4))
+            messages, dropped = model.fit(messages, reserve, gen.get("max_length"))
+        except ContextLengthError as e:
+            print(f"[{e}]\n", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"[dropped the {dropped} oldest message(s) to fit the context of {model.context_length} tokens]",
+                  file=sys.stderr)
+        reply = Reply()
+        sys.stdout.write(f"{model.name}: ")
+        sys.stdout.flush()
+        shown = []
+        try:
+            for ev in model.reply(messages, reply=reply, **gen):
+                if ev.kind == "segment" and ev.metadata:
+                    sys.stdout.write(f"\n[{ev.metadata}]\n")
+                elif ev.kind == "text":
+                    shown.append(ev.text)
+                    sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+            reply.messages = [{"role": "assistant", "content": "".join(shown)}] if shown else []
+        except GlmkitError as e:
+            print(f"\n[error: {e}]", file=sys.stderr)
+            continue
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+        if reply.finish_reason == "length":
+            print("[the reply reached the token limit]\n", file=sys.stderr)
+        history = messages + reply.messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "chat":
+            return cmd_chat(args)
+    except GlmkitError as e:
+        print(f"glmkit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `glmkit chat -p ... | head` closed the pipe: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "chatglm3-tiny"          # safetensors shards
+TINY_32K = FIXTURES / "chatglm3-tiny-32k"  # pickle shards, rope_ratio 50
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
+
+def glmkit_bin() -> str:
+    """The installed console script next to the running interpreter."""
+    return str(Path(sys.executable).with_name("glmkit"))
+
+
+def reference(path: Path) -> dict:
+    return json.loads((path / "reference.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    import glmkit
+    return glmkit.load(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny32k():
+    import glmkit
+    return glmkit.load(TINY_32K)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    import glmkit
+    return glmkit.load(None)
+
+
+@pytest.fixture
+def clean_env():
+    env = dict(os.environ)
+    env.pop("MODEL_PATH", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
