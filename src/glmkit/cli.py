@@ -110,20 +110,16 @@ def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
         if not text.strip():
             continue
         messages = history + [{"role": "user", "content": text}]
+        reply = Reply()
+        shown: list[str] = []
         try:
             reserve = min(max_new, max(16, (gen.get("max_length") or model.context_length) // 4))
             messages, dropped = model.fit(messages, reserve, gen.get("max_length"))
-        except ContextLengthError as e:
-            print(f"[{e}]\n", file=sys.stderr)
-            continue
-        if dropped:
-            print(f"[dropped the {dropped} oldest message(s) to fit the context of {model.context_length} tokens]",
-                  file=sys.stderr)
-        reply = Reply()
-        sys.stdout.write(f"{model.name}: ")
-        sys.stdout.flush()
-        shown = []
-        try:
+            if dropped:
+                print(f"[dropped the {dropped} oldest message(s) to fit the context of {model.context_length} tokens]",
+                      file=sys.stderr)
+            sys.stdout.write(f"{model.name}: ")
+            sys.stdout.flush()
             for ev in model.reply(messages, reply=reply, **gen):
                 if ev.kind == "segment" and ev.metadata:
                     sys.stdout.write(f"\n[{ev.metadata}]\n")
@@ -132,10 +128,11 @@ def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
                     sys.stdout.write(ev.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:
+            # keep what was shown: the next question may refer to it
             sys.stdout.write(" [interrupted]")
             reply.messages = [{"role": "assistant", "content": "".join(shown)}] if shown else []
         except GlmkitError as e:
-            print(f"\n[error: {e}]", file=sys.stderr)
+            print(f"\n[error: {e}]\n", file=sys.stderr)
             continue
         sys.stdout.write("\n\n")
         sys.stdout.flush()

@@ -73,7 +73,7 @@ class GGUFFile:
             rope_base=float(self.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_dims=int(self.get(f"{arch}.rope.dimension_count", head_dim)),
             qkv_bias="blk.0.attn_q.bias" in names, tied_embeddings="output.weight" not in names,
-            name=self.get("general.name") or path_stem(self.path),
+            name=path_stem(self.path),  # general.name is often a training-run label
         )
 
     def tokenizer(self):

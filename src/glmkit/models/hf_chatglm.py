@@ -125,8 +125,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
             raise
         except Exception as e:  # truncated/corrupt files surface as many exception types
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "weights_only" in msg.lower() or "unpickl" in msg.lower():
-                msg = "it contains objects other than tensors, refused for safety (" + msg[:200] + ")"
+            if any(k in msg.lower() for k in ("weights_only", "weights only", "unpickl")):
+                msg = "it contains objects other than tensors, refused for safety (loaded with weights_only=True)"
             raise CheckpointError(f"{f}: cannot read weights: {msg}") from None
 
 

