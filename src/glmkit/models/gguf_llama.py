@@ -83,7 +83,7 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tokenizer model {model!r} is not supported yet (only byte-level BPE, 'gpt2')")
         return GGUFBPETokenizer(
             self.require("tokenizer.ggml.tokens"), self.require("tokenizer.ggml.token_type"),
-            self.require("tokenizer.ggml.merges"), self.get("tokenizer.ggml.pre", "default"),
+            self.get("tokenizer.ggml.merges", []), self.get("tokenizer.ggml.pre", "default"),
             eos_id=int(self.require("tokenizer.ggml.eos_token_id")),
             bos_id=self.get("tokenizer.ggml.bos_token_id"), source=str(self.path))
 
