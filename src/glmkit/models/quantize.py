@@ -1,0 +1,162 @@
+"""Weight-only quantization of Linear layers: int8 per output channel, int4 group-wise.
+
+The matmuls are PyTorch's own kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu` on CPU, `aten._weight_int4pack_mm` on CUDA), the ones gpt-fast
+and torchao use underneath; torchao adds nothing on CPU over them (see shared VISION notes), so we
+call them directly and keep one dependency fewer.
+
+int4 follows gpt-fast's asymmetric scheme: per group of `group_size` input columns,
+scale = (max - min) / 15 and zero = min + 8 * scale, so w ≈ (q - 8) * scale + zero with q in 0..15.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GlmkitError
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int                 # 8 or 4
+    group_size: int = 128     # int4 only
+    output_layer: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise GlmkitError(f"quantization bits must be 4 or 8, got {self.bits}")
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise GlmkitError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @classmethod
+    def parse(cls, name: str | None, group_size: int = 128, output_layer: bool = False) -> "QuantConfig | None":
+        if name in (None, "", "none"):
+            return None
+        bits = {"int8": 8, "int4": 4, "8": 8, "4": 4}.get(str(name))
+        if bits is None:
+            raise GlmkitError(f"unknown quantization {name!r}; choose int8 or int4")
+        return cls(bits, group_size, output_layer)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scales [N] float32)."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric group-wise int4: (q [N, K] int32 in 0..15, scales_and_zeros [K/g, N, 2] float32)."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    zeros = lo + scales * 8
+    q = ((wg - lo) / scales).round().clamp(0, 15).reshape(N, K).to(torch.int32)
+    sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    return q, sz
+
+
+def dequantize_int4(q: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    N, K = q.shape
+    scales, zeros = sz[..., 0].t(), sz[..., 1].t()                        # [N, K/g]
+    qg = q.reshape(N, K // group_size, group_size).float()
+    return ((qg - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
+
+
+def _pack_int4(q: Tensor, device: torch.device, inner_k_tiles: int = 8) -> Tensor:
+    if device.type == "cuda":
+        packed_pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+        return torch.ops.aten._convert_weight_to_int4pack(packed_pairs, inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(device), 2)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_float(self, w: Tensor, dtype: torch.dtype):
+        q, s = quantize_int8(w)
+        self.weight, self.scales = q.to(w.device), s.to(device=w.device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2))
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_float(self, w: Tensor, dtype: torch.dtype):
+        q, sz = quantize_int4(w, self.group_size)
+        self.weight = _pack_int4(q, w.device)
+        self.scales_and_zeros = sz.to(device=w.device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantizable(name: str, qc: QuantConfig) -> bool:
+    return name.startswith("layers.") or (qc.output_layer and name == "output")
+
+
+def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
+    """Swap eligible nn.Linear modules (still on the meta device) for quantized ones.
+
+    int4 needs the input width to be a multiple of the group size; a layer where it is not falls
+    back to int8 (named in the returned list)."""
+    fallbacks = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or not quantizable(name, qc):
+            continue
+        bias = mod.bias is not None
+        if qc.bits == 4 and mod.in_features % qc.group_size == 0:
+            new = Int4Linear(mod.in_features, mod.out_features, bias, qc.group_size)
+        else:
+            if qc.bits == 4:
+                fallbacks.append(name)
+            new = Int8Linear(mod.in_features, mod.out_features, bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new.to("meta"))
+    return fallbacks
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, (Int8Linear, Int4Linear))
+
+
+def linear_dequantized(module: nn.Module) -> Tensor:
+    """Float weight of a (possibly quantized) linear layer, for tests and perplexity checks."""
+    if isinstance(module, Int8Linear):
+        return module.weight.float() * module.scales.float()[:, None]
+    if isinstance(module, nn.Linear):
+        return module.weight.float()
+    raise TypeError("int4 weights are packed for the kernel; keep the float weight to compare")
+
+
+__all__ = ["QuantConfig", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
+           "dequantize_int4", "is_quantized"]
