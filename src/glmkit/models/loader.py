@@ -83,7 +83,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
     torch_dtype = pick_dtype(dtype, device, quantized=quant is not None)
-    if path.is_file() and path.suffix == ".gguf" or _is_gguf(path):
+    if _is_gguf(path):  # by magic bytes, whatever the file is called
         from .gguf_llama import GGUFFile
         gf = GGUFFile(path)
         cfg = gf.config()
