@@ -34,8 +34,16 @@ def tiny32k():
 
 @pytest.fixture(scope="session")
 def smol():
+    """The embedded default model as users get it (its Q4_1 blocks on the int4 kernel)."""
     import glmkit
     return glmkit.load(None)
+
+
+@pytest.fixture(scope="session")
+def smol_float():
+    """The same weights dequantized to float32, for exact comparisons."""
+    import glmkit
+    return glmkit.load(None, quantize="none")
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ TOLERANCE = {Q.F32: 0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 0.02, Q.Q4_0: 0.3, Q.Q
 
 @pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
 def test_tensor_types_load_and_dequantize(tmp_path, qtype):
-    m = glmkit.load(write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", qtype))
+    m = glmkit.load(write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", qtype), quantize="none")
     ref = weights()
     wo = m.model.layers[0].attention.wo.weight
     want = torch.from_numpy(ref["blk.0.attn_output.weight"])
@@ -85,7 +85,7 @@ def test_tensor_types_load_and_dequantize(tmp_path, qtype):
 
 
 def test_quantized_logits_close_to_float(tmp_path):
-    models = [glmkit.load(write_gguf(tmp_path / f"{q.name}.gguf", q)) for q in (Q.F32, Q.Q8_0, Q.Q4_0)]
+    models = [glmkit.load(write_gguf(tmp_path / f"{q.name}.gguf", q), quantize="none") for q in (Q.F32, Q.Q8_0, Q.Q4_0)]
     ids = models[0].encode_chat([{"role": "user", "content": "hello there"}])
     out = []
     for m in models:
@@ -106,3 +106,25 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:20000])
     with pytest.raises(glmkit.CheckpointError, match="t.gguf"):
         glmkit.load(path)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_native_blocks_run_on_int_kernels_exactly(tmp_path, qtype):
+    """Q4_0/Q4_1 map exactly onto int4 group 32 (Q8_0 onto per-row int8): with float32
+    activations the kernels must reproduce the dequantized float model."""
+    from glmkit.models.quantize import Int4Linear, Int8Linear
+    path = write_gguf(tmp_path / "m.gguf", qtype)
+    native = glmkit.load(path, dtype="float32")
+    ref = glmkit.load(path, quantize="none")
+    kind = Int8Linear if qtype == Q.Q8_0 else Int4Linear
+    assert isinstance(native.model.layers[1].attention.wqkv, kind)
+    assert isinstance(native.model.layers[1].feed_forward.w13, kind)
+    ids = ref.encode_chat([{"role": "user", "content": "hello there"}])
+    out = []
+    for m in (native, ref):
+        m.model.setup_caches(1, len(ids))
+        out.append(m.model(torch.tensor([ids]), torch.zeros(1, dtype=torch.long))[0])
+    if qtype == Q.Q8_0:  # re-quantized per row: close, not exact
+        assert (out[0] - out[1]).norm() / out[1].norm() < 0.05
+    else:
+        assert torch.allclose(out[0], out[1], atol=1e-4)

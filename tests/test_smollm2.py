@@ -49,12 +49,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf(smol):
-    return hf_llama_from(smol)
+def hf(smol_float):
+    return hf_llama_from(smol_float)
 
 
 @pytest.mark.parametrize("messages", PROMPTS)
-def test_logits_match_transformers(smol, hf, messages):
+def test_logits_match_transformers(smol_float, hf, messages):
+    smol = smol_float
     ids = smol.encode_chat(messages)
     smol.model.setup_caches(1, len(ids))
     ours = smol.model(torch.tensor([ids]), torch.zeros(1, dtype=torch.long), all_logits=True)[0]
@@ -63,7 +64,8 @@ def test_logits_match_transformers(smol, hf, messages):
     assert (ours - theirs).abs().max().item() < 1e-3
 
 
-def test_greedy_20_tokens_match_transformers(smol, hf):
+def test_greedy_20_tokens_match_transformers(smol_float, hf):
+    smol = smol_float
     ids = smol.encode_chat(PROMPTS[0])
     ours = smol.generate(ids, max_new_tokens=20, temperature=0, repetition_penalty=1.0, stop_ids=())
     with torch.no_grad():
@@ -82,6 +84,14 @@ def test_prompt_matches_transformers_chat_template(smol):
         want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
         assert smol.encode_chat(messages) == list(want)
+
+
+def test_default_model_keeps_q4_1_on_the_int4_kernel(smol, smol_float):
+    from glmkit.models.quantize import Int4Linear
+    assert isinstance(smol.model.layers[0].feed_forward.w13, Int4Linear)
+    assert smol.model.layers[0].feed_forward.w13.group_size == 32
+    import torch as _t
+    assert smol.model.dtype == _t.bfloat16 and smol_float.model.dtype == _t.float32
 
 
 def test_default_model_answers_paris(smol):

@@ -146,7 +146,9 @@ def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, qu
          group_size: int = 128, quantize_output: bool = False) -> ChatModel:
     """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model.
 
-    quantize="int8" or "int4" quantizes Linear weights while loading (int4 in groups of
-    `group_size` input columns); the output layer too with quantize_output=True."""
+    quantize: None/"auto" keeps the checkpoint's own precision (a GGUF file's Q4_0/Q4_1/Q8_0 blocks
+    run on the int4/int8 kernels), "none" makes every weight float, "int8"/"int4" quantize Linear
+    weights while loading (int4 in groups of `group_size` input columns; the output layer too
+    with quantize_output=True)."""
     quant = QuantConfig.parse(quantize, group_size, quantize_output)
     return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant))

@@ -21,8 +21,9 @@ def _model_options(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = float32 on CPU, float16 on CUDA")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
-    g.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="quantize Linear weights while loading: int8 per channel or int4 group-wise")
+    g.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="Linear weights: auto = as the checkpoint comes (GGUF Q4_0/Q4_1/Q8_0 stay quantized), "
+                        "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
 

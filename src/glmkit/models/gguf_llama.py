@@ -17,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .quantize import QTensor, quantize_int8
 
 SUPPORTED_ARCHS = ("llama",)
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q2_K", "Q3_K"}
@@ -87,6 +88,9 @@ class GGUFFile:
             eos_id=int(self.require("tokenizer.ggml.eos_token_id")),
             bos_id=self.get("tokenizer.ggml.bos_token_id"), source=str(self.path))
 
+    def has_quantized_linears(self) -> bool:
+        return any(t.tensor_type.name in NATIVE_TYPES and t.name.startswith("blk.") for t in self.reader.tensors)
+
     def chat_template(self) -> str | None:
         return self.get("tokenizer.chat_template")
 
@@ -98,12 +102,14 @@ class GGUFFile:
             qtype = t.tensor_type.name
             if qtype not in SUPPORTED_TYPES:
                 raise CheckpointError(f"{self.path}: tensor {t.name} has unsupported type {qtype}")
+            name = t.name
             try:
                 arr = quants.dequantize(t.data, t.tensor_type)
             except Exception as e:
                 raise CheckpointError(f"{self.path}: tensor {t.name} cannot be decoded ({e})") from None
             tensor = torch.from_numpy(np.array(arr, dtype=np.float32))  # copy: GGUF data is a read-only mmap
-            name = t.name
+            if qtype in NATIVE_TYPES and name != "token_embd.weight" and tensor.ndim == 2:
+                tensor = native_qtensor(t.data, qtype, tensor)
             if name == "token_embd.weight":
                 yield self.path, "tok_embeddings.weight", tensor
                 if cfg.tied_embeddings:
@@ -124,13 +130,46 @@ class GGUFFile:
                 parts = pending.setdefault(full, [None] * _FUSED_PARTS[ours])
                 parts[slot] = tensor
                 if all(p is not None for p in parts):
-                    yield self.path, full, torch.cat(pending.pop(full), dim=0)
+                    yield self.path, full, fuse(pending.pop(full))
             elif key == "rope_freqs.weight":
                 raise CheckpointError(f"{self.path}: rope scaling factors (rope_freqs) are not supported yet")
             else:
                 raise CheckpointError(f"{self.path}: unexpected tensor {name!r}")
         if pending:
             raise CheckpointError(f"{self.path}: incomplete layers, missing parts of {', '.join(sorted(pending))}")
+
+
+NATIVE_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # block bytes for 32 weights
+
+
+def native_qtensor(raw: np.ndarray, qtype: str, deq: torch.Tensor) -> QTensor:
+    """GGML blocks of 32 as glmkit int4/int8 weights.
+
+    Q4_0 (w = (q-8)·d) and Q4_1 (w = q·d + m) map exactly onto int4 with group 32: scale d and
+    zero m + 8d (0 for Q4_0).  Q8_0 has one scale per 32 weights, but the int8 kernel takes one
+    per row, so it is re-quantized per row (error under half a step of the coarser scale)."""
+    if qtype == "Q8_0":
+        return QTensor(8, *quantize_int8(deq))
+    N, K = deq.shape
+    blocks = np.asarray(raw).reshape(N, K // 32, NATIVE_TYPES[qtype])
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if qtype == "Q4_1":
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        zero = m + 8 * d
+    else:
+        zero = torch.zeros_like(d)
+    safe_d = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.round((deq.reshape(N, K // 32, 32) - zero[..., None]) / safe_d[..., None]) + 8
+    q = torch.where(d[..., None] == 0, torch.full_like(q, 8), q).clamp(0, 15).reshape(N, K).to(torch.int32)
+    scales = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous()    # [K/32, N, 2]
+    return QTensor(4, q, scales, 32)
+
+
+def fuse(parts: list) -> "torch.Tensor | QTensor":
+    """Concatenate along output rows, staying quantized when every part is quantized alike."""
+    if all(isinstance(p, QTensor) for p in parts) and all(p.compatible(parts[0]) for p in parts):
+        return QTensor.cat(parts)
+    return torch.cat([p.dequantize() if isinstance(p, QTensor) else p for p in parts], dim=0)
 
 
 def path_stem(p: Path) -> str:

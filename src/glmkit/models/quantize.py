@@ -23,24 +23,61 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int                 # 8 or 4
+    """What to do with Linear weights while loading.
+
+    bits 8 or 4: quantize every eligible layer to that.  bits 0: keep every weight in float
+    (dequantizing a GGUF file's blocks).  `None` instead of a QuantConfig means "as the
+    checkpoint comes": float checkpoints stay float, quantized ones stay quantized."""
+    bits: int                 # 8, 4, or 0 for float
     group_size: int = 128     # int4 only
     output_layer: bool = False
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
+        if self.bits not in (0, 4, 8):
             raise GlmkitError(f"quantization bits must be 4 or 8, got {self.bits}")
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise GlmkitError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
 
     @classmethod
     def parse(cls, name: str | None, group_size: int = 128, output_layer: bool = False) -> "QuantConfig | None":
-        if name in (None, "", "none"):
+        if name in (None, "", "auto"):
             return None
-        bits = {"int8": 8, "int4": 4, "8": 8, "4": 4}.get(str(name))
+        bits = {"int8": 8, "int4": 4, "8": 8, "4": 4, "none": 0, "float": 0}.get(str(name))
         if bits is None:
-            raise GlmkitError(f"unknown quantization {name!r}; choose int8 or int4")
+            raise GlmkitError(f"unknown quantization {name!r}; choose auto, none, int8 or int4")
         return cls(bits, group_size, output_layer)
+
+
+@dataclass
+class QTensor:
+    """A Linear weight that arrives already quantized (GGUF blocks, glmkit checkpoints).
+
+    bits 8: q int8 [N, K], scales [N].  bits 4: q int32 in 0..15 [N, K],
+    scales [K/group, N, 2] holding (scale, zero) as in quantize_int4."""
+    bits: int
+    q: Tensor
+    scales: Tensor
+    group_size: int = 0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> Tensor:
+        if self.bits == 8:
+            return self.q.float() * self.scales.float()[:, None]
+        return dequantize_int4(self.q, self.scales.float(), self.group_size)
+
+    @staticmethod
+    def cat(parts: list["QTensor"]) -> "QTensor":
+        """Stack along output rows (to fuse Q/K/V or gate/up)."""
+        p0 = parts[0]
+        dim = 0 if p0.bits == 8 else 1
+        return QTensor(p0.bits, torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts], dim=dim),
+                       p0.group_size)
+
+    def compatible(self, other: "QTensor") -> bool:
+        return self.bits == other.bits and self.group_size == other.group_size
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,8 +123,10 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def load_float(self, w: Tensor, dtype: torch.dtype):
-        q, s = quantize_int8(w)
-        self.weight, self.scales = q.to(w.device), s.to(device=w.device, dtype=dtype)
+        self.load_quantized(QTensor(8, *quantize_int8(w)), w.device, dtype)
+
+    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
+        self.weight, self.scales = qt.q.to(device), qt.scales.to(device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -105,9 +144,11 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def load_float(self, w: Tensor, dtype: torch.dtype):
-        q, sz = quantize_int4(w, self.group_size)
-        self.weight = _pack_int4(q, w.device)
-        self.scales_and_zeros = sz.to(device=w.device, dtype=dtype)
+        self.load_quantized(QTensor(4, *quantize_int4(w, self.group_size), self.group_size), w.device, dtype)
+
+    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
+        self.weight = _pack_int4(qt.q, torch.device(device))
+        self.scales_and_zeros = qt.scales.to(device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -124,17 +165,30 @@ def quantizable(name: str, qc: QuantConfig) -> bool:
     return name.startswith("layers.") or (qc.output_layer and name == "output")
 
 
+def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """The int4 kernels need whole groups along K and output rows in multiples of 16."""
+    return in_features % group_size == 0 and out_features % 16 == 0 and in_features % 32 == 0
+
+
+def module_for(qt: QTensor, bias: bool) -> nn.Module:
+    """An empty quantized Linear shaped for `qt`."""
+    N, K = qt.shape
+    return Int8Linear(K, N, bias) if qt.bits == 8 else Int4Linear(K, N, bias, qt.group_size)
+
+
 def replace_linears(model: nn.Module, qc: QuantConfig) -> list[str]:
     """Swap eligible nn.Linear modules (still on the meta device) for quantized ones.
 
-    int4 needs the input width to be a multiple of the group size; a layer where it is not falls
-    back to int8 (named in the returned list)."""
+    int4 needs the input width to be a multiple of the group size (and output rows in multiples of
+    16); a layer where it is not falls back to int8 (named in the returned list)."""
     fallbacks = []
+    if qc.bits == 0:
+        return fallbacks
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear) or not quantizable(name, qc):
             continue
         bias = mod.bias is not None
-        if qc.bits == 4 and mod.in_features % qc.group_size == 0:
+        if qc.bits == 4 and int4_fits(mod.out_features, mod.in_features, qc.group_size):
             new = Int4Linear(mod.in_features, mod.out_features, bias, qc.group_size)
         else:
             if qc.bits == 4:
@@ -158,5 +212,5 @@ def linear_dequantized(module: nn.Module) -> Tensor:
     raise TypeError("int4 weights are packed for the kernel; keep the float weight to compare")
 
 
-__all__ = ["QuantConfig", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
+__all__ = ["QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
            "dequantize_int4", "is_quantized"]
