@@ -7,6 +7,7 @@ no structure), so only int8 is held to a relative bound, and greedy argmax is co
 reference's top-1 margin is large."""
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,3 +89,142 @@ def test_cli_quantize_flag(clean_env):
                           capture_output=True, text=True, timeout=120, env=clean_env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+# -- quantized checkpoints -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
+def test_saved_checkpoint_loads_to_identical_logits(tmp_path, clean_env, bits, group):
+    dst = tmp_path / f"q{bits}"
+    proc = subprocess.run([glmkit_bin(), "quantize", str(TINY), str(dst), "--bits", str(bits), "--group-size", str(group)],
+                          capture_output=True, text=True, timeout=120, env=clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in dst.iterdir()} >= {"glmkit-quant.json", "model.safetensors", "config.json", "tokenizer.model"}
+    on_load = glmkit.load(TINY, quantize=f"int{bits}", group_size=group, dtype="float32")
+    saved = glmkit.load(dst, dtype="float32")
+    kind = Int8Linear if bits == 8 else Int4Linear
+    assert isinstance(saved.model.layers[1].feed_forward.w13, kind)
+    for c in reference(TINY)["chat_cases"][:4]:
+        assert torch.equal(_last_logits(on_load, c["input_ids"]), _last_logits(saved, c["input_ids"]))
+    assert saved.encode_chat([{"role": "user", "content": "你好"}]) == on_load.encode_chat([{"role": "user", "content": "你好"}])
+
+
+def _quantized_copy(tmp_path):
+    from glmkit.models import quantized_checkpoint
+    dst = tmp_path / "q"
+    quantized_checkpoint.write(TINY, dst, QuantConfig(4, 32))
+    return dst
+
+
+def test_quantized_checkpoint_from_another_format_version(tmp_path):
+    import json
+    dst = _quantized_copy(tmp_path)
+    meta = json.loads((dst / "glmkit-quant.json").read_text())
+    meta["format_version"] = 99
+    (dst / "glmkit-quant.json").write_text(json.dumps(meta))
+    with pytest.raises(glmkit.CheckpointError, match="format version 99.*glmkit quantize"):
+        glmkit.load(dst)
+
+
+def test_corrupt_quantized_checkpoint(tmp_path, clean_env):
+    dst = _quantized_copy(tmp_path)
+    w = dst / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    proc = subprocess.run([glmkit_bin(), "chat", "--model", str(dst), "-p", "hi"], capture_output=True, text=True,
+                          timeout=120, env=clean_env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "model.safetensors" in proc.stderr
+
+
+def test_quantized_checkpoint_missing_scales(tmp_path):
+    from safetensors.torch import load_file, save_file
+    dst = _quantized_copy(tmp_path)
+    sd = load_file(dst / "model.safetensors")
+    sd.pop("layers.0.attention.wo.scales")
+    save_file(sd, dst / "model.safetensors")
+    with pytest.raises(glmkit.CheckpointError, match="layers.0.attention.wo.qweight has no matching .scales"):
+        glmkit.load(dst)
+
+
+def test_quantize_refuses_gguf_and_non_empty_destination(tmp_path):
+    from glmkit.models import quantized_checkpoint
+    from glmkit.models.loader import default_model_path
+    with pytest.raises(glmkit.CheckpointError, match="ChatGLM3 directories"):
+        quantized_checkpoint.write(default_model_path(), tmp_path / "x", QuantConfig(4))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(glmkit.GlmkitError, match="not empty"):
+        quantized_checkpoint.write(TINY, tmp_path / "full", QuantConfig(4))
+
+
+# -- memory-bounded loading ------------------------------------------------------------------
+
+PEAK_SCRIPT = r"""
+import json, sys
+import torch, glmkit
+
+def status(key):  # kB; VmHWM is this process's own peak (ru_maxrss would inherit the parent's)
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+# warm up the same code paths on the tiny fixture: one-time allocations (thread pools, kernel
+# workspaces) are not the model
+glmkit.load(sys.argv[3], quantize=sys.argv[2], group_size=32)
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")   # restart the peak count from here
+m = glmkit.load(sys.argv[1], quantize=sys.argv[2], group_size=128)
+print(json.dumps({"growth_kib": status("VmHWM") - base}))
+"""
+
+
+def _synthetic_checkpoint(path, layers=8, hidden=1024, ffn=4096):
+    """A ChatGLM3-layout checkpoint of ~250 MB in float16 (as ChatGLM3 ships), one layer per shard."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+    path.mkdir()
+    cfg = json.loads((TINY / "config.json").read_text())
+    heads, kv = hidden // 128, 128
+    cfg.update(hidden_size=hidden, num_layers=layers, num_attention_heads=heads, kv_channels=kv,
+               multi_query_group_num=2, ffn_hidden_size=ffn, seq_length=512)
+    (path / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(TINY / "tokenizer.model", path / "tokenizer.model")
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+    shards = [{"transformer.embedding.word_embeddings.weight": torch.randn(2048, hidden, generator=g)}]
+    for i in range(layers):
+        p = f"transformer.encoder.layers.{i}."
+        shards.append({p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
+                       p + "self_attention.query_key_value.weight": torch.randn(hidden + 2 * 2 * kv, hidden, generator=g) * 0.02,
+                       p + "self_attention.query_key_value.bias": torch.zeros(hidden + 2 * 2 * kv),
+                       p + "self_attention.dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02,
+                       p + "mlp.dense_h_to_4h.weight": torch.randn(2 * ffn, hidden, generator=g) * 0.02,
+                       p + "mlp.dense_4h_to_h.weight": torch.randn(hidden, ffn, generator=g) * 0.02})
+    shards.append({"transformer.encoder.final_layernorm.weight": torch.ones(hidden),
+                   "transformer.output_layer.weight": torch.randn(2048, hidden, generator=g) * 0.02})
+    total = 0
+    for n, shard in enumerate(shards):
+        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: t.half() for k, t in shard.items()}, str(path / fname))
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * 2
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def test_quantize_on_load_never_holds_the_float_model(tmp_path, clean_env):
+    import json
+    ckpt = tmp_path / "synthetic"
+    float_bytes = _synthetic_checkpoint(ckpt)
+    growth = {}
+    for mode in ("none", "int4"):
+        proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ckpt), mode, str(TINY)], capture_output=True, text=True,
+                              timeout=300, env=clean_env)
+        assert proc.returncode == 0, proc.stderr
+        growth[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["growth_kib"] * 1024
+    # Loading to float32 materializes the model (2x the fp16 bytes).  The int4 model is ~0.28x the
+    # fp16 bytes (4-bit layers, bf16 embeddings), plus the transients of the one tensor being
+    # quantized (its fp16 copy, uint8 codes, float chunks: ~0.2x here, where one tensor is 1/15
+    # of the model).  Holding even the fp16 model once would exceed the bound.
+    assert growth["none"] > 1.8 * float_bytes, (growth, float_bytes)
+    assert growth["int4"] < 0.6 * float_bytes, (growth, float_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import ContextLengthError, GlmkitError
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-s", "--system", help="system prompt for the conversation")
     _model_options(chat)
     _sampling_options(chat)
+
+    q = sub.add_parser("quantize", help="write a quantized checkpoint once, load it in seconds afterwards",
+                       description="Quantize a ChatGLM3 directory tensor by tensor (the float model is never "
+                                   "held in memory) into a self-contained directory that glmkit loads with "
+                                   "--model and no re-quantization.")
+    q.add_argument("source", help="ChatGLM3 directory (config.json, tokenizer.model, weights)")
+    q.add_argument("dest", help="new directory to write")
+    q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (group-wise) or 8 (per channel); default 4")
+    q.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128, help="int4 group size")
+    q.add_argument("--output-layer", action="store_true", help="quantize the output layer too")
     return p
 
 
@@ -85,6 +96,23 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
         return 0
     return interactive(model, base, gen, max_new)
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    from .models import quantized_checkpoint
+    from .models.quantize import QuantConfig
+    t0 = time.perf_counter()
+    meta = quantized_checkpoint.write(args.source, args.dest, QuantConfig(args.bits, args.group_size, args.output_layer),
+                                      progress=sys.stderr.isatty())
+    size = sum(f.stat().st_size for f in Path(args.dest).iterdir())
+    print(f"wrote {args.dest}: int{meta['bits']}"
+          + (f" group {meta['group_size']}" if meta["group_size"] else "")
+          + f", {size / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+    if meta["int8_fallback_layers"]:
+        print(f"{len(meta['int8_fallback_layers'])} layer(s) kept in int8: their width is not a multiple of the group size")
+    return 0
 
 
 def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
@@ -155,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "quantize":
+            return cmd_quantize(args)
     except GlmkitError as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 1

@@ -160,7 +160,7 @@ def native_qtensor(raw: np.ndarray, qtype: str, deq: torch.Tensor) -> QTensor:
         zero = torch.zeros_like(d)
     safe_d = torch.where(d == 0, torch.ones_like(d), d)
     q = torch.round((deq.reshape(N, K // 32, 32) - zero[..., None]) / safe_d[..., None]) + 8
-    q = torch.where(d[..., None] == 0, torch.full_like(q, 8), q).clamp(0, 15).reshape(N, K).to(torch.int32)
+    q = torch.where(d[..., None] == 0, torch.full_like(q, 8), q).clamp(0, 15).reshape(N, K).to(torch.uint8)
     scales = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous()    # [K/32, N, 2]
     return QTensor(4, q, scales, 32)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from . import hf_chatglm, quantized_checkpoint
 from .config import ModelConfig
 from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for,
                        replace_linears)
@@ -90,9 +91,15 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         prequantized = gf.has_quantized_linears()
         tokenizer = gf.tokenizer()
         state, template = gf.iter_state(cfg), gf.chat_template()
+    elif quantized_checkpoint.is_quantized_dir(path):
+        from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
+        meta = quantized_checkpoint.read_marker(path)
+        cfg = hf_chatglm.read_config(path)
+        tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
+        state, template = quantized_checkpoint.iter_state(path, meta), None
+        prequantized = True
     elif path.is_dir():
         from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
-        from . import hf_chatglm
         cfg = hf_chatglm.read_config(path)
         prequantized = False
         tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")

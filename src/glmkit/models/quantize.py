@@ -52,7 +52,7 @@ class QuantConfig:
 class QTensor:
     """A Linear weight that arrives already quantized (GGUF blocks, glmkit checkpoints).
 
-    bits 8: q int8 [N, K], scales [N].  bits 4: q int32 in 0..15 [N, K],
+    bits 8: q int8 [N, K], scales [N].  bits 4: q uint8 in 0..15 [N, K],
     scales [K/group, N, 2] holding (scale, zero) as in quantize_int4."""
     bits: int
     q: Tensor
@@ -80,23 +80,33 @@ class QTensor:
         return self.bits == other.bits and self.group_size == other.group_size
 
 
+ROWS_PER_CHUNK = 1024  # quantize this many rows at a time: float temporaries stay small
+
+
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8: (q [N, K] int8, scales [N] float32)."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], device=w.device)
+    for i in range(0, w.shape[0], ROWS_PER_CHUNK):
+        c = w[i:i + ROWS_PER_CHUNK].float()
+        s = (c.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        q[i:i + ROWS_PER_CHUNK] = (c / s[:, None]).round().clamp(-128, 127)
+        scales[i:i + ROWS_PER_CHUNK] = s
     return q, scales
 
 
 def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """Asymmetric group-wise int4: (q [N, K] int32 in 0..15, scales_and_zeros [K/g, N, 2] float32)."""
+    """Asymmetric group-wise int4: (q [N, K] uint8 in 0..15, scales_and_zeros [K/g, N, 2] float32)."""
     N, K = w.shape
-    wg = w.float().reshape(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scales = ((hi - lo) / 15).clamp(min=1e-6)
-    zeros = lo + scales * 8
-    q = ((wg - lo) / scales).round().clamp(0, 15).reshape(N, K).to(torch.int32)
-    sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    q = torch.empty((N, K), dtype=torch.uint8, device=w.device)
+    sz = torch.empty((K // group_size, N, 2), device=w.device)
+    for i in range(0, N, ROWS_PER_CHUNK):
+        wg = w[i:i + ROWS_PER_CHUNK].float().reshape(-1, K // group_size, group_size)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scales = ((hi - lo) / 15).clamp(min=1e-6)
+        zeros = lo + scales * 8
+        q[i:i + ROWS_PER_CHUNK] = ((wg - lo) / scales).round().clamp(0, 15).reshape(-1, K)
+        sz[:, i:i + ROWS_PER_CHUNK] = torch.cat([scales, zeros], dim=-1).transpose(0, 1)
     return q, sz
 
 
@@ -108,10 +118,13 @@ def dequantize_int4(q: Tensor, sz: Tensor, group_size: int) -> Tensor:
 
 
 def _pack_int4(q: Tensor, device: torch.device, inner_k_tiles: int = 8) -> Tensor:
+    """q [N, K] uint8 values 0..15 -> the kernel's packed layout on `device`."""
     if device.type == "cuda":
         packed_pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
         return torch.ops.aten._convert_weight_to_int4pack(packed_pairs, inner_k_tiles)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(device), 2)
+    # row blocks pack independently on CPU; chunking keeps the int32 staging copy small
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + ROWS_PER_CHUNK].to(torch.int32), 2)
+                      for i in range(0, q.shape[0], ROWS_PER_CHUNK)])
 
 
 class Int8Linear(nn.Module):
