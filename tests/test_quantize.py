@@ -228,3 +228,39 @@ def test_quantize_on_load_never_holds_the_float_model(tmp_path, clean_env):
     # of the model).  Holding even the fp16 model once would exceed the bound.
     assert growth["none"] > 1.8 * float_bytes, (growth, float_bytes)
     assert growth["int4"] < 0.6 * float_bytes, (growth, float_bytes)
+
+
+def test_perplexity_int8_and_int4_close_to_bf16(clean_env):
+    """Issue's quality bar on the default model and a text shipped with the tests: int8 within 1%
+    of bf16, int4 within 5%.  int4 uses group 32 here: the model's own Q4_1 blocks are groups of
+    32, and re-grouping them to 64 costs far more (see docs/BENCHMARKS.md)."""
+    import json
+    from conftest import FIXTURES
+    ppl = {}
+    for label, args in {"bf16": ["--quantize", "none", "--dtype", "bfloat16"], "int8": ["--quantize", "int8"],
+                        "int4": ["--quantize", "int4", "--group-size", "32"]}.items():
+        out = FIXTURES.parent.parent / "test-artifacts" / f"ppl-{label}.json"
+        out.parent.mkdir(exist_ok=True)
+        proc = subprocess.run([glmkit_bin(), "bench", "--perplexity", str(FIXTURES / "perplexity_en.txt"),
+                               "--json", str(out), *args], capture_output=True, text=True, timeout=300, env=clean_env)
+        assert proc.returncode == 0, proc.stderr
+        assert "perplexity" in proc.stdout
+        ppl[label] = json.loads(out.read_text())["perplexity"]["perplexity"]
+    assert 5 < ppl["bf16"] < 100  # a real language model on English prose
+    assert abs(ppl["int8"] / ppl["bf16"] - 1) < 0.01, ppl
+    assert abs(ppl["int4"] / ppl["bf16"] - 1) < 0.05, ppl
+
+
+def test_bench_random_like_reports_every_figure(tmp_path, clean_env):
+    import json
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([glmkit_bin(), "bench", "--random-like", "smollm2-135m", "--quantize", "int8",
+                           "--batch", "1,2", "--prompt-tokens", "16", "--new-tokens", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=clean_env)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert [run["batch"] for run in r["runs"]] == [1, 2]
+    for key in ("ttft_s", "prefill_tok_s", "decode_ms_per_step", "decode_tok_s"):
+        assert all(run[key] > 0 for run in r["runs"])
+    assert r["model_bytes"] > 0 and r["load_s"] > 0 and r["peak_rss_mib"] > 0
+    assert "decode ms/step" in proc.stdout

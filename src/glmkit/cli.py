@@ -63,7 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (group-wise) or 8 (per channel); default 4")
     q.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128, help="int4 group size")
     q.add_argument("--output-layer", action="store_true", help="quantize the output layer too")
+
+    b = sub.add_parser("bench", help="measure load time, memory, prefill/decode speed or perplexity",
+                       description="Measure a model as the engine runs it: model bytes, load time, peak RSS, "
+                                   "time to first token, prefill tokens/s and decode ms per step at each batch "
+                                   "size; or perplexity of a text with --perplexity.")
+    _model_options(b)
+    b.add_argument("--random-like", metavar="NAME", help="random weights with a real model's shapes "
+                   "(chatglm3-6b, smollm2-135m): no download needed")
+    b.add_argument("--quantize-output", action="store_true", help="quantize the output layer too")
+    b.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, comma-separated (default 1)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length per row (default 128)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
+    b.add_argument("--perplexity", metavar="FILE", help="compute perplexity of this text instead of speed")
+    b.add_argument("--window", type=int, default=512, help="perplexity context window (default 512)")
+    b.add_argument("--stride", type=int, default=256, help="perplexity window stride (default 256)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be positive")
+    return values
 
 
 def _sampling(args) -> dict:
@@ -185,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "quantize":
             return cmd_quantize(args)
+        if args.command == "bench":
+            from . import benchmark
+            args.progress = sys.stderr.isatty()
+            result = benchmark.run(args)
+            benchmark.print_table(result)
+            if args.json:
+                benchmark.write_json(result, args.json)
+            return 0
     except GlmkitError as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 1

@@ -111,9 +111,7 @@ class GGUFFile:
             if qtype in NATIVE_TYPES and name != "token_embd.weight" and tensor.ndim == 2:
                 tensor = native_qtensor(t.data, qtype, tensor)
             if name == "token_embd.weight":
-                yield self.path, "tok_embeddings.weight", tensor
-                if cfg.tied_embeddings:
-                    yield self.path, "output.weight", tensor
+                yield self.path, "tok_embeddings.weight", tensor  # tied output: shared in build()
                 continue
             if name in ("output_norm.weight", "output.weight"):
                 yield self.path, {"output_norm.weight": "norm.weight", "output.weight": "output.weight"}[name], tensor

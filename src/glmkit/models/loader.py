@@ -149,6 +149,9 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
             bar.update(1)
     if bar is not None:
         bar.close()
+    if cfg.tied_embeddings and "output.weight" not in seen and "tok_embeddings.weight" in seen:
+        model.output.weight = model.tok_embeddings.weight      # one tensor, not two copies
+        seen.add("output.weight")
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

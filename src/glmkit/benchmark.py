@@ -1,0 +1,160 @@
+"""`glmkit bench`: load time, memory, prefill and decode speed, and perplexity.
+
+Measures the engine exactly as the chat and the server use it (generate_batch with greedy
+sampling), so the figures include per-token Python overhead.  `--random-like chatglm3-6b` builds a
+model with the real shapes and random weights, tensor by tensor through the same loader (and
+quantizer), so anyone can reproduce the figures without the 12 GB download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import GenerationRequest, SamplingParams, generate_batch
+from .errors import GlmkitError
+from .models.config import ModelConfig
+from .models.loader import build, pick_dtype
+
+# Shapes of the real checkpoints (shared VISION.md §4); weights are random.
+RANDOM_LIKE = {
+    "chatglm3-6b": ModelConfig(family="chatglm", n_layer=28, dim=4096, n_head=32, n_kv_head=2, head_dim=128,
+                               ffn_dim=13696, vocab_size=65024, context_length=8192, rope_dims=64, qkv_bias=True,
+                               name="chatglm3-6b (random weights)"),
+    "smollm2-135m": ModelConfig(family="llama", n_layer=30, dim=576, n_head=9, n_kv_head=3, head_dim=64,
+                                ffn_dim=1536, vocab_size=49152, context_length=8192, rope_base=100000.0,
+                                tied_embeddings=True, name="smollm2-135m (random weights)"),
+}
+
+
+def random_state(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0):
+    """(source, name, tensor) with the shapes of `cfg`, generated one tensor at a time."""
+    from .models.transformer import Transformer
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        if cfg.tied_embeddings and name == "output.weight":
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=dtype)
+        else:
+            t = torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=g)
+        yield "random", name, t
+
+
+def peak_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if not t.is_meta) - sum(t.numel() * t.element_size() for n, t in model.named_buffers() if ".kv_cache." in n)
+
+
+def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int) -> dict:
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(100, min(vocab, 30000), (prompt_tokens,), generator=g).tolist() for _ in range(batch)]
+    reqs = [GenerationRequest(p, SamplingParams(temperature=0), new_tokens, frozenset()) for p in prompts]
+    t0 = time.perf_counter()
+    steps = generate_batch(model, reqs)
+    next(steps)                                   # prefill and the first token of every row
+    t1 = time.perf_counter()
+    n = sum(1 for _ in steps)
+    t2 = time.perf_counter()
+    return {"batch": batch, "ttft_s": t1 - t0, "prefill_tok_s": batch * prompt_tokens / (t1 - t0),
+            "decode_ms_per_step": 1000 * (t2 - t1) / max(n, 1), "decode_tok_s": batch * n / max(t2 - t1, 1e-9)}
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], window: int = 512, stride: int = 256) -> dict:
+    """Strided-window perplexity: every token is scored once, with up to `window` tokens of context."""
+    if len(ids) < 2:
+        raise GlmkitError("the perplexity text is too short")
+    window = min(window, model.cfg.context_length)
+    model.setup_caches(1, window)
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        chunk = torch.tensor([ids[begin:end]], device=model.device)
+        logits = model(chunk, torch.zeros(1, dtype=torch.long, device=model.device), all_logits=True)[0].float()
+        first = max(prev_end, begin + 1) - begin      # score only tokens not scored before
+        targets = chunk[0, first:]
+        logp = torch.log_softmax(logits[first - 1:-1], dim=-1).gather(1, targets[:, None])
+        nll -= logp.sum().item()
+        count += targets.numel()
+        prev_end = end
+        if end == len(ids):
+            break
+    return {"tokens": count, "nll": nll / count, "perplexity": math.exp(nll / count), "window": window, "stride": stride}
+
+
+def run(args) -> dict:
+    from .models.quantize import QuantConfig
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quant = QuantConfig.parse(args.quantize, args.group_size, args.quantize_output)
+    t0 = time.perf_counter()
+    if args.random_like:
+        if args.random_like not in RANDOM_LIKE:
+            raise GlmkitError(f"--random-like knows {', '.join(RANDOM_LIKE)}")
+        cfg = RANDOM_LIKE[args.random_like]
+        quantized = quant is not None and quant.bits > 0
+        dtype = pick_dtype(None if args.dtype == "auto" else args.dtype, args.device, quantized)
+        src_dtype = torch.bfloat16 if args.device == "cpu" else torch.float16
+        model = build(cfg, random_state(cfg, src_dtype), dtype, args.device, progress=args.progress,
+                      source=f"random-like {args.random_like}", quant=quant)
+        tokenizer, name = None, cfg.name
+    else:
+        from . import load
+        cm = load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                  progress=args.progress, quantize=args.quantize, group_size=args.group_size,
+                  quantize_output=args.quantize_output)
+        model, tokenizer, name = cm.model, cm.tokenizer, cm.name
+    load_s = time.perf_counter() - t0
+    result = {"model": name, "quantize": args.quantize, "group_size": args.group_size, "dtype": str(model.dtype).replace("torch.", ""),
+              "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine(), "load_s": load_s, "model_bytes": model_bytes(model), "runs": []}
+    if args.perplexity:
+        if tokenizer is None:
+            raise GlmkitError("--perplexity needs a real model (not --random-like)")
+        text = Path(args.perplexity).read_text(encoding="utf-8")
+        result["perplexity"] = perplexity(model, tokenizer.encode(text), args.window, args.stride)
+    else:
+        speed(model, 1, 8, 4, model.cfg.vocab_size)     # warm-up
+        for b in args.batch:
+            result["runs"].append(speed(model, b, args.prompt_tokens, args.new_tokens, model.cfg.vocab_size))
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def print_table(r: dict):
+    print(f"{r['model']}  ·  {r['dtype']}  ·  quantize {r['quantize']}"
+          + (f" (group {r['group_size']})" if r["quantize"] == "int4" else "")
+          + f"  ·  {r['device']}, {r['threads']} threads, torch {r['torch']}")
+    print(f"model {r['model_bytes'] / 2**30:.2f} GiB   load {r['load_s']:.1f} s   peak RSS "
+          + (f"{r['peak_rss_mib'] / 1024:.2f} GiB" if r["peak_rss_mib"] else "n/a"))
+    if "perplexity" in r:
+        p = r["perplexity"]
+        print(f"perplexity {p['perplexity']:.4f} over {p['tokens']} tokens (window {p['window']}, stride {p['stride']})")
+        return
+    print(f"{'batch':>5} {'TTFT s':>8} {'prefill tok/s':>14} {'decode ms/step':>15} {'decode tok/s':>13}")
+    for run_ in r["runs"]:
+        print(f"{run_['batch']:>5} {run_['ttft_s']:>8.2f} {run_['prefill_tok_s']:>14.1f} "
+              f"{run_['decode_ms_per_step']:>15.1f} {run_['decode_tok_s']:>13.1f}")
+
+
+def write_json(r: dict, path: str):
+    Path(path).write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
