@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 
+MKLDNN_MIN_ROWS = 2  # up to this many token rows, half-precision CPU matmuls skip oneDNN (bench/cpu_decode.py)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -163,6 +166,18 @@ class Transformer(nn.Module):
         `lengths[b]` (default T) says how many of row b's tokens are real; the rest is padding.
         Returns logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
         """
+        if self.device.type == "cpu" and self.dtype != torch.float32 and tokens.numel() <= MKLDNN_MIN_ROWS:
+            # oneDNN's bf16/fp16 matmul reaches about half the memory bandwidth for a few rows;
+            # ATen's own kernel is faster there (and ~5x slower for prefill-sized inputs)
+            was = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+            try:
+                return self._forward(tokens, start, lengths, rows, all_logits)
+            finally:
+                torch._C._set_mkldnn_enabled(was)
+        return self._forward(tokens, start, lengths, rows, all_logits)
+
+    def _forward(self, tokens, start, lengths, rows, all_logits):
         B, T = tokens.shape
         dev = tokens.device
         in_order = rows is None
