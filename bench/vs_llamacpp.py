@@ -81,6 +81,9 @@ def main():
     js = work / "glmkit-smollm2.json"
     sh([VENV / "glmkit", "bench", "--batch", "1", "--prompt-tokens", "512", "--new-tokens", "128", "--threads", t, "--json", js])
     results["smollm2"]["glmkit"] = json.loads(js.read_text())
+    sh([VENV / "glmkit", "bench", "--batch", "1", "--prompt-tokens", "512", "--new-tokens", "128", "--threads", t,
+        "--compile", "--json", js])
+    results["smollm2"]["glmkit-compiled"] = json.loads(js.read_text())
     for dtype in ("bfloat16", "float32"):
         results["smollm2"][f"transformers-{dtype}"] = last_json(sh([VENV / "python", ROOT / "bench" / "transformers_probe.py",
                                                                     "--dtype", dtype, "--threads", t]))
