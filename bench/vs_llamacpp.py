@@ -42,6 +42,18 @@ assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode()
 """
 
 
+def copy_bandwidth(threads: int) -> float:
+    """Memory bandwidth as a 1 GiB tensor copy sees it (bytes read + written per second)."""
+    out = sh([VENV / "python", "-c", f"""
+import time, torch
+torch.set_num_threads({threads})
+a, b = torch.empty(2**28), torch.ones(2**28)
+a.copy_(b); t = time.perf_counter()
+for _ in range(5): a.copy_(b)
+print(2 * 2**30 * 5 / (time.perf_counter() - t) / 1e9)"""])
+    return float(out.strip())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/glmkit-bench")
@@ -52,7 +64,7 @@ def main():
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t = str(args.threads)
-    results = {"machine": platform.machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+    results = {"bandwidth_gbs": copy_bandwidth(args.threads), "machine": platform.machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
                "chatglm3_6b": {"llama.cpp": {}, "glmkit": {}}, "smollm2": {}}
 
     f16 = work / "chatglm3-6b-random-F16.gguf"
@@ -68,7 +80,8 @@ def main():
         results["chatglm3_6b"]["llama.cpp"][q] = r
         print(q, r, file=sys.stderr, flush=True)
     for label, extra in (("bf16", ["--quantize", "none", "--dtype", "bfloat16"]), ("int8", ["--quantize", "int8"]),
-                         ("int4", ["--quantize", "int4", "--group-size", "128"])):
+                         ("int4", ["--quantize", "int4", "--group-size", "128"]),
+                         ("int4+out", ["--quantize", "int4", "--group-size", "128", "--quantize-output"])):
         js = work / f"glmkit-{label}.json"
         sh([VENV / "glmkit", "bench", "--random-like", "chatglm3-6b", *extra, "--batch", "1,8",
             "--prompt-tokens", "128", "--new-tokens", args.new, "--threads", t, "--json", js])
@@ -81,9 +94,6 @@ def main():
     js = work / "glmkit-smollm2.json"
     sh([VENV / "glmkit", "bench", "--batch", "1", "--prompt-tokens", "512", "--new-tokens", "128", "--threads", t, "--json", js])
     results["smollm2"]["glmkit"] = json.loads(js.read_text())
-    sh([VENV / "glmkit", "bench", "--batch", "1", "--prompt-tokens", "512", "--new-tokens", "128", "--threads", t,
-        "--compile", "--json", js])
-    results["smollm2"]["glmkit-compiled"] = json.loads(js.read_text())
     for dtype in ("bfloat16", "float32"):
         results["smollm2"][f"transformers-{dtype}"] = last_json(sh([VENV / "python", ROOT / "bench" / "transformers_probe.py",
                                                                     "--dtype", dtype, "--threads", t]))

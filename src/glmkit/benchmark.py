@@ -124,9 +124,7 @@ def run(args) -> dict:
                   quantize_output=args.quantize_output)
         model, tokenizer, name = cm.model, cm.tokenizer, cm.name
     load_s = time.perf_counter() - t0
-    if getattr(args, "compile", False):
-        model.compile_decode_step()
-    result = {"compiled": bool(getattr(args, "compile", False)), "model": name, "quantize": args.quantize, "group_size": args.group_size, "dtype": str(model.dtype).replace("torch.", ""),
+    result = {"model": name, "quantize": args.quantize, "group_size": args.group_size, "dtype": str(model.dtype).replace("torch.", ""),
               "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), "load_s": load_s, "model_bytes": model_bytes(model), "runs": []}
     if args.perplexity:
@@ -135,7 +133,7 @@ def run(args) -> dict:
         text = Path(args.perplexity).read_text(encoding="utf-8")
         result["perplexity"] = perplexity(model, tokenizer.encode(text), args.window, args.stride)
     else:
-        for b in args.batch:                          # warm-up (and compilation, if asked)
+        for b in args.batch:                          # warm-up
             speed(model, b, 8, 4, model.cfg.vocab_size)
         for b in args.batch:
             result["runs"].append(speed(model, b, args.prompt_tokens, args.new_tokens, model.cfg.vocab_size))

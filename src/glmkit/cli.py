@@ -27,9 +27,6 @@ def _model_options(p: argparse.ArgumentParser):
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile: faster tokens after a one-time "
-                        "compilation of about a minute (cached on disk for later runs)")
 
 
 def _sampling_options(p: argparse.ArgumentParser):
@@ -66,6 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (group-wise) or 8 (per channel); default 4")
     q.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128, help="int4 group size")
     q.add_argument("--output-layer", action="store_true", help="quantize the output layer too")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                        description="Serve the model over an OpenAI-compatible API (chat completions, completions, "
+                                    "models, embeddings, health, metrics). Binds 127.0.0.1 unless --host says otherwise.")
+    _model_options(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted API key (repeatable)")
+    sv.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow browser requests from this origin (repeatable; default: CORS off)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond it: 429 (default 64)")
+    sv.add_argument("--kv-cache-mb", type=int, default=1024,
+                    help="memory for the KV cache pool; sets the longest sequence per slot (default 1024)")
+    sv.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    sv.add_argument("--model-id", help="model name reported by /v1/models (default: the checkpoint's name)")
+    sv.add_argument("--embedding-model", metavar="PATH",
+                    help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
+    sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     b = sub.add_parser("bench", help="measure load time, memory, prefill/decode speed or perplexity",
                        description="Measure a model as the engine runs it: model bytes, load time, peak RSS, "
@@ -107,8 +125,6 @@ def _load(args, progress: bool):
         torch.set_num_threads(args.threads)
     model = glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                         progress=progress, quantize=args.quantize, group_size=args.group_size)
-    if args.compile:
-        model.model.compile_decode_step()
     return model
 
 
@@ -128,6 +144,41 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
         return 0
     return interactive(model, base, gen, max_new)
+
+
+def api_keys(args) -> list[str]:
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GlmkitError(f"{args.api_key_file}: cannot read API keys ({e.strerror})") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    keys += [k.strip() for k in os.environ.get("GLMKIT_API_KEYS", "").split(",") if k.strip()]
+    return keys
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server.app import ServerConfig, create_app
+    model = _load(args, progress=sys.stderr.isatty())
+    cfg = model.config
+    kv_bytes_per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * model.model.dtype.itemsize
+    max_seq = max(256, min(cfg.context_length, args.kv_cache_mb * 2**20 // (args.max_batch * kv_bytes_per_token)))
+    keys = api_keys(args)
+    embedder = None
+    if not args.no_embeddings:
+        from .server.embeddings import load_embedder
+        embedder = load_embedder(args.embedding_model)
+    app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
+                                         max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
+                                         max_seq_len=max_seq, model_id=args.model_id), embedder=embedder)
+    print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
+          f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
+          f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def cmd_quantize(args) -> int:
@@ -217,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "quantize":
             return cmd_quantize(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "bench":
             from . import benchmark
             args.progress = sys.stderr.isatty()

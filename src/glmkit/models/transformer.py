@@ -139,7 +139,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_length = 0
-        self._compiled_step = None
 
     @property
     def device(self) -> torch.device:
@@ -199,11 +198,10 @@ class Transformer(nn.Module):
         mask = mask[:, None]                                                 # [B, 1, T, S]
         rope = self.rope[positions.clamp(max=self.cache_length - 1)]
         last = (lengths - 1).clamp(min=0)
-        run = self._compiled_step if (self._compiled_step is not None and T == 1) else self._run
-        return run(tokens, rope, mask, rows[:, None], slots, kv_len, in_order, last, all_logits)
+        return self._run(tokens, rope, mask, rows[:, None], slots, kv_len, in_order, last, all_logits)
 
     def _run(self, tokens, rope, mask, rows2, slots, kv_len: int, in_order: bool, last, all_logits: bool):
-        """The layers proper: everything here is tensor work (what torch.compile sees)."""
+        """The layers proper: only tensor work from here on."""
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, rows2, slots, kv_len, in_order)
@@ -211,8 +209,3 @@ class Transformer(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         logits = self.output(self.norm(x))
         return logits if all_logits else logits[:, 0]
-
-    def compile_decode_step(self):
-        """Compile the one-token decode step (Inductor; shapes that vary, like the number of
-        cached tokens, stay symbolic so it compiles once).  Prefill stays eager."""
-        self._compiled_step = torch.compile(self._run, dynamic=True)

@@ -1,0 +1,78 @@
+"""OpenAI chat messages and tools <-> ChatGLM3 history messages.
+
+Roles: system/user/assistant map one to one; `tool` becomes ChatGLM3's `observation`; an
+assistant message carrying `tool_calls` becomes one assistant segment per call, with the tool
+name as metadata and the call written the way the model writes it.  OpenAI `tools` become the
+flat `{name, description, parameters}` list that ChatGLM3 reads from its system message.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import GlmkitError
+from .glm3 import TOOLS_PREAMBLE
+from .tool_calls import format_tool_call
+
+
+def flat_tools(tools: list[dict] | None) -> list[dict]:
+    out = []
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type", "function") != "function" or not fn.get("name"):
+            raise GlmkitError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', ...}}}}")
+        out.append({"name": fn["name"], "description": fn.get("description", ""),
+                    "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
+    return out
+
+
+def _text(content) -> str:
+    """OpenAI content: a string, or a list of parts of which only text parts are supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") == "text":
+                parts.append(p.get("text", ""))
+            else:
+                raise GlmkitError("only text content parts are supported")
+        return "".join(parts)
+    raise GlmkitError("message content must be a string or a list of text parts")
+
+
+def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """OpenAI request messages (+ flat tools) -> ChatGLM3 history messages."""
+    out: list[dict] = []
+    if tools:
+        system = next((m for m in messages if m.get("role") == "system"), None)
+        out.append({"role": "system", "content": _text(system["content"]) if system else TOOLS_PREAMBLE,
+                    "tools": tools})
+    for m in messages:
+        role = m.get("role")
+        if role == "system":
+            if not tools:
+                out.append({"role": "system", "content": _text(m.get("content"))})
+        elif role == "user":
+            out.append({"role": "user", "content": _text(m.get("content"))})
+        elif role == "assistant":
+            text = _text(m.get("content"))
+            calls = m.get("tool_calls") or []
+            if text or not calls:
+                out.append({"role": "assistant", "content": text})
+            for c in calls:
+                fn = c.get("function") or {}
+                try:
+                    args = json.loads(fn.get("arguments") or "{}")
+                except json.JSONDecodeError:
+                    raise GlmkitError("assistant tool_calls arguments must be a JSON object") from None
+                if not isinstance(args, dict):
+                    raise GlmkitError("assistant tool_calls arguments must be a JSON object")
+                out.append({"role": "assistant", "metadata": fn.get("name", ""), "content": format_tool_call(args)})
+        elif role in ("tool", "function"):
+            out.append({"role": "observation", "content": _text(m.get("content"))})
+        else:
+            raise GlmkitError(f"unsupported role {role!r}")
+    return out

@@ -1,0 +1,365 @@
+"""The FastAPI application: OpenAI-compatible endpoints over one continuous-batching scheduler."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..chat.openai_compat import flat_tools, to_glm_messages
+from ..engine import SamplingParams
+from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
+from ..errors import ContextLengthError, GlmkitError
+from .generation import ChoiceStream, events
+from .metrics import render_metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+log = logging.getLogger("glmkit.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ServerConfig:
+    def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
+                 max_body_bytes=1 << 20, max_seq_len=None, model_id=None):
+        self.api_keys = [k for k in api_keys if k]
+        self.cors_origins = list(cors_origins)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
+        self.max_seq_len, self.model_id = max_seq_len, model_id
+
+
+def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
+    config = config or ServerConfig()
+    model_id = config.model_id or chat_model.name
+    scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+                          max_queue=config.max_queue)
+    app = FastAPI(title="glmkit", version=__version__,
+                  description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
+    app.state.scheduler, app.state.chat_model, app.state.config = scheduler, chat_model, config
+    app.state.started = int(time.time())
+    app.state.http_requests = {}
+
+    @app.on_event("startup")
+    def _start():
+        scheduler.start()
+
+    @app.on_event("shutdown")
+    def _stop():
+        scheduler.stop()
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
+        try:
+            size = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > config.max_body_bytes:
+            resp = JSONResponse(error_body(f"request body is larger than {config.max_body_bytes} bytes",
+                                           "invalid_request_error", code="body_too_large"), status_code=413)
+        elif config.api_keys and request.url.path.startswith("/v1") and not _authorized(request, config.api_keys):
+            resp = JSONResponse(error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                           "invalid_request_error", code="invalid_api_key"), status_code=401)
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:  # a real internal fault: logged with its request id
+                log.exception("internal error in request %s", rid)
+                resp = JSONResponse(error_body(f"internal error (request id {rid})", "server_error"), status_code=500)
+        resp.headers["X-Request-Id"] = rid
+        key = (request.url.path, resp.status_code)
+        app.state.http_requests[key] = app.state.http_requests.get(key, 0) + 1
+        return resp
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, loc = "request body is not valid JSON", None
+        return JSONResponse(error_body(f"{loc + ': ' if loc else ''}{msg}", "invalid_request_error", loc or None),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    # -- endpoints --------------------------------------------------------------------------
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_id, "running": scheduler.running, "waiting": scheduler.queue_length}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return render_metrics(scheduler, app.state.http_requests)
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [_model_card(model_id, chat_model, scheduler, app.state.started)]}
+
+    @app.get("/v1/models/{name}")
+    def model(name: str):
+        if name != model_id:
+            raise APIError(404, f"model {name!r} not found; this server serves {model_id!r}", code="model_not_found")
+        return _model_card(model_id, chat_model, scheduler, app.state.started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body.model, model_id)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        tools = flat_tools(body.tools) if body.tools and body.tool_choice != "none" else []
+        forced = _forced_tool(body.tool_choice, tools)
+        if tools and chat_model.config.family != "chatglm":
+            raise APIError(400, f"model {model_id!r} has no tool-calling protocol; tools need a ChatGLM3 model",
+                           param="tools")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, "response_format json_object/json_schema is not supported yet", param="response_format")
+        try:
+            glm = to_glm_messages(messages, tools) if chat_model.config.family == "chatglm" else \
+                [{"role": "observation" if m["role"] == "tool" else m["role"],
+                  "content": m.get("content") if isinstance(m.get("content"), str) else _join_text(m.get("content"))}
+                 for m in messages]
+            prompt = chat_model.encode_chat(glm)
+        except GlmkitError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prefix = chat_model.tokenizer.encode(f"{forced}\n") if forced else []
+        top = body.top_logprobs if body.logprobs else None
+        return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
+                               logprobs=(top or 0) if body.logprobs else None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model, model_id)
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise APIError(400, "send one prompt per request", param="prompt")
+            text = body.prompt[0]
+        else:
+            text = body.prompt
+        prompt = chat_model.tokenizer.encode(text)
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return await _complete(request, body, prompt, [], [], "text_completion", logprobs=body.logprobs, raw=True)
+
+    if embedder is not None:
+        from .embeddings import add_embedding_routes
+        add_embedding_routes(app, embedder, APIError)
+
+    # -- shared completion path -------------------------------------------------------------
+    async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False):
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
+                                "use repetition_penalty", param="presence_penalty")
+        max_new = body.max_completion_tokens or body.max_tokens or config.max_tokens_limit
+        if max_new > config.max_tokens_limit:
+            raise APIError(400, f"max_tokens is limited to {config.max_tokens_limit} on this server", param="max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, "at most 4 stop sequences", param="stop")
+        try:
+            base = chat_model.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                     repetition_penalty=body.repetition_penalty)
+        except GlmkitError as e:
+            raise APIError(400, str(e)) from None
+        tools_by_name = {t["name"]: t for t in tools}
+        stop_ids = chat_model.format.stop_ids if not raw else frozenset({chat_model.tokenizer.eos_id})
+        handles, streams = [], []
+        try:
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i
+                params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
+                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids, logprobs)))
+                parser = chat_model.format.reply_parser() if not raw else _RawParser(chat_model.tokenizer)
+                for t in prefix:
+                    parser.feed(t)
+                streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, tools_by_name, logprobs is not None))
+        except QueueFull as e:
+            for h in handles:
+                h.cancel()
+            raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "2"}) from None
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except GlmkitError as e:
+            raise APIError(400, str(e)) from None
+        cid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        usage = {"prompt_tokens": len(prompt) - len(prefix), "completion_tokens": 0, "total_tokens": 0}
+        if body.stream:
+            return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body, len(prefix)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        for h, st in zip(handles, streams):
+            async for ev in events(h):
+                st.feed(ev)
+                if st.stopped_by_string:
+                    h.cancel()
+                    st.finish("stop")
+                    break
+        return _final(cid, created, kind, streams, usage, len(prefix))
+
+    async def _sse(request, cid, created, kind, handles, streams, usage, body, n_prefix):
+        obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(i, delta=None, finish=None, logprobs=None, text=None):
+            if kind == "chat.completion":
+                choice = {"index": i, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            c = {"id": cid, "object": obj, "created": created, "model": model_id, "choices": [choice]}
+            if include_usage:
+                c["usage"] = None
+            return "data: " + json.dumps(c, ensure_ascii=False) + "\n\n"
+
+        try:
+            for i, (h, st) in enumerate(zip(handles, streams)):
+                if kind == "chat.completion":
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                async for ev in events(h):
+                    d = st.feed(ev)
+                    if st.stopped_by_string:
+                        h.cancel()
+                        d2 = st.finish("stop")
+                        d.content += d2.content
+                        d.tool_calls += d2.tool_calls
+                    lp = {"content": d.logprobs} if d.logprobs else None
+                    if d.content or d.tool_calls or lp:
+                        if kind == "chat.completion":
+                            delta = {}
+                            if d.content:
+                                delta["content"] = d.content
+                            if d.tool_calls:
+                                delta["tool_calls"] = d.tool_calls
+                            yield chunk(i, delta, logprobs=lp)
+                        else:
+                            yield chunk(i, text=d.content, logprobs=_completion_logprobs(d.logprobs))
+                    if st.finish_reason:
+                        break
+                yield chunk(i, {}, finish=st.finish_reason) if kind == "chat.completion" else chunk(i, finish=st.finish_reason)
+            if include_usage:
+                done = sum(s.completion_tokens for s in streams)
+                u = dict(usage, completion_tokens=done, total_tokens=usage["prompt_tokens"] + done)
+                yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model_id,
+                                             "choices": [], "usage": u}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for h in handles:
+                h.cancel()
+
+    def _final(cid, created, kind, streams, usage, n_prefix):
+        choices = []
+        for i, st in enumerate(streams):
+            if kind == "chat.completion":
+                msg = {"role": "assistant", "content": st.content if (st.content or not st.tool_calls) else None}
+                if st.tool_calls:
+                    msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in st.tool_calls]
+                choice = {"index": i, "message": msg, "finish_reason": st.finish_reason, "logprobs": None}
+                if st.want_logprobs:
+                    choice["logprobs"] = {"content": st.all_logprobs}
+            else:
+                choice = {"index": i, "text": st.content, "finish_reason": st.finish_reason,
+                          "logprobs": _completion_logprobs(st.all_logprobs) if st.want_logprobs else None}
+            choices.append(choice)
+        done = sum(s.completion_tokens for s in streams)
+        u = dict(usage, completion_tokens=done, total_tokens=usage["prompt_tokens"] + done)
+        return {"id": cid, "object": kind, "created": created, "model": model_id, "choices": choices, "usage": u}
+
+    return app
+
+
+def _completion_logprobs(entries: list[dict] | None):
+    if not entries:
+        return None
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+
+
+class _RawParser:
+    """/v1/completions: every visible byte is text."""
+
+    def __init__(self, tokenizer):
+        from ..chat.template import PlainReplyParser
+        self._p = PlainReplyParser(tokenizer)
+
+    def feed(self, t):
+        return self._p.feed(t)
+
+    def finish(self):
+        return self._p.finish()
+
+
+def _authorized(request: Request, keys: list[str]) -> bool:
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    ok = False
+    for k in keys:  # constant-time compare against every key
+        ok |= hmac.compare_digest(token.encode(), k.encode())
+    return ok
+
+
+def _check_model(requested: str | None, model_id: str):
+    # clients must send some model name; accept ours, and the generic names SDK examples use
+    if requested and requested != model_id and requested not in ("default", "glmkit"):
+        raise APIError(404, f"model {requested!r} not found; this server serves {model_id!r}", param="model",
+                       code="model_not_found")
+
+
+def _forced_tool(choice, tools: list[dict]) -> str | None:
+    if choice in (None, "auto", "none"):
+        return None
+    names = [t["name"] for t in tools]
+    if choice == "required":
+        if len(names) == 1:
+            return names[0]
+        raise APIError(400, "tool_choice 'required' needs exactly one tool here; name the function instead",
+                       param="tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in names:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return name
+    raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", param="tool_choice")
+
+
+def _join_text(content) -> str:
+    if not content:
+        return ""
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
+def _model_card(model_id, chat_model, scheduler, created) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "glmkit",
+            "context_length": scheduler.max_seq_len, "max_model_len": scheduler.max_seq_len,
+            "family": chat_model.config.family}
