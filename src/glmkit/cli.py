@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sv.add_argument("--scripted-replies", metavar="FILE",
+                    help="TESTING ONLY: JSON object {user message: reply}; a chat whose last user message "
+                         "matches is decoded under a constraint that forces that reply token by token "
+                         "(lets tests drive tool calls through a tiny random model)")
 
     b = sub.add_parser("bench", help="measure load time, memory, prefill/decode speed or perplexity",
                        description="Measure a model as the engine runs it: model bytes, load time, peak RSS, "
@@ -173,12 +177,27 @@ def cmd_serve(args) -> int:
         embedder = load_embedder(args.embedding_model)
     app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
-                                         max_seq_len=max_seq, model_id=args.model_id), embedder=embedder)
+                                         max_seq_len=max_seq, model_id=args.model_id,
+                                         scripted_replies=_scripted(args.scripted_replies)), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _scripted(path: str | None) -> dict | None:
+    if not path:
+        return None
+    import json
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise GlmkitError(f"{path}: cannot read scripted replies ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise GlmkitError(f"{path}: scripted replies must be a JSON object of strings")
+    print("glmkit: TESTING MODE: scripted replies are forced for matching messages", file=sys.stderr)
+    return data
 
 
 def cmd_quantize(args) -> int:

@@ -106,7 +106,7 @@ def format_tool_call(arguments: dict) -> str:
     """The text ChatGLM3 writes for a call: used when an API client sends back an assistant
     message with tool_calls, so the prompt shows the model its own convention."""
     parts = ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items())
-    return f"```python\ntool_call({parts})\n```"
+    return f" ```python\ntool_call({parts})\n```"  # the leading space is how the official examples write it
 
 
 def _py_literal(v) -> str:

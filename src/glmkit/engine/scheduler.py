@@ -38,6 +38,7 @@ class SeqRequest:
     max_new_tokens: int = 256
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None        # None: none; k >= 0: the chosen token's and the top k
+    forced: list[int] | None = None    # constrained decoding: the first tokens must be these
 
 
 @dataclass
@@ -272,7 +273,10 @@ class Scheduler:
         """Sample the next token of `s` from its logits and hand it to the caller."""
         req = s.req
         logits = logits.float().cpu()
-        tok = sample_row(logits, req.params, s.seen, s.generator)
+        if req.forced and s.generated < len(req.forced):
+            tok = req.forced[s.generated]      # constrained: the model ran, the choice is fixed
+        else:
+            tok = sample_row(logits, req.params, s.seen, s.generator)
         ev = TokenEvent(tok)
         if req.logprobs is not None:
             lp = torch.log_softmax(logits, dim=-1)

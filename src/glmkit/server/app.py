@@ -40,12 +40,14 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 
 class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
-                 max_body_bytes=1 << 20, max_seq_len=None, model_id=None):
+                 max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None):
         self.api_keys = [k for k in api_keys if k]
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.max_seq_len, self.model_id = max_seq_len, model_id
+        # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
+        self.scripted_replies = scripted_replies or {}
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
@@ -102,6 +104,12 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
+    @app.exception_handler(GlmkitError)
+    async def _user_error(request: Request, exc: GlmkitError):
+        # anything the request did wrong that the chat/engine layers caught: a 400, never a 500
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+        return JSONResponse(error_body(str(exc), "invalid_request_error", code=code), status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
@@ -157,8 +165,10 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             raise APIError(400, str(e), param="messages") from None
         prefix = chat_model.tokenizer.encode(f"{forced}\n") if forced else []
         top = body.top_logprobs if body.logprobs else None
+        last_user = messages[-1].get("content") if messages[-1]["role"] == "user" else None
+        script = _script_ids(chat_model, config.scripted_replies.get(last_user)) if isinstance(last_user, str) else None
         return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
-                               logprobs=(top or 0) if body.logprobs else None)
+                               logprobs=(top or 0) if body.logprobs else None, forced=script)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -179,7 +189,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         add_embedding_routes(app, embedder, APIError)
 
     # -- shared completion path -------------------------------------------------------------
-    async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False):
+    async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
+                        forced=None):
         if body.presence_penalty or body.frequency_penalty:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
                                 "use repetition_penalty", param="presence_penalty")
@@ -201,7 +212,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
-                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids, logprobs)))
+                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids, logprobs, forced)))
                 parser = chat_model.format.reply_parser() if not raw else _RawParser(chat_model.tokenizer)
                 for t in prefix:
                     parser.feed(t)
@@ -318,6 +329,27 @@ class _RawParser:
 
     def finish(self):
         return self._p.finish()
+
+
+def _script_ids(chat_model, text: str | None) -> list[int] | None:
+    """A scripted reply as token ids: segments split on '<|assistant|>' become that token; the
+    reply ends with <|observation|> after a tool/interpreter segment (as the model ends a call),
+    else with eos."""
+    if text is None:
+        return None
+    tok = chat_model.tokenizer
+    ids: list[int] = []
+    parts = text.split("<|assistant|>")
+    for i, part in enumerate(parts):
+        if i:
+            ids.append(tok.special_id("<|assistant|>"))
+        ids += tok.encode(part)
+    last_meta = parts[-1].split("\n", 1)[0].strip() if "\n" in parts[-1] else ""
+    if chat_model.config.family == "chatglm":
+        ids.append(tok.special_id("<|observation|>") if last_meta else tok.eos_id)
+    else:
+        ids.append(tok.eos_id)
+    return ids
 
 
 def _authorized(request: Request, keys: list[str]) -> bool:
