@@ -120,3 +120,23 @@ def test_streamed_text_equals_history_and_never_shows_specials(tiny):
     assert first.split("\n", 1)[-1].strip() == reply.messages[0]["content"]
     if len(reply.messages) == 1 and not reply.messages[0]["metadata"].strip():
         assert text == reply.messages[0]["content"]
+
+
+def test_fast_nucleus_matches_the_full_sort_distribution():
+    """The candidate-set sampler keeps exactly the tokens the full-sort filter keeps."""
+    from glmkit.engine.sampling import SamplingParams, filter_top_k_top_p, sample_row
+    g = torch.Generator().manual_seed(0)
+    for temp, top_p, top_k in ((0.7, 0.9, 0), (1.0, 0.5, 0), (1.0, 0.99, 0), (0.8, 0.8, 20), (1.0, 1.0, 5)):
+        logits = torch.randn(500, generator=g) * 3
+        allowed = set(torch.nonzero(~torch.isinf(filter_top_k_top_p(logits / temp, top_k, top_p))).flatten().tolist())
+        params = SamplingParams(temperature=temp, top_p=top_p, top_k=top_k)
+        drawn = {sample_row(logits, params, torch.tensor([], dtype=torch.long), g) for _ in range(300)}
+        assert drawn <= allowed, (temp, top_p, top_k)
+        if len(allowed) <= 5:
+            assert drawn == allowed
+    # frequencies follow the probabilities
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[sample_row(logits, SamplingParams(temperature=1.0, top_p=1.0), torch.tensor([], dtype=torch.long), g)] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)

@@ -61,11 +61,41 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+CANDIDATES = 64  # nucleus search starts from this many most likely tokens
+
+
+def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
+    """Index drawn with probability proportional to `probs` (exponential race: argmax p / E,
+    E ~ Exp(1); one pass, no cumulative sums)."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / race).argmax())
+
+
 def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None) -> int:
-    """Pick the next token for one sequence. logits: [V] float32."""
+    """Pick the next token for one sequence. logits: [V] float32.
+
+    Exact top-k/top-p without sorting the vocabulary in the common case: the nucleus is taken
+    from the CANDIDATES most likely tokens when they already hold top_p of the mass, and from a
+    full sort only when they do not."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    logits = logits / params.temperature
+    V = logits.shape[-1]
+    k = min(params.top_k, V) if params.top_k else 0
+    if not k and params.top_p >= 1.0:
+        return _draw(logits.softmax(-1), generator)
+    vals, idx = torch.topk(logits, k or min(CANDIDATES, V))            # most likely first
+    if k:
+        probs = vals.softmax(-1)                                       # top-k renormalizes first
+    else:
+        probs = (vals - torch.logsumexp(logits, -1)).exp()             # shares of the whole vocabulary
+        if float(probs.sum()) < params.top_p:                          # nucleus wider than the candidates
+            filtered = filter_top_k_top_p(logits, 0, params.top_p)
+            return _draw(filtered.softmax(-1), generator)
+    if params.top_p < 1.0:
+        before = probs.cumsum(-1) - probs                              # mass of more likely tokens
+        keep = before < params.top_p * float(probs.sum()) if k else before < params.top_p
+        keep[0] = True
+        probs = probs * keep
+    return int(idx[_draw(probs, generator)])
