@@ -13,13 +13,13 @@ PAIRS = (("bf16", "F16"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int4+out", "Q4_0
 def main():
     r = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/vs_llamacpp.json").read_text())
     g, l = r["chatglm3_6b"]["glmkit"], r["chatglm3_6b"]["llama.cpp"]
-    print(f"ChatGLM3-6B shapes, random weights, {r['threads']} threads, {r['date']}\n")
+    bw = r.get("bandwidth_gbs", 45.0)
+    print(f"ChatGLM3-6B shapes, random weights, {r['threads']} threads, {r['date']}; memory bandwidth "
+          f"{bw:.1f} GB/s (1 GiB copy, read + write)\n")
     print("| glmkit | model GiB | peak RSS GiB | glmkit decode ms/token, batch 1 | llama.cpp | llama.cpp ms/token | "
           "speed ratio glmkit/llama.cpp | bandwidth floor ms | batch 8 ms/step (× batch 1) | "
           "glmkit prefill tok/s | llama.cpp prefill tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    bw = r.get("bandwidth_gbs", 45.0)
-    print(f"Memory bandwidth measured in the same run (1 GiB copy, read + write): {bw:.1f} GB/s\n")
     for ours, theirs in PAIRS:
         if ours not in g:
             continue
