@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .chat.agent import Agent  # noqa: E402
+from .chat.tools import Tool, tool  # noqa: E402
 from .chat_model import ChatModel, Reply, load  # noqa: E402
 from .errors import CheckpointError, ContextLengthError, GlmkitError  # noqa: E402
 
-__all__ = ["load", "ChatModel", "Reply", "GlmkitError", "CheckpointError", "ContextLengthError", "__version__"]
+__all__ = ["load", "ChatModel", "Reply", "tool", "Tool", "Agent", "GlmkitError", "CheckpointError", "ContextLengthError", "__version__"]

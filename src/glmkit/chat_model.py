@@ -72,11 +72,15 @@ class ChatModel:
 
     # -- chat level ------------------------------------------------------------------------
     def reply(self, messages: list[dict], max_new_tokens: int | None = None, max_length: int | None = None,
-              stop: list[str] | None = None, reply: Reply | None = None, **sampling) -> Iterator[ReplyEvent]:
-        """Stream the assistant's reply to `messages` as ReplyEvents; `reply` is filled in."""
+              stop: list[str] | None = None, reply: Reply | None = None, forced: list[int] | None = None,
+              **sampling) -> Iterator[ReplyEvent]:
+        """Stream the assistant's reply to `messages` as ReplyEvents; `reply` is filled in.
+
+        `forced` constrains decoding to begin with these token ids (the model still runs)."""
         reply = reply if reply is not None else Reply()
         prompt = self.encode_chat(messages)
         [req] = self._requests([prompt], max_new_tokens, max_length, None, self.params(**sampling))
+        req.forced = forced
         reply.prompt_tokens = len(prompt)
         parser = self.format.reply_parser()
         stops = StopStrings(stop)

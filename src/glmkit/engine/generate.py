@@ -22,6 +22,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 256
     stop_ids: frozenset[int] = frozenset()
+    forced: list[int] | None = None   # constrained decoding: the first tokens must be these
 
 
 @dataclass
@@ -80,7 +81,10 @@ def generate_batch(model: Transformer, requests: list[GenerationRequest]) -> Ite
         for b, r in enumerate(requests):
             if not active[b]:
                 continue
-            tok = sample_row(logits_cpu[b], r.params, seen[b], gens[b])
+            if r.forced and produced[b] < len(r.forced):
+                tok = r.forced[produced[b]]
+            else:
+                tok = sample_row(logits_cpu[b], r.params, seen[b], gens[b])
             next_tokens[b] = tok
             produced[b] += 1
             if r.params.repetition_penalty != 1.0 and not (seen[b] == tok).any():
