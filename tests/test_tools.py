@@ -227,3 +227,51 @@ def test_agent_max_steps_and_failing_tools(tiny32k):
     ev2 = list(agent2.run("go", script=[evil], temperature=0, max_new_tokens=60))
     assert any(e.kind == "error" and "literal" in e.text for e in ev2)
     assert "refused" in agent2.messages[-1]["content"]
+
+
+def test_cli_tools_builtin_one_shot(clean_env):
+    """`glmkit chat --tools builtin -p ...` runs end to end: the reply on stdout, tool steps (if the
+    model calls any) on stderr.  The default model was not trained for ChatGLM3's protocol: it says so."""
+    import subprocess
+    from conftest import glmkit_bin
+    proc = subprocess.run([glmkit_bin(), "chat", "--tools", "builtin", "-p", "What is 2+2?", "--temperature", "0",
+                           "--max-new-tokens", "30"], capture_output=True, text=True, timeout=300, env=clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "not trained for ChatGLM3's tool protocol" in proc.stderr
+
+
+def test_cli_manual_mode_reads_observations(clean_env, tmp_path):
+    """--manual with a schema file: the person types the observation (driven through a pty)."""
+    import pexpect
+    from conftest import TINY_32K, glmkit_bin
+    schema = tmp_path / "tools.json"
+    schema.write_text(json.dumps([{"name": "track", "description": "stock price",
+                                   "parameters": {"type": "object", "properties": {"symbol": {"type": "string"}}}}]))
+    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY_32K), "--tools", str(schema), "--manual",
+                                         "--temperature", "0", "--max-new-tokens", "8"],
+                          env=clean_env, encoding="utf-8", timeout=60)
+    child.expect("tools: track")
+    child.expect("You: ")
+    child.sendline("hello")
+    child.expect("You: ")      # the random model answers without calling: the session goes on
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_agent_manual_observer_supplies_observations(tiny32k):
+    from glmkit.chat.tools import ToolResult
+    seen = []
+
+    def person(name, args):
+        seen.append((name, args))
+        return ToolResult(True, '{"price": 12412}')
+
+    schema_only = Tool("track", "stock price", {"type": "object", "properties": {"symbol": {"type": "string"}}})
+    agent = Agent(tiny32k, tools=[schema_only], max_steps=2, observer=person)
+    script = [_script(tiny32k, 'track\n ```python\ntool_call(symbol="10111")\n```'), _script(tiny32k, "\n12412元。")]
+    events = list(agent.run("查股票", script=script, temperature=0, max_new_tokens=60))
+    assert seen == [("track", {"symbol": "10111"})]
+    assert agent.messages[3] == {"role": "observation", "content": '{"price": 12412}'}
+    assert "".join(e.text for e in events if e.kind == "text") == "12412元。"

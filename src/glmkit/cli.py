@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "quit; Ctrl-C interrupts an answer and keeps the conversation.")
     chat.add_argument("-p", "--prompt", help="answer this one prompt, print only the reply, and exit")
     chat.add_argument("-s", "--system", help="system prompt for the conversation")
+    chat.add_argument("--tools", metavar="SPEC",
+                      help="let the model call tools: 'builtin' (calculator, time, unit converter, random "
+                           "number), a .py file of @glmkit.tool functions, or a .json/.yaml file of schemas")
+    chat.add_argument("--manual", action="store_true",
+                      help="with --tools: do not run tools; you type each observation yourself")
+    chat.add_argument("--max-steps", type=int, default=5, help="most tool calls per message (default 5)")
     _model_options(chat)
     _sampling_options(chat)
 
@@ -140,6 +146,8 @@ def cmd_chat(args) -> int:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     base = [{"role": "system", "content": args.system}] if args.system else []
     gen = dict(max_new_tokens=max_new, max_length=args.max_length, stop=args.stop, **_sampling(args))
+    if args.tools:
+        return tools_chat(model, args, gen)
     if args.prompt is not None:
         messages = base + [{"role": "user", "content": args.prompt}]
         for piece in model.stream_chat(messages, **gen):
@@ -148,6 +156,81 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
         return 0
     return interactive(model, base, gen, max_new)
+
+
+def _make_agent(model, args):
+    import json
+
+    from .chat.agent import Agent
+    from .chat.tools import ToolResult, as_tool, load_tool_file
+    if args.tools == "builtin":
+        from .chat.builtin_tools import BUILTIN
+        tools = [as_tool(t) for t in BUILTIN]
+    else:
+        tools = load_tool_file(args.tools)
+    if model.config.family != "chatglm":
+        print(f"glmkit: note: {model.name} was not trained for ChatGLM3's tool protocol; "
+              "expect it to ignore the tools", file=sys.stderr)
+
+    def manual(name, arguments):
+        print(f"\n[{name}] called with {json.dumps(arguments, ensure_ascii=False)}", file=sys.stderr)
+        text = input("observation (JSON)> ")
+        return ToolResult(True, text)
+
+    return Agent(model, tools, max_steps=args.max_steps, system=args.system,
+                 observer=manual if args.manual else None)
+
+
+def _show_agent(events, out=sys.stdout, log=sys.stderr):
+    import json
+    for ev in events:
+        if ev.kind == "text":
+            out.write(ev.text)
+            out.flush()
+        elif ev.kind == "tool_call":
+            print(f"\n[tool] {ev.name}({json.dumps(ev.arguments, ensure_ascii=False)})", file=log, flush=True)
+        elif ev.kind == "tool_result":
+            status = "result" if ev.result.ok else "failed"
+            print(f"[{status}] {ev.result.observation}", file=log, flush=True)
+        elif ev.kind == "error":
+            print(f"[error] {ev.text}", file=log, flush=True)
+
+
+def tools_chat(model, args, gen) -> int:
+    gen = {k: v for k, v in gen.items() if k != "stop"}
+    agent = _make_agent(model, args)
+    if args.prompt is not None:
+        _show_agent(agent.run(args.prompt, **gen))
+        sys.stdout.write("\n")
+        return 0
+    print(f"glmkit {__version__} · {model.name} · tools: {', '.join(agent.tools)}")
+    print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
+    while True:
+        try:
+            text = input("You: ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = text.strip().lower()
+        if cmd in EXIT_COMMANDS:
+            return 0
+        if cmd == "clear":
+            agent = _make_agent(model, args)
+            print("[conversation cleared]\n")
+            continue
+        if not text.strip():
+            continue
+        sys.stdout.write(f"{model.name}: ")
+        try:
+            _show_agent(agent.run(text, **gen))
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        except GlmkitError as e:
+            print(f"\n[error: {e}]", file=sys.stderr)
+        sys.stdout.write("\n\n")
 
 
 def api_keys(args) -> list[str]:

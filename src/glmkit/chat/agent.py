@@ -25,8 +25,11 @@ class AgentEvent:
 
 
 class Agent:
-    def __init__(self, model, tools=(), max_steps: int = 5, system: str | None = None):
+    def __init__(self, model, tools=(), max_steps: int = 5, system: str | None = None, observer=None):
+        """`observer(name, arguments) -> ToolResult`, if given, replaces running the tool (manual mode:
+        a person types the observation)."""
         self.model = model
+        self.observer = observer
         self.tools: dict[str, Tool] = {t.name: t for t in map(as_tool, tools)}
         self.max_steps = max_steps
         self.system = system
@@ -63,7 +66,7 @@ class Agent:
             try:
                 args = parse_tool_call(call["content"])
                 yield AgentEvent("tool_call", name=name, arguments=args)
-                result = run_tool(self.tools[name], args)
+                result = self.observer(name, args) if self.observer else run_tool(self.tools[name], args)
             except ToolCallError as e:
                 result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
                                     error=str(e))
