@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--manual", action="store_true",
                       help="with --tools: do not run tools; you type each observation yourself")
     chat.add_argument("--max-steps", type=int, default=5, help="most tool calls per message (default 5)")
+    chat.add_argument("--code", action="store_true",
+                      help="code-interpreter mode: the model writes Python, glmkit runs it in a sandbox "
+                           "(bubblewrap: no network, only the workspace is visible, resource limits)")
+    chat.add_argument("--workspace", metavar="DIR", default=None,
+                      help="with --code: directory the code sees as /mnt/data (default: a new temporary one)")
+    chat.add_argument("--unsafe-interpreter", action="store_true",
+                      help="with --code: run model-written code WITHOUT a sandbox if none is available (dangerous)")
     _model_options(chat)
     _sampling_options(chat)
 
@@ -146,7 +153,7 @@ def cmd_chat(args) -> int:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     base = [{"role": "system", "content": args.system}] if args.system else []
     gen = dict(max_new_tokens=max_new, max_length=args.max_length, stop=args.stop, **_sampling(args))
-    if args.tools:
+    if args.tools or args.code:
         return tools_chat(model, args, gen)
     if args.prompt is not None:
         messages = base + [{"role": "user", "content": args.prompt}]
@@ -163,12 +170,24 @@ def _make_agent(model, args):
 
     from .chat.agent import Agent
     from .chat.tools import ToolResult, as_tool, load_tool_file
-    if args.tools == "builtin":
+    interpreter = None
+    if args.code:
+        import tempfile
+
+        from .chat.interpreter import Interpreter
+        workspace = args.workspace or tempfile.mkdtemp(prefix="glmkit-workspace-")
+        interpreter = Interpreter(workspace, unsafe=args.unsafe_interpreter)
+        interpreter.start()
+        print(f"[code interpreter: workspace {workspace} is /mnt/data"
+              f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}]", file=sys.stderr)
+    if not args.tools:
+        tools = []
+    elif args.tools == "builtin":
         from .chat.builtin_tools import BUILTIN
         tools = [as_tool(t) for t in BUILTIN]
     else:
         tools = load_tool_file(args.tools)
-    if model.config.family != "chatglm":
+    if model.config.family != "chatglm" and (tools or interpreter):
         print(f"glmkit: note: {model.name} was not trained for ChatGLM3's tool protocol; "
               "expect it to ignore the tools", file=sys.stderr)
 
@@ -178,7 +197,7 @@ def _make_agent(model, args):
         return ToolResult(True, text)
 
     return Agent(model, tools, max_steps=args.max_steps, system=args.system,
-                 observer=manual if args.manual else None)
+                 observer=manual if args.manual else None, interpreter=interpreter)
 
 
 def _show_agent(events, out=sys.stdout, log=sys.stderr):
@@ -189,6 +208,8 @@ def _show_agent(events, out=sys.stdout, log=sys.stderr):
             out.flush()
         elif ev.kind == "tool_call":
             print(f"\n[tool] {ev.name}({json.dumps(ev.arguments, ensure_ascii=False)})", file=log, flush=True)
+        elif ev.kind == "code":
+            print(f"\n[running code]\n{ev.text}", file=log, flush=True)
         elif ev.kind == "tool_result":
             status = "result" if ev.result.ok else "failed"
             print(f"[{status}] {ev.result.observation}", file=log, flush=True)
@@ -203,7 +224,8 @@ def tools_chat(model, args, gen) -> int:
         _show_agent(agent.run(args.prompt, **gen))
         sys.stdout.write("\n")
         return 0
-    print(f"glmkit {__version__} · {model.name} · tools: {', '.join(agent.tools)}")
+    print(f"glmkit {__version__} · {model.name} · tools: {', '.join(agent.tools) or 'none'}"
+          + (" · code interpreter" if agent.interpreter is not None else ""))
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
     while True:
         try:

@@ -11,13 +11,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .glm3 import TOOLS_PREAMBLE
+
+# ChatGLM3's own code-interpreter system prompt (what the model was trained with)
+INTERPRETER_SYSTEM = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
+                      "你可以运行代码并得到结果，如果运行结果有错误，你需要尽可能对代码进行改进。"
+                      "你可以处理用户上传到电脑上的文件，文件默认存储路径是/mnt/data/。")
 from .tool_calls import ToolCallError, parse_tool_call
 from .tools import Tool, ToolResult, as_tool, run_tool
 
 
 @dataclass
 class AgentEvent:
-    kind: str                  # "text", "tool_call", "tool_result", "error", "done"
+    kind: str                  # "text", "tool_call", "code", "tool_result", "error", "done"
     text: str = ""
     name: str = ""
     arguments: dict = field(default_factory=dict)
@@ -25,16 +30,21 @@ class AgentEvent:
 
 
 class Agent:
-    def __init__(self, model, tools=(), max_steps: int = 5, system: str | None = None, observer=None):
+    def __init__(self, model, tools=(), max_steps: int = 5, system: str | None = None, observer=None,
+                 interpreter=None):
         """`observer(name, arguments) -> ToolResult`, if given, replaces running the tool (manual mode:
-        a person types the observation)."""
+        a person types the observation).  `interpreter` (chat.interpreter.Interpreter) runs the
+        model's `interpreter` segments in the sandbox."""
         self.model = model
         self.observer = observer
+        self.interpreter = interpreter
         self.tools: dict[str, Tool] = {t.name: t for t in map(as_tool, tools)}
         self.max_steps = max_steps
         self.system = system
         self.messages: list[dict] = []
-        if self.tools:
+        if interpreter is not None and not self.tools:
+            self.messages.append({"role": "system", "content": system or INTERPRETER_SYSTEM})
+        elif self.tools:
             self.messages.append({"role": "system", "content": system or TOOLS_PREAMBLE,
                                   "tools": [t.spec() for t in self.tools.values()]})
         elif system:
@@ -57,12 +67,27 @@ class Agent:
                 elif ev.kind == "text" and not in_call:
                     yield AgentEvent("text", ev.text)       # plain answer text, streamed
             segments = reply.messages
-            call = next((seg for seg in segments if seg.get("metadata", "").strip() in self.tools), None)
+            runnable = set(self.tools) | ({"interpreter"} if self.interpreter is not None else set())
+            call = next((seg for seg in segments if seg.get("metadata", "").strip() in runnable), None)
             self.messages += segments
             if call is None:
                 yield AgentEvent("done")
                 return
             name = call["metadata"].strip()
+            if name == "interpreter":
+                from .interpreter import extract_code
+                code = extract_code(call["content"])
+                yield AgentEvent("code", text=code, name=name)
+                cell = self.interpreter.run(code)
+                result = ToolResult(not cell.error, cell.observation(), value=cell, extras={"images": cell.images})
+                yield AgentEvent("tool_result", name=name, result=result)
+                self.messages.append({"role": "observation", "content": result.observation})
+                steps += 1
+                if steps >= self.max_steps:
+                    yield AgentEvent("error", text=f"stopped after {self.max_steps} steps (max_steps)")
+                    yield AgentEvent("done")
+                    return
+                continue
             try:
                 args = parse_tool_call(call["content"])
                 yield AgentEvent("tool_call", name=name, arguments=args)
