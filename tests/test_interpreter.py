@@ -126,15 +126,10 @@ def test_agent_runs_interpreter_segments(tiny32k, tmp_path):
     """interpreter segment -> sandboxed run -> ```result observation -> answer (decoding scripted)."""
     from glmkit.chat.agent import Agent
 
+    from glmkit.chat.scripted import scripted_reply_ids
+
     def script(*segs):
-        tok = tiny32k.tokenizer
-        ids = []
-        for i, seg in enumerate(segs):
-            if i:
-                ids.append(tok.special_id("<|assistant|>"))
-            ids += tok.encode(seg)
-        meta = segs[-1].split("\n", 1)[0].strip() if "\n" in segs[-1] else ""
-        return ids + [tok.special_id("<|observation|>") if meta else tok.eos_id]
+        return scripted_reply_ids(tiny32k.tokenizer, "<|assistant|>".join(segs))
 
     with Interpreter(tmp_path, Limits(wall_seconds=10)) as it:
         agent = Agent(tiny32k, interpreter=it, max_steps=3)

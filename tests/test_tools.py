@@ -181,15 +181,9 @@ def test_builtin_tools():
 
 # -- agent loop (tiny ChatGLM3 fixture, decoding constrained to a script) ------------------
 
-def _script(model, *segments_texts: str) -> list[int]:
-    tok = model.tokenizer
-    ids = []
-    for i, seg in enumerate(segments_texts):
-        if i:
-            ids.append(tok.special_id("<|assistant|>"))
-        ids += tok.encode(seg)
-    last_meta = segments_texts[-1].split("\n", 1)[0].strip() if "\n" in segments_texts[-1] else ""
-    return ids + [tok.special_id("<|observation|>") if last_meta else tok.eos_id]
+def _script(model, *segments: str) -> list[int]:
+    from glmkit.chat.scripted import scripted_reply_ids
+    return scripted_reply_ids(model.tokenizer, "<|assistant|>".join(segments))
 
 
 def test_agent_call_observation_answer(tiny32k):

@@ -227,23 +227,10 @@ def tools_chat(model, args, gen) -> int:
     print(f"glmkit {__version__} · {model.name} · tools: {', '.join(agent.tools) or 'none'}"
           + (" · code interpreter" if agent.interpreter is not None else ""))
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
-    while True:
-        try:
-            text = input("You: ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        cmd = text.strip().lower()
-        if cmd in EXIT_COMMANDS:
-            return 0
-        if cmd == "clear":
+    for text in _user_lines():
+        if text == "clear":
             agent = _make_agent(model, args)
             print("[conversation cleared]\n")
-            continue
-        if not text.strip():
             continue
         sys.stdout.write(f"{model.name}: ")
         try:
@@ -253,6 +240,31 @@ def tools_chat(model, args, gen) -> int:
         except GlmkitError as e:
             print(f"\n[error: {e}]", file=sys.stderr)
         sys.stdout.write("\n\n")
+    return 0
+
+
+def _user_lines():
+    """The person's messages; `clear` comes through as the word; stop/exit/Ctrl-D end it."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            text = input("You: ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = text.strip().lower()
+        if cmd in EXIT_COMMANDS:
+            return
+        if cmd == "clear":
+            yield "clear"
+        elif text.strip():
+            yield text
 
 
 def api_keys(args) -> list[str]:
@@ -323,31 +335,14 @@ def cmd_quantize(args) -> int:
 
 
 def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     from .chat_model import Reply
     print(f"glmkit {__version__} · {model.name} · context {model.context_length} tokens")
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
     history = list(base)
-    while True:
-        try:
-            text = input("You: ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        cmd = text.strip().lower()
-        if cmd in EXIT_COMMANDS:
-            return 0
-        if cmd == "clear":
+    for text in _user_lines():
+        if text == "clear":
             history = list(base)
             print("[conversation cleared]\n")
-            continue
-        if not text.strip():
             continue
         messages = history + [{"role": "user", "content": text}]
         reply = Reply()
@@ -379,6 +374,7 @@ def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
         if reply.finish_reason == "length":
             print("[the reply reached the token limit]\n", file=sys.stderr)
         history = messages + reply.messages
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

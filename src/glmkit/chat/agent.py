@@ -80,22 +80,15 @@ class Agent:
                 yield AgentEvent("code", text=code, name=name)
                 cell = self.interpreter.run(code)
                 result = ToolResult(not cell.error, cell.observation(), value=cell, extras={"images": cell.images})
-                yield AgentEvent("tool_result", name=name, result=result)
-                self.messages.append({"role": "observation", "content": result.observation})
-                steps += 1
-                if steps >= self.max_steps:
-                    yield AgentEvent("error", text=f"stopped after {self.max_steps} steps (max_steps)")
-                    yield AgentEvent("done")
-                    return
-                continue
-            try:
-                args = parse_tool_call(call["content"])
-                yield AgentEvent("tool_call", name=name, arguments=args)
-                result = self.observer(name, args) if self.observer else run_tool(self.tools[name], args)
-            except ToolCallError as e:
-                result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
-                                    error=str(e))
-                yield AgentEvent("error", text=str(e), name=name)
+            else:
+                try:
+                    args = parse_tool_call(call["content"])
+                    yield AgentEvent("tool_call", name=name, arguments=args)
+                    result = self.observer(name, args) if self.observer else run_tool(self.tools[name], args)
+                except ToolCallError as e:
+                    result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
+                                        error=str(e))
+                    yield AgentEvent("error", text=str(e), name=name)
             yield AgentEvent("tool_result", name=name, result=result)
             self.messages.append({"role": "observation", "content": result.observation})
             steps += 1

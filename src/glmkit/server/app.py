@@ -332,24 +332,10 @@ class _RawParser:
 
 
 def _script_ids(chat_model, text: str | None) -> list[int] | None:
-    """A scripted reply as token ids: segments split on '<|assistant|>' become that token; the
-    reply ends with <|observation|> after a tool/interpreter segment (as the model ends a call),
-    else with eos."""
     if text is None:
         return None
-    tok = chat_model.tokenizer
-    ids: list[int] = []
-    parts = text.split("<|assistant|>")
-    for i, part in enumerate(parts):
-        if i:
-            ids.append(tok.special_id("<|assistant|>"))
-        ids += tok.encode(part)
-    last_meta = parts[-1].split("\n", 1)[0].strip() if "\n" in parts[-1] else ""
-    if chat_model.config.family == "chatglm":
-        ids.append(tok.special_id("<|observation|>") if last_meta else tok.eos_id)
-    else:
-        ids.append(tok.eos_id)
-    return ids
+    from ..chat.scripted import scripted_reply_ids
+    return scripted_reply_ids(chat_model.tokenizer, text, chat_model.config.family == "chatglm")
 
 
 def _authorized(request: Request, keys: list[str]) -> bool:
