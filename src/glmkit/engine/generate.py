@@ -22,6 +22,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 256
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None       # scheduler only: None, or report the chosen token's and the top k
     forced: list[int] | None = None   # constrained decoding: the first tokens must be these
 
 

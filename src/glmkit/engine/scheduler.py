@@ -24,21 +24,15 @@ import torch
 
 from ..errors import ContextLengthError, GlmkitError
 from ..models.transformer import Transformer
-from .sampling import SamplingParams, sample_row
+from .generate import GenerationRequest
+from .sampling import sample_row
 
 
 class QueueFull(GlmkitError):
     """More requests are waiting than the server accepts (HTTP 429)."""
 
 
-@dataclass
-class SeqRequest:
-    prompt: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 256
-    stop_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None        # None: none; k >= 0: the chosen token's and the top k
-    forced: list[int] | None = None    # constrained decoding: the first tokens must be these
+SeqRequest = GenerationRequest  # one request type for the batch loop and the scheduler
 
 
 @dataclass

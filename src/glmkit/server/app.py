@@ -212,7 +212,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
-                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids, logprobs, forced)))
+                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids,
+                                                           logprobs=logprobs, forced=forced)))
                 parser = chat_model.format.reply_parser() if not raw else _RawParser(chat_model.tokenizer)
                 for t in prefix:
                     parser.feed(t)
