@@ -23,6 +23,8 @@ SCRIPT = {
     "先说一句再查": '\n好的，我来查一下。<|assistant|>track\n ```python\ntool_call(symbol="10111")\n```',
     "evil": "track\n ```python\ntool_call(symbol=__import__('os').system('touch /tmp/glmkit-pwned'))\n```",
     "schema": 'weather\n ```python\ntool_call(city=42)\n```',
+    "json please": '\n{"answer": 42, "unit": "km"}',
+    "bad json": "\n{\"answer\": 4",
 }
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -101,3 +103,26 @@ def test_tool_choice_none_and_named(client):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         client.chat.completions.create(model="default", messages=ask("x"), tools=[TRACK],
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_response_format_is_validated(client):
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}}}
+    ok = client.chat.completions.create(model="default", messages=ask("json please"),
+                                        response_format={"type": "json_object"})
+    assert json.loads(ok.choices[0].message.content) == {"answer": 42, "unit": "km"}
+    ok2 = client.chat.completions.create(model="default", messages=ask("json please"), response_format=schema)
+    assert json.loads(ok2.choices[0].message.content)["answer"] == 42
+    wrong = dict(schema, json_schema={"name": "a", "schema": {"type": "object", "properties": {
+        "answer": {"type": "string"}}}})
+    with pytest.raises(openai.UnprocessableEntityError, match="does not match the schema"):
+        client.chat.completions.create(model="default", messages=ask("json please"), response_format=wrong)
+    with pytest.raises(openai.UnprocessableEntityError, match="not valid JSON"):
+        client.chat.completions.create(model="default", messages=ask("bad json"), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="default", messages=ask("x"), response_format={"type": "json_schema"})
+    # streaming: the failure arrives as an error event before [DONE]
+    with pytest.raises(openai.APIError, match="not valid JSON"):
+        for _ in client.chat.completions.create(model="default", messages=ask("bad json"), stream=True,
+                                                response_format={"type": "json_object"}):
+            pass

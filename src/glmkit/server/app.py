@@ -153,8 +153,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         if tools and chat_model.config.family != "chatglm":
             raise APIError(400, f"model {model_id!r} has no tool-calling protocol; tools need a ChatGLM3 model",
                            param="tools")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, "response_format json_object/json_schema is not supported yet", param="response_format")
+        json_check = _json_checker(body.response_format)
         try:
             glm = to_glm_messages(messages, tools) if chat_model.config.family == "chatglm" else \
                 [{"role": "observation" if m["role"] == "tool" else m["role"],
@@ -168,7 +167,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         last_user = messages[-1].get("content") if messages[-1]["role"] == "user" else None
         script = _script_ids(chat_model, config.scripted_replies.get(last_user)) if isinstance(last_user, str) else None
         return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
-                               logprobs=(top or 0) if body.logprobs else None, forced=script)
+                               logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -190,7 +189,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
 
     # -- shared completion path -------------------------------------------------------------
     async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
-                        forced=None):
+                        forced=None, json_check=None):
         if body.presence_penalty or body.frequency_penalty:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
                                 "use repetition_penalty", param="presence_penalty")
@@ -230,7 +229,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         created = int(time.time())
         usage = {"prompt_tokens": len(prompt) - len(prefix), "completion_tokens": 0, "total_tokens": 0}
         if body.stream:
-            return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body, len(prefix)),
+            return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body, len(prefix),
+                                          json_check),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         for h, st in zip(handles, streams):
             async for ev in events(h):
@@ -239,9 +239,14 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                     h.cancel()
                     st.finish("stop")
                     break
+        for i, st in enumerate(streams):
+            problem = json_check(st.content) if json_check and not st.tool_calls else None
+            if problem:
+                raise APIError(422, f"choice {i}: {problem}", "invalid_response_error", param="response_format",
+                               code="json_validation_failed")
         return _final(cid, created, kind, streams, usage, len(prefix))
 
-    async def _sse(request, cid, created, kind, handles, streams, usage, body, n_prefix):
+    async def _sse(request, cid, created, kind, handles, streams, usage, body, n_prefix, json_check=None):
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -280,6 +285,10 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                     if st.finish_reason:
                         break
                 yield chunk(i, {}, finish=st.finish_reason) if kind == "chat.completion" else chunk(i, finish=st.finish_reason)
+                problem = json_check(st.content) if json_check and not st.tool_calls else None
+                if problem:  # validated, not constrained: say so in the stream, as OpenAI streams errors
+                    yield "data: " + json.dumps(error_body(f"choice {i}: {problem}", "invalid_response_error",
+                                                           "response_format", "json_validation_failed")) + "\n\n"
             if include_usage:
                 done = sum(s.completion_tokens for s in streams)
                 u = dict(usage, completion_tokens=done, total_tokens=usage["prompt_tokens"] + done)
@@ -353,6 +362,41 @@ def _check_model(requested: str | None, model_id: str):
     if requested and requested != model_id and requested not in ("default", "glmkit"):
         raise APIError(404, f"model {requested!r} not found; this server serves {model_id!r}", param="model",
                        code="model_not_found")
+
+
+def _json_checker(fmt):
+    """response_format is validated, not enforced during decoding: returns a function that says
+    what is wrong with a reply (None when it is acceptable), or None for plain text."""
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = None
+    if fmt.type == "json_schema":
+        schema = (fmt.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema (an object)",
+                           param="response_format")
+        import jsonschema
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise APIError(400, f"response_format schema is invalid: {e.message}", param="response_format") from None
+
+    def check(content: str) -> str | None:
+        try:
+            value = json.loads(content)
+        except json.JSONDecodeError as e:
+            return f"the model's reply is not valid JSON ({e.msg} at position {e.pos}); glmkit validates " \
+                   "response_format but does not constrain decoding, so ask for JSON in the prompt too"
+        if fmt.type == "json_object" and not isinstance(value, dict):
+            return "the model's reply is JSON but not an object"
+        if schema is not None:
+            import jsonschema
+            try:
+                jsonschema.validate(value, schema)
+            except jsonschema.ValidationError as e:
+                return f"the model's reply does not match the schema: {e.message}"
+        return None
+    return check
 
 
 def _forced_tool(choice, tools: list[dict]) -> str | None:

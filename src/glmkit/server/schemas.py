@@ -19,6 +19,7 @@ class StreamOptions(_Lenient):
 
 class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None   # {"name", "schema", "strict"?} for type json_schema
 
 
 class SamplingFields(_Lenient):
