@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    sv.add_argument("--tools", metavar="SPEC", help="tools the server runs itself for requests with "
+                    "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
+    sv.add_argument("--code", action="store_true", help="let such requests run the model's code in the sandboxed "
+                    "interpreter (a fresh workspace per request)")
+    sv.add_argument("--max-steps", type=int, default=5, help="most tool/code steps per request (default 5)")
+    sv.add_argument("--unsafe-interpreter", action="store_true", help="with --code: allow running without a sandbox")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.add_argument("--scripted-replies", metavar="FILE",
                     help="TESTING ONLY: JSON object {user message: reply}; a chat whose last user message "
@@ -292,10 +298,28 @@ def cmd_serve(args) -> int:
     if not args.no_embeddings:
         from .server.embeddings import load_embedder
         embedder = load_embedder(args.embedding_model)
+    server_tools, interpreter_factory = [], None
+    if args.tools:
+        from .chat.tools import as_tool, load_tool_file
+        if args.tools == "builtin":
+            from .chat.builtin_tools import BUILTIN
+            server_tools = [as_tool(t) for t in BUILTIN]
+        else:
+            server_tools = load_tool_file(args.tools)
+    if args.code:
+        import tempfile
+
+        from .chat.interpreter import Interpreter
+        Interpreter(tempfile.mkdtemp(prefix="glmkit-probe-"), unsafe=args.unsafe_interpreter).close(final=True)
+
+        def interpreter_factory():
+            return Interpreter(tempfile.mkdtemp(prefix="glmkit-workspace-"), unsafe=args.unsafe_interpreter)
     app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
                                          max_seq_len=max_seq, model_id=args.model_id,
-                                         scripted_replies=_scripted(args.scripted_replies)), embedder=embedder)
+                                         scripted_replies=_scripted(args.scripted_replies),
+                                         server_tools=server_tools, code_interpreter=interpreter_factory,
+                                         max_steps=args.max_steps), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -40,7 +41,8 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 
 class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
-                 max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None):
+                 max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
+                 server_tools=(), code_interpreter=None, max_steps=5):
         self.api_keys = [k for k in api_keys if k]
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -48,6 +50,11 @@ class ServerConfig:
         self.max_seq_len, self.model_id = max_seq_len, model_id
         # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
         self.scripted_replies = scripted_replies or {}
+        # tools the server itself runs for requests with glmkit_run_tools (chat.tools.Tool objects),
+        # and a factory of sandboxed interpreters (None: no code execution)
+        self.server_tools = {t.name: t for t in server_tools}
+        self.code_interpreter = code_interpreter
+        self.max_steps = max_steps
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
@@ -147,6 +154,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_id)
+        if body.glmkit_run_tools:
+            return await _run_tools(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = flat_tools(body.tools) if body.tools and body.tool_choice != "none" else []
         forced = _forced_tool(body.tool_choice, tools)
@@ -168,6 +177,88 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         script = _script_ids(chat_model, config.scripted_replies.get(last_user)) if isinstance(last_user, str) else None
         return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
                                logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
+
+    async def _run_tools(body: ChatCompletionRequest):
+        """Extension: the server runs its own tools / interpreter between generations (non-streaming)."""
+        import asyncio
+
+        from ..chat.agent import INTERPRETER_SYSTEM
+        from ..chat.interpreter import extract_code
+        from ..chat.tools import run_tool
+        if not config.server_tools and config.code_interpreter is None:
+            raise APIError(400, "this server runs no tools itself (start it with --tools and/or --code)",
+                           param="glmkit_run_tools")
+        if body.stream or body.n != 1:
+            raise APIError(400, "glmkit_run_tools works with stream=false and n=1", param="glmkit_run_tools")
+        if chat_model.config.family != "chatglm":
+            raise APIError(400, f"model {model_id!r} has no tool-calling protocol", param="glmkit_run_tools")
+        client_tools = flat_tools(body.tools)
+        specs = client_tools + [t.spec() for t in config.server_tools.values() if t.name not in {c["name"] for c in client_tools}]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        glm = to_glm_messages(messages, specs)
+        if not specs and not any(m["role"] == "system" for m in glm):
+            glm.insert(0, {"role": "system", "content": INTERPRETER_SYSTEM})
+        params = chat_model.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                   repetition_penalty=body.repetition_penalty)
+        max_new = body.max_completion_tokens or body.max_tokens or config.max_tokens_limit
+        interp = None
+        steps, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        try:
+            for step in range(config.max_steps + 1):
+                prompt = chat_model.encode_chat(glm)
+                last = glm[-1]["content"] if glm[-1]["role"] == "user" else None
+                script = _script_ids(chat_model, config.scripted_replies.get(last)) if isinstance(last, str) else None
+                try:
+                    handle = scheduler.submit(SeqRequest(prompt, SamplingParams(
+                        params.temperature, params.top_p, params.top_k, params.repetition_penalty, body.seed),
+                        max_new, chat_model.format.stop_ids, forced=script))
+                except QueueFull as e:
+                    raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full",
+                                   headers={"Retry-After": "2"}) from None
+                st = ChoiceStream(chat_model.tokenizer, chat_model.format.reply_parser(), None,
+                                  {t["name"]: t for t in specs}, False, code_segments=config.code_interpreter is not None)
+                async for ev in events(handle):
+                    st.feed(ev)
+                usage["prompt_tokens"] += len(prompt)
+                usage["completion_tokens"] += st.completion_tokens
+                calls = [c for c in st.tool_calls if c["function"]["name"] in config.server_tools]
+                if st.content:
+                    glm.append({"role": "assistant", "content": st.content})
+                if st.code and step < config.max_steps:
+                    code = extract_code(st.code[0])
+                    glm.append({"role": "assistant", "metadata": "interpreter", "content": st.code[0]})
+                    if interp is None:
+                        interp = config.code_interpreter()
+                        interp.start()
+                    cell = await asyncio.to_thread(interp.run, code)
+                    glm.append({"role": "observation", "content": cell.observation()})
+                    steps.append({"type": "code", "code": code, "ok": not cell.error, "output": cell.text,
+                                  "images": [base64.b64encode(i).decode() for i in cell.images]})
+                    continue
+                if calls and len(calls) == len(st.tool_calls) and step < config.max_steps:
+                    call = calls[0]
+                    name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
+                    raw = next(t for n, t in st.raw_calls if n == name)
+                    glm.append({"role": "assistant", "metadata": name, "content": raw})
+                    result = await asyncio.to_thread(run_tool, config.server_tools[name], args)
+                    glm.append({"role": "observation", "content": result.observation})
+                    steps.append({"type": "tool", "name": name, "arguments": args, "ok": result.ok,
+                                  "observation": result.observation})
+                    continue
+                break
+        finally:
+            if interp is not None:
+                interp.close(final=True)
+        msg = {"role": "assistant", "content": st.content if (st.content or not st.tool_calls) else None}
+        finish = st.finish_reason
+        if st.tool_calls and not calls:
+            msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in st.tool_calls]
+        elif step >= config.max_steps and (calls or st.code):
+            finish = "length"
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
+                "model": model_id, "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}],
+                "usage": usage, "glmkit_steps": steps}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -47,7 +47,7 @@ class ChoiceStream:
     """Turns the token events of one choice into deltas; `result` holds the totals."""
 
     def __init__(self, tokenizer, parser, stop: list[str] | None, tools: dict[str, dict] | None,
-                 want_logprobs: bool):
+                 want_logprobs: bool, code_segments: bool = False):
         self.tok = tokenizer
         self.parser = parser
         self.stops = StopStrings(stop)
@@ -60,6 +60,9 @@ class ChoiceStream:
         self.all_logprobs: list[dict] = []
         self._segment_tool: str | None = None   # name of the tool whose call is being written
         self._segment_text = ""
+        self.code_segments = code_segments        # collect `interpreter` segments (server-side runs)
+        self.code: list[str] = []                 # raw text of each interpreter segment
+        self.raw_calls: list[tuple[str, str]] = []  # (tool name, text as the model wrote it)
 
     def feed(self, ev: TokenEvent) -> Delta:
         d = Delta()
@@ -92,7 +95,8 @@ class ChoiceStream:
     def _event(self, e, d: Delta):
         if e.kind == "segment":
             self._close_segment(d)
-            self._segment_tool = e.metadata if e.metadata in self.tools else None
+            code = self.code_segments and e.metadata == "interpreter"
+            self._segment_tool = e.metadata if (e.metadata in self.tools or code) else None
             if e.metadata and self._segment_tool is None:
                 self._say(f"\n[{e.metadata}]\n" if self.content else f"[{e.metadata}]\n", d)
         elif e.kind == "text":
@@ -110,6 +114,10 @@ class ChoiceStream:
         name, text = self._segment_tool, self._segment_text
         self._segment_tool, self._segment_text = None, ""
         if name is None:
+            return
+        self.raw_calls.append((name, text))
+        if name == "interpreter" and self.code_segments:
+            self.code.append(text)
             return
         try:
             args = parse_tool_call(text)

@@ -55,6 +55,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # glmkit extension: run the server's registered tools / code interpreter in an agent loop
+    glmkit_run_tools: bool = False
 
 
 class CompletionRequest(SamplingFields):

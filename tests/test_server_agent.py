@@ -1,0 +1,57 @@
+"""`glmkit serve --tools ... --code`: the server runs tools and the sandboxed interpreter itself for
+requests that set the extension field "glmkit_run_tools" (tiny ChatGLM3 fixture, decoding of the
+first step constrained by --scripted-replies; everything after is the real path)."""
+
+import json
+
+import httpx
+import pytest
+
+from conftest import TINY_32K
+from glmkit.chat.interpreter import sandbox_available
+from server_helpers import running_server
+
+SCRIPT = {
+    "算一下": 'calculator\n ```python\ntool_call(expression="6 * 7")\n```',
+    "写代码": "interpreter\n```python\nprint(sum(range(1, 101)))\n```",
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    f = tmp_path_factory.mktemp("script") / "script.json"
+    f.write_text(json.dumps(SCRIPT, ensure_ascii=False))
+    args = ["--model", str(TINY_32K), "--dtype", "float32", "--scripted-replies", str(f), "--tools", "builtin",
+            "--max-steps", "2", "--max-tokens", "48"]
+    if sandbox_available() is None:
+        args.append("--code")
+    with running_server(*args) as (url, _):
+        yield url
+
+
+def chat(base, text, **extra):
+    body = {"model": "default", "messages": [{"role": "user", "content": text}], "temperature": 0,
+            "glmkit_run_tools": True, **extra}
+    return httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+
+
+def test_server_runs_a_builtin_tool(base):
+    r = chat(base, "算一下")
+    assert r.status_code == 200, r.text
+    steps = r.json()["glmkit_steps"]
+    assert steps[0] == {"type": "tool", "name": "calculator", "arguments": {"expression": "6 * 7"}, "ok": True,
+                        "observation": json.dumps({"expression": "6 * 7", "result": 42})}
+    assert r.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.skipif(sandbox_available() is not None, reason="no sandbox")
+def test_server_runs_code_in_the_sandbox(base):
+    r = chat(base, "写代码")
+    assert r.status_code == 200, r.text
+    step = r.json()["glmkit_steps"][0]
+    assert step["type"] == "code" and step["code"] == "print(sum(range(1, 101)))"
+    assert step["ok"] and step["output"] == "5050\n"
+
+
+def test_extension_needs_non_streaming(base):
+    assert chat(base, "算一下", stream=True).status_code == 400
