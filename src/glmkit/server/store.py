@@ -1,0 +1,178 @@
+"""Conversations kept server-side, in SQLite.
+
+WAL mode (readers never block the writer; a crash loses at most the transaction in flight),
+one short transaction per change, and numbered migrations from the very first schema, so a
+database written by any earlier glmkit opens in a later one.  Each conversation belongs to an
+owner (a hash of the API key that created it, or "local"), and every query is scoped by owner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+MIGRATIONS = [
+    # 1: conversations and their messages
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        mode TEXT NOT NULL DEFAULT 'chat',
+        settings TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX conversations_owner ON conversations(owner, updated DESC);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '',
+        extras TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        UNIQUE (conversation_id, seq)
+    );
+    """,
+]
+
+
+def owner_of(api_key: str | None) -> str:
+    """Conversations are keyed by a hash of the API key, never the key itself."""
+    return "local" if not api_key else "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+class NotFound(KeyError):
+    pass
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._tx() as db:  # one transaction: concurrent first opens cannot both migrate
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            for n, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, sql.split(";")):
+                    db.execute(statement)
+                db.execute("UPDATE schema_version SET version = ?", (n,))
+
+    @property
+    def version(self) -> int:
+        return self._db().execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")   # durable at each WAL checkpoint; no corruption on crash
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self):
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- conversations ---------------------------------------------------------------------
+    def create(self, owner: str, title: str = "New conversation", mode: str = "chat", settings: dict | None = None) -> dict:
+        cid, now = uuid.uuid4().hex, time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (cid, owner, title, mode, json.dumps(settings or {}), now, now))
+        return self.get(owner, cid)
+
+    def list(self, owner: str) -> list[dict]:
+        rows = self._db().execute("SELECT * FROM conversations WHERE owner = ? ORDER BY updated DESC", (owner,))
+        return [self._conv(r) for r in rows]
+
+    def get(self, owner: str, cid: str) -> dict:
+        row = self._db().execute("SELECT * FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone()
+        if row is None:
+            raise NotFound(cid)
+        conv = self._conv(row)
+        conv["messages"] = [self._msg(r) for r in self._db().execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))]
+        return conv
+
+    def rename(self, owner: str, cid: str, title: str) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ? AND owner = ?",
+                          (title, time.time(), cid, owner)).rowcount == 0:
+                raise NotFound(cid)
+
+    def update_settings(self, owner: str, cid: str, settings: dict) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE conversations SET settings = ?, updated = ? WHERE id = ? AND owner = ?",
+                          (json.dumps(settings), time.time(), cid, owner)).rowcount == 0:
+                raise NotFound(cid)
+
+    def delete(self, owner: str, cid: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).rowcount == 0:
+                raise NotFound(cid)
+
+    # -- messages --------------------------------------------------------------------------
+    def append(self, owner: str, cid: str, role: str, content: str, metadata: str = "", extras: dict | None = None) -> dict:
+        """Add one complete message (written as it completes: a crash loses at most the one in flight)."""
+        now = time.time()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone() is None:
+                raise NotFound(cid)
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+                             (cid,)).fetchone()[0]
+            db.execute("INSERT INTO messages (conversation_id, seq, role, content, metadata, extras, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (cid, seq, role, content, metadata, json.dumps(extras or {}), now))
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, cid))
+        return {"seq": seq, "role": role, "content": content, "metadata": metadata, "extras": extras or {}}
+
+    def truncate(self, owner: str, cid: str, keep_through_seq: int) -> None:
+        """Drop messages after `keep_through_seq` (regenerate, or edit-and-resend)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone() is None:
+                raise NotFound(cid)
+            db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq > ?", (cid, keep_through_seq))
+
+    # -- export ----------------------------------------------------------------------------
+    def export_json(self, owner: str, cid: str) -> str:
+        return json.dumps(self.get(owner, cid), ensure_ascii=False, indent=2)
+
+    def export_markdown(self, owner: str, cid: str) -> str:
+        conv = self.get(owner, cid)
+        lines = [f"# {conv['title']}", ""]
+        for m in conv["messages"]:
+            who = m["role"].capitalize() + (f" ({m['metadata']})" if m["metadata"] else "")
+            lines += [f"**{who}:**", "", m["content"], ""]
+        return "\n".join(lines)
+
+    @staticmethod
+    def _conv(r) -> dict:
+        return {"id": r["id"], "title": r["title"], "mode": r["mode"], "settings": json.loads(r["settings"]),
+                "created": r["created"], "updated": r["updated"]}
+
+    @staticmethod
+    def _msg(r) -> dict:
+        return {"seq": r["seq"], "role": r["role"], "content": r["content"], "metadata": r["metadata"],
+                "extras": json.loads(r["extras"])}
