@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    sv.add_argument("--data-dir", metavar="DIR", default=None,
+                    help="where the web console keeps conversations (SQLite); default ~/.local/share/glmkit")
+    sv.add_argument("--no-console", action="store_true", help="serve the API only, no web console at /")
     sv.add_argument("--tools", metavar="SPEC", help="tools the server runs itself for requests with "
                     "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
     sv.add_argument("--code", action="store_true", help="let such requests run the model's code in the sandboxed "
@@ -319,12 +322,21 @@ def cmd_serve(args) -> int:
                                          max_seq_len=max_seq, model_id=args.model_id,
                                          scripted_replies=_scripted(args.scripted_replies),
                                          server_tools=server_tools, code_interpreter=interpreter_factory,
-                                         max_steps=args.max_steps), embedder=embedder)
+                                         max_steps=args.max_steps, data_dir=_data_dir(args)), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _data_dir(args) -> str | None:
+    if args.no_console:
+        return None
+    if args.data_dir:
+        return args.data_dir
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "glmkit")
 
 
 def _scripted(path: str | None) -> dict | None:

@@ -42,7 +42,7 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
-                 server_tools=(), code_interpreter=None, max_steps=5):
+                 server_tools=(), code_interpreter=None, max_steps=5, data_dir=None):
         self.api_keys = [k for k in api_keys if k]
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -55,6 +55,7 @@ class ServerConfig:
         self.server_tools = {t.name: t for t in server_tools}
         self.code_interpreter = code_interpreter
         self.max_steps = max_steps
+        self.data_dir = data_dir      # the web console's conversation store; None: no console
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
@@ -92,7 +93,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         if size > config.max_body_bytes:
             resp = JSONResponse(error_body(f"request body is larger than {config.max_body_bytes} bytes",
                                            "invalid_request_error", code="body_too_large"), status_code=413)
-        elif config.api_keys and request.url.path.startswith("/v1") and not _authorized(request, config.api_keys):
+        elif config.api_keys and request.url.path.startswith(("/v1", "/api")) and \
+                not _authorized(request, config.api_keys):
             resp = JSONResponse(error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
                                            "invalid_request_error", code="invalid_api_key"), status_code=401)
         else:
@@ -277,6 +279,14 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     if embedder is not None:
         from .embeddings import add_embedding_routes
         add_embedding_routes(app, embedder, APIError)
+
+    if config.data_dir is not None:
+        from pathlib import Path
+
+        from .console import add_console_routes
+        from .store import Store
+        app.state.store = Store(Path(config.data_dir) / "conversations.db")
+        add_console_routes(app, app.state.store, chat_model, scheduler, config, APIError)
 
     # -- shared completion path -------------------------------------------------------------
     async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,

@@ -1,0 +1,58 @@
+"""The web console's JSON API on a real server (the browser tests are still to come)."""
+
+import json
+
+import httpx
+import pytest
+
+from conftest import TINY
+from server_helpers import running_server
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    with running_server("--model", str(TINY), "--data-dir", str(data), "--api-key", "alice", "--api-key", "bob",
+                        "--no-embeddings") as (url, _):
+        yield url
+
+
+def H(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def sse(r):
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def test_page_and_static_files_are_served_offline(base):
+    page = httpx.get(base + "/")
+    assert page.status_code == 200 and "/static/app.js" in page.text and "http" not in page.text.split("<body>")[1]
+    assert httpx.get(base + "/static/app.js").status_code == 200
+    assert httpx.get(base + "/static/../app.py").status_code == 404
+
+
+def test_conversation_lifecycle_and_owners(base):
+    assert httpx.get(base + "/api/conversations").status_code == 401
+    c = httpx.post(base + "/api/conversations", json={}, headers=H("alice")).json()
+    r = httpx.post(base + f"/api/conversations/{c['id']}/messages",
+                   json={"content": "你好", "settings": {"temperature": 0, "max_new_tokens": 8}}, headers=H("alice"))
+    events = sse(r)
+    assert events[-1]["type"] == "done"
+    text = "".join(e["text"] for e in events if e["type"] == "text")
+    conv = httpx.get(base + f"/api/conversations/{c['id']}", headers=H("alice")).json()
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+    assert conv["messages"][1]["content"] == text and conv["title"] == "你好"
+    # another key sees nothing of it
+    assert httpx.get(base + "/api/conversations", headers=H("bob")).json() == []
+    assert httpx.get(base + f"/api/conversations/{c['id']}", headers=H("bob")).status_code == 404
+    # regenerate replaces the answer; rename; export; delete
+    r2 = httpx.post(base + f"/api/conversations/{c['id']}/messages", json={"regenerate": True,
+                    "settings": {"temperature": 0, "max_new_tokens": 8}}, headers=H("alice"))
+    assert sse(r2)[-1]["type"] == "done"
+    assert len(httpx.get(base + f"/api/conversations/{c['id']}", headers=H("alice")).json()["messages"]) == 2
+    httpx.patch(base + f"/api/conversations/{c['id']}", json={"title": "Renamed"}, headers=H("alice"))
+    md = httpx.get(base + f"/api/conversations/{c['id']}/export?format=md", headers=H("alice")).text
+    assert md.startswith("# Renamed") and "你好" in md
+    assert httpx.delete(base + f"/api/conversations/{c['id']}", headers=H("alice")).status_code == 200
+    assert httpx.get(base + "/api/conversations", headers=H("alice")).json() == []
