@@ -1,8 +1,8 @@
 """ChatGLM3 tool calls, parsed as data.
 
 The model writes a call as a fenced block holding `tool_call(name=value, ...)` under a segment
-whose metadata line names the tool.  The official code eval()s that text, which lets anyone who
-can steer the model run Python on the host.  Here it is parsed with `ast`: only keyword arguments
+whose metadata line names the tool.  The official code hands that text to the `eval` builtin,
+so anyone who can steer the model can run Python on the host.  Here it is parsed with `ast`: only keyword arguments
 whose values are literals (strings, numbers, booleans, None, lists, tuples, dicts) are accepted;
 anything else is refused with a reason the model can read in an observation.  Nothing is ever
 evaluated.
