@@ -93,7 +93,8 @@ def test_kill_9_loses_nothing_committed(tmp_path):
     proc.wait()
     conv = Store(path).get("local", cid)
     contents = [m["content"] for m in conv["messages"]]
-    # every append that returned before the kill is there, in order, with nothing torn
-    assert contents[:acknowledged + 1] == [f"m{i}" for i in range(acknowledged + 1)]
-    assert len(contents) in (acknowledged + 1, acknowledged + 2)
+    # every append acknowledged before the kill is there; the writer may have committed a few more
+    # (it runs ahead of our reading), and what is there is an untorn prefix, in order
+    assert len(contents) >= acknowledged + 1
+    assert contents == [f"m{i}" for i in range(len(contents))]
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
