@@ -1,7 +1,6 @@
 """The web console in a real browser: Playwright driving Debian's Chromium (headless), against a
 real `glmkit serve` on loopback.  Screenshots go to test-artifacts/."""
 
-import os
 import shutil
 
 import pytest

@@ -1,9 +1,7 @@
 """The OpenAI-compatible server: a real `glmkit serve` on loopback, the real `openai` SDK."""
 
 import concurrent.futures as cf
-import json
 import time
-import urllib.request
 
 import httpx
 import openai
@@ -167,3 +165,13 @@ def test_api_keys_and_overload():
         assert 429 in statuses and 200 in statuses, statuses
         busy = next(r for r in responses if r.status_code == 429)
         assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "queue_full"
+
+
+def test_content_parts(client):
+    parts = [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]
+    r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": parts}],
+                                       temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError, match="only text content parts"):
+        client.chat.completions.create(model="default", messages=[{"role": "user", "content": image}])

@@ -75,7 +75,6 @@ def test_greedy_20_tokens_match_transformers(smol_float, hf):
 
 
 def test_prompt_matches_transformers_chat_template(smol):
-    import glob
     import os
     from glmkit.models.loader import default_model_path
     path = default_model_path()

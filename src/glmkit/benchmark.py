@@ -60,8 +60,9 @@ def peak_rss_mib() -> float | None:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-               if not t.is_meta) - sum(t.numel() * t.element_size() for n, t in model.named_buffers() if ".kv_cache." in n)
+    """Bytes of weights (and their scales), not counting the KV cache."""
+    tensors = [p for p in model.parameters()] + [b for n, b in model.named_buffers() if ".kv_cache." not in n]
+    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
 def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int) -> dict:

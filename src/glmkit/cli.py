@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ContextLengthError, GlmkitError
+from .errors import GlmkitError
 
 EXIT_COMMANDS = {"stop", "exit", "quit", ":q", "/bye"}
 
@@ -178,7 +178,7 @@ def _make_agent(model, args):
     import json
 
     from .chat.agent import Agent
-    from .chat.tools import ToolResult, as_tool, load_tool_file
+    from .chat.tools import ToolResult, load_tools
     interpreter = None
     if args.code:
         import tempfile
@@ -189,13 +189,7 @@ def _make_agent(model, args):
         interpreter.start()
         print(f"[code interpreter: workspace {workspace} is /mnt/data"
               f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}]", file=sys.stderr)
-    if not args.tools:
-        tools = []
-    elif args.tools == "builtin":
-        from .chat.builtin_tools import BUILTIN
-        tools = [as_tool(t) for t in BUILTIN]
-    else:
-        tools = load_tool_file(args.tools)
+    tools = load_tools(args.tools)
     if model.config.family != "chatglm" and (tools or interpreter):
         print(f"glmkit: note: {model.name} was not trained for ChatGLM3's tool protocol; "
               "expect it to ignore the tools", file=sys.stderr)
@@ -301,14 +295,8 @@ def cmd_serve(args) -> int:
     if not args.no_embeddings:
         from .server.embeddings import load_embedder
         embedder = load_embedder(args.embedding_model)
-    server_tools, interpreter_factory = [], None
-    if args.tools:
-        from .chat.tools import as_tool, load_tool_file
-        if args.tools == "builtin":
-            from .chat.builtin_tools import BUILTIN
-            server_tools = [as_tool(t) for t in BUILTIN]
-        else:
-            server_tools = load_tool_file(args.tools)
+    from .chat.tools import load_tools
+    server_tools, interpreter_factory = load_tools(args.tools), None
     if args.code:
         import tempfile
 

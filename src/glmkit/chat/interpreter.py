@@ -75,7 +75,8 @@ def sandbox_available() -> str | None:
 def _pids_hierarchy() -> Path | None:
     """Where a pids cgroup can be made: cgroup v2 with the pids controller, or v1's pids tree."""
     v2 = Path("/sys/fs/cgroup")
-    if "pids" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+    controllers = v2 / "cgroup.controllers"
+    if controllers.exists() and "pids" in controllers.read_text().split():
         return v2
     v1 = Path("/sys/fs/cgroup/pids")
     if (v1 / "cgroup.procs").exists() and os.access(v1, os.W_OK):

@@ -43,6 +43,12 @@ def _text(content) -> str:
     raise GlmkitError("message content must be a string or a list of text parts")
 
 
+def to_template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI request messages -> plain {role, content} messages for a model with a chat template."""
+    return [{"role": "observation" if m.get("role") == "tool" else m.get("role"), "content": _text(m.get("content"))}
+            for m in messages]
+
+
 def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     """OpenAI request messages (+ flat tools) -> ChatGLM3 history messages."""
     out: list[dict] = []

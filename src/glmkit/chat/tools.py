@@ -104,6 +104,16 @@ def as_tool(obj) -> Tool:
     return t
 
 
+def load_tools(spec: str | None) -> list[Tool]:
+    """A --tools argument: 'builtin', or a tools file (see load_tool_file); None: no tools."""
+    if not spec:
+        return []
+    if spec == "builtin":
+        from .builtin_tools import BUILTIN
+        return [as_tool(t) for t in BUILTIN]
+    return load_tool_file(spec)
+
+
 def load_tool_file(path: str | Path) -> list[Tool]:
     """Tools from a .py module (functions decorated with @glmkit.tool: importing the user's own
     module is the user's choice, like any plugin) or schemas from a .json/.yaml file."""

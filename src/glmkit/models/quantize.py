@@ -216,14 +216,5 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (Int8Linear, Int4Linear))
 
 
-def linear_dequantized(module: nn.Module) -> Tensor:
-    """Float weight of a (possibly quantized) linear layer, for tests and perplexity checks."""
-    if isinstance(module, Int8Linear):
-        return module.weight.float() * module.scales.float()[:, None]
-    if isinstance(module, nn.Linear):
-        return module.weight.float()
-    raise TypeError("int4 weights are packed for the kernel; keep the float weight to compare")
-
-
 __all__ = ["QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
            "dequantize_int4", "is_quantized"]

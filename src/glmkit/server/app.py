@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..chat.openai_compat import flat_tools, to_glm_messages
+from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
+from ..chat.openai_compat import flat_tools, to_glm_messages, to_template_messages
 from ..engine import SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
 from ..errors import ContextLengthError, GlmkitError
@@ -113,6 +114,11 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull):
+        return JSONResponse(error_body(str(exc), "rate_limit_exceeded", code="queue_full"), status_code=429,
+                            headers={"Retry-After": "2"})
+
     @app.exception_handler(GlmkitError)
     async def _user_error(request: Request, exc: GlmkitError):
         # anything the request did wrong that the chat/engine layers caught: a 400, never a 500
@@ -167,9 +173,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         json_check = _json_checker(body.response_format)
         try:
             glm = to_glm_messages(messages, tools) if chat_model.config.family == "chatglm" else \
-                [{"role": "observation" if m["role"] == "tool" else m["role"],
-                  "content": m.get("content") if isinstance(m.get("content"), str) else _join_text(m.get("content"))}
-                 for m in messages]
+                to_template_messages(messages)
             prompt = chat_model.encode_chat(glm)
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
@@ -210,13 +214,9 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 prompt = chat_model.encode_chat(glm)
                 last = glm[-1]["content"] if glm[-1]["role"] == "user" else None
                 script = _script_ids(chat_model, config.scripted_replies.get(last)) if isinstance(last, str) else None
-                try:
-                    handle = scheduler.submit(SeqRequest(prompt, SamplingParams(
-                        params.temperature, params.top_p, params.top_k, params.repetition_penalty, body.seed),
-                        max_new, chat_model.format.stop_ids, forced=script))
-                except QueueFull as e:
-                    raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full",
-                                   headers={"Retry-After": "2"}) from None
+                handle = scheduler.submit(SeqRequest(prompt, SamplingParams(
+                    params.temperature, params.top_p, params.top_k, params.repetition_penalty, body.seed),
+                    max_new, chat_model.format.stop_ids, forced=script))
                 st = ChoiceStream(chat_model.tokenizer, chat_model.format.reply_parser(), None,
                                   {t["name"]: t for t in specs}, False, code_segments=config.code_interpreter is not None)
                 async for ev in events(handle):
@@ -314,14 +314,14 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
                 handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids,
                                                            logprobs=logprobs, forced=forced)))
-                parser = chat_model.format.reply_parser() if not raw else _RawParser(chat_model.tokenizer)
+                parser = chat_model.format.reply_parser() if not raw else PlainReplyParser(chat_model.tokenizer)
                 for t in prefix:
                     parser.feed(t)
                 streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, tools_by_name, logprobs is not None))
-        except QueueFull as e:
-            for h in handles:
+        except QueueFull:
+            for h in handles:  # choices already admitted for this request give their slots back
                 h.cancel()
-            raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "2"}) from None
+            raise
         except ContextLengthError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         except GlmkitError as e:
@@ -428,20 +428,6 @@ def _completion_logprobs(entries: list[dict] | None):
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
 
 
-class _RawParser:
-    """/v1/completions: every visible byte is text."""
-
-    def __init__(self, tokenizer):
-        from ..chat.template import PlainReplyParser
-        self._p = PlainReplyParser(tokenizer)
-
-    def feed(self, t):
-        return self._p.feed(t)
-
-    def finish(self):
-        return self._p.finish()
-
-
 def _script_ids(chat_model, text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -515,12 +501,6 @@ def _forced_tool(choice, tools: list[dict]) -> str | None:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
         return name
     raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", param="tool_choice")
-
-
-def _join_text(content) -> str:
-    if not content:
-        return ""
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
 def _model_card(model_id, chat_model, scheduler, created) -> dict:

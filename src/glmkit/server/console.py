@@ -14,8 +14,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..engine import SamplingParams
-from ..engine.scheduler import QueueFull, SeqRequest
-from ..errors import GlmkitError
+from ..engine.scheduler import SeqRequest
 from .generation import ChoiceStream, events
 from .store import NotFound, Store, owner_of
 
@@ -135,9 +134,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                                     float(settings["repetition_penalty"])).validate()
             handle = scheduler.submit(SeqRequest(prompt, params, int(settings["max_new_tokens"]),
                                                  chat_model.format.stop_ids))
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "2"}) from None
-        except (GlmkitError, ValueError, KeyError) as e:
+        except (ValueError, KeyError) as e:  # malformed settings; GlmkitErrors (429 too) have app-wide handlers
             raise APIError(400, str(e)) from None
 
         async def stream():
