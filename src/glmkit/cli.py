@@ -191,8 +191,8 @@ def _make_agent(model, args):
               f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}]", file=sys.stderr)
     tools = load_tools(args.tools)
     if model.config.family != "chatglm" and (tools or interpreter):
-        print(f"glmkit: note: {model.name} was not trained for ChatGLM3's tool protocol; "
-              "expect it to ignore the tools", file=sys.stderr)
+        print(f"glmkit: note: {model.name} has no ChatGLM3 tool protocol; it is asked for <tool_call> JSON "
+              "and ```python blocks instead, which small models often ignore", file=sys.stderr)
 
     def manual(name, arguments):
         print(f"\n[{name}] called with {json.dumps(arguments, ensure_ascii=False)}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """The agent loop: generate -> tool call -> run the tool -> observation -> generate again.
 
 Every step is reported as an AgentEvent so the terminal, the API and the console can show which
-tool was called with which arguments and what came back.  A refused or failing call is an error
-observation the model can react to; the loop stops after `max_steps` tool calls."""
+tool was called with which arguments and what came back.  How a call is written depends on the
+model (chat.protocols); the loop does not.  A refused or failing call is an error observation the
+model can react to; the loop stops after `max_steps` tool calls."""
 
 from __future__ import annotations
 
@@ -10,13 +11,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .glm3 import TOOLS_PREAMBLE
-
-# ChatGLM3's own code-interpreter system prompt (what the model was trained with)
-INTERPRETER_SYSTEM = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
-                      "你可以运行代码并得到结果，如果运行结果有错误，你需要尽可能对代码进行改进。"
-                      "你可以处理用户上传到电脑上的文件，文件默认存储路径是/mnt/data/。")
-from .tool_calls import ToolCallError, parse_tool_call
+from .protocols import GLM3_INTERPRETER_SYSTEM as INTERPRETER_SYSTEM  # noqa: F401  (re-exported)
+from .protocols import INTERPRETER, protocol_for
 from .tools import Tool, ToolResult, as_tool, run_tool
 
 
@@ -32,30 +28,27 @@ class AgentEvent:
 class Agent:
     def __init__(self, model, tools=(), max_steps: int = 5, system: str | None = None, observer=None,
                  interpreter=None):
-        """`observer(name, arguments) -> ToolResult`, if given, replaces running the tool (manual mode:
-        a person types the observation).  `interpreter` (chat.interpreter.Interpreter) runs the
-        model's `interpreter` segments in the sandbox."""
+        """`model` is anything with ChatModel's `reply()` and `format` (the server passes one that
+        generates through its scheduler).  `observer(name, arguments) -> ToolResult`, if given,
+        replaces running the tool (manual mode: a person types the observation).  `interpreter`
+        (chat.interpreter.Interpreter) runs the model's code in the sandbox."""
         self.model = model
         self.observer = observer
         self.interpreter = interpreter
         self.tools: dict[str, Tool] = {t.name: t for t in map(as_tool, tools)}
         self.max_steps = max_steps
-        self.system = system
-        self.messages: list[dict] = []
-        if interpreter is not None and not self.tools:
-            self.messages.append({"role": "system", "content": system or INTERPRETER_SYSTEM})
-        elif self.tools:
-            self.messages.append({"role": "system", "content": system or TOOLS_PREAMBLE,
-                                  "tools": [t.spec() for t in self.tools.values()]})
-        elif system:
-            self.messages.append({"role": "system", "content": system})
+        self.protocol = protocol_for(model.format)
+        system_message = self.protocol.system_message([t.spec() for t in self.tools.values()],
+                                                      interpreter is not None, system)
+        self.messages: list[dict] = [system_message] if system_message else []
 
-    def run(self, user_text: str, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
-        """Answer one user message, calling tools as the model asks.
-
-        `script` (testing aid): per generation step, token ids decoding is constrained to."""
+    def run(self, user_text: str | None, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
+        """Answer one user message (None: answer the history as it stands), calling tools as the
+        model asks.  `script` (testing aid): per generation step, token ids decoding is constrained to."""
         from ..chat_model import Reply
-        self.messages.append({"role": "user", "content": user_text})
+        if user_text is not None:
+            self.messages.append({"role": "user", "content": user_text})
+        runnable = set(self.tools) | ({INTERPRETER} if self.interpreter is not None else set())
         steps = 0
         while True:
             reply = Reply()
@@ -65,32 +58,27 @@ class Agent:
                 if ev.kind == "segment":
                     in_call = bool(ev.metadata)
                 elif ev.kind == "text" and not in_call:
-                    yield AgentEvent("text", ev.text)       # plain answer text, streamed
+                    yield AgentEvent("text", ev.text)       # answer text, streamed
             segments = reply.messages
-            runnable = set(self.tools) | ({"interpreter"} if self.interpreter is not None else set())
-            call = next((seg for seg in segments if seg.get("metadata", "").strip() in runnable), None)
+            call = self.protocol.find_call(segments, runnable)
             self.messages += segments
             if call is None:
                 yield AgentEvent("done")
                 return
-            name = call["metadata"].strip()
-            if name == "interpreter":
-                from .interpreter import extract_code
-                code = extract_code(call["content"])
-                yield AgentEvent("code", text=code, name=name)
-                cell = self.interpreter.run(code)
+            if call.error:
+                result = ToolResult(False, json.dumps({"error": f"tool call refused: {call.error}"},
+                                                      ensure_ascii=False), error=call.error)
+                yield AgentEvent("error", text=call.error, name=call.name)
+            elif call.name == INTERPRETER:
+                yield AgentEvent("code", text=call.code, name=call.name)
+                cell = self.interpreter.run(call.code)
                 result = ToolResult(not cell.error, cell.observation(), value=cell, extras={"images": cell.images})
             else:
-                try:
-                    args = parse_tool_call(call["content"])
-                    yield AgentEvent("tool_call", name=name, arguments=args)
-                    result = self.observer(name, args) if self.observer else run_tool(self.tools[name], args)
-                except ToolCallError as e:
-                    result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
-                                        error=str(e))
-                    yield AgentEvent("error", text=str(e), name=name)
-            yield AgentEvent("tool_result", name=name, result=result)
-            self.messages.append({"role": "observation", "content": result.observation})
+                yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
+                result = self.observer(call.name, call.arguments) if self.observer else \
+                    run_tool(self.tools[call.name], call.arguments)
+            yield AgentEvent("tool_result", name=call.name, result=result)
+            self.messages.append({"role": self.protocol.observation_role, "content": result.observation})
             steps += 1
             if steps >= self.max_steps:
                 yield AgentEvent("error", text=f"stopped after {self.max_steps} tool calls (max_steps)")
