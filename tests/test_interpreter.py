@@ -108,6 +108,21 @@ def test_huge_print_is_truncated(kernel):
     assert k.run("print('ok')").text == "ok\n"
 
 
+def test_kernel_outlives_the_thread_that_started_it(tmp_path):
+    """The server runs each turn in a worker thread that then exits; bwrap's --die-with-parent
+    follows the spawning thread, so the kernel (and its variables) must not die with it."""
+    import threading
+    it = Interpreter(tmp_path, Limits(wall_seconds=10))
+    try:
+        t = threading.Thread(target=it.run, args=("x = 41",))   # starts the kernel in that thread
+        t.start()
+        t.join()
+        time.sleep(0.5)
+        assert it.run("print(x + 1)").text == "42\n"
+    finally:
+        it.close(final=True)
+
+
 def test_refuses_without_sandbox_unless_unsafe(monkeypatch, tmp_path):
     import glmkit.chat.interpreter as interp
     monkeypatch.setattr(interp, "sandbox_available", lambda: "bubblewrap is not installed")

@@ -303,8 +303,8 @@ def cmd_serve(args) -> int:
         from .chat.interpreter import Interpreter
         Interpreter(tempfile.mkdtemp(prefix="glmkit-probe-"), unsafe=args.unsafe_interpreter).close(final=True)
 
-        def interpreter_factory():
-            return Interpreter(tempfile.mkdtemp(prefix="glmkit-workspace-"), unsafe=args.unsafe_interpreter)
+        def interpreter_factory(workspace=None):
+            return Interpreter(workspace or tempfile.mkdtemp(prefix="glmkit-workspace-"), unsafe=args.unsafe_interpreter)
     app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
                                          max_seq_len=max_seq, model_id=args.model_id,

@@ -14,6 +14,7 @@ The kernel is sandbox_runner.py, sent as `python -c` source: nothing of the proj
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import re
@@ -147,6 +148,9 @@ def _python_roots() -> list[str]:
     return out
 
 
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmkit-kernel-spawner")
+
+
 class Interpreter:
     def __init__(self, workspace: str | Path, limits: Limits | None = None, unsafe: bool = False):
         self.workspace = Path(workspace).resolve()
@@ -189,9 +193,11 @@ class Interpreter:
     def start(self):
         r, w = os.pipe()
         env = None if self.sandboxed else {"PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg", "HOME": str(self.workspace)}
-        self._proc = subprocess.Popen(self._command(w), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=self._stderr(), pass_fds=(w,), env=env, text=True,
-                                      preexec_fn=self._cap.enter)
+        # bwrap's --die-with-parent is tied to the *thread* that spawned it, so kernels are spawned
+        # from one long-lived thread: a kernel started during a server worker's turn must outlive it
+        self._proc = _spawner.submit(subprocess.Popen, self._command(w), stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr(), pass_fds=(w,), env=env,
+                                     text=True, preexec_fn=self._cap.enter).result()
         os.close(w)
         self._reply = os.fdopen(r, "r")
 

@@ -43,16 +43,17 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
-                 server_tools=(), code_interpreter=None, max_steps=5, data_dir=None):
+                 server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20):
         self.api_keys = [k for k in api_keys if k]
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
+        self.max_upload_bytes = max_upload_bytes  # a file uploaded into a console workspace
         self.max_seq_len, self.model_id = max_seq_len, model_id
         # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
         self.scripted_replies = scripted_replies or {}
-        # tools the server itself runs for requests with glmkit_run_tools (chat.tools.Tool objects),
-        # and a factory of sandboxed interpreters (None: no code execution)
+        # tools the server itself runs (glmkit_run_tools requests, the console's Tool mode), and a
+        # factory `(workspace dir or None) -> Interpreter` of sandboxed kernels (None: no code runs)
         self.server_tools = {t.name: t for t in server_tools}
         self.code_interpreter = code_interpreter
         self.max_steps = max_steps
@@ -91,8 +92,10 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             size = int(request.headers.get("content-length") or 0)
         except ValueError:
             size = 0
-        if size > config.max_body_bytes:
-            resp = JSONResponse(error_body(f"request body is larger than {config.max_body_bytes} bytes",
+        limit = config.max_upload_bytes if request.method == "PUT" and "/files/" in request.url.path \
+            else config.max_body_bytes
+        if size > limit:
+            resp = JSONResponse(error_body(f"request body is larger than {limit} bytes",
                                            "invalid_request_error", code="body_too_large"), status_code=413)
         elif config.api_keys and request.url.path.startswith(("/v1", "/api")) and \
                 not _authorized(request, config.api_keys):

@@ -124,9 +124,16 @@ class Store:
                 raise NotFound(cid)
 
     def update_settings(self, owner: str, cid: str, settings: dict) -> None:
+        self._set(owner, cid, "settings", json.dumps(settings))
+
+    def update_mode(self, owner: str, cid: str, mode: str) -> None:
+        self._set(owner, cid, "mode", mode)
+
+    def _set(self, owner: str, cid: str, column: str, value) -> None:
+        assert column in ("settings", "mode")  # a column name, never user text
         with self._tx() as db:
-            if db.execute("UPDATE conversations SET settings = ?, updated = ? WHERE id = ? AND owner = ?",
-                          (json.dumps(settings), time.time(), cid, owner)).rowcount == 0:
+            if db.execute(f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ? AND owner = ?",
+                          (value, time.time(), cid, owner)).rowcount == 0:
                 raise NotFound(cid)
 
     def delete(self, owner: str, cid: str) -> None:

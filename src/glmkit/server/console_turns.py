@@ -1,0 +1,98 @@
+"""One answer in a console conversation: the chat layer's Agent, run in a worker thread.
+
+All three console modes are the same loop with different tools: Chat (none), Tool (the server's
+tools), Code interpreter (the conversation's sandboxed kernel).  Events go to the browser as they
+happen; messages go to the store as each completes, so a crash or a Stop loses at most the text
+in flight (and Stop keeps even that, marked as stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+
+from ..chat.agent import Agent
+from ..errors import GlmkitError
+from .scheduled_model import Cancelled, ScheduledModel
+
+log = logging.getLogger("glmkit.console")
+
+
+class Turn:
+    def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict,
+                 gen: dict, script: list[list[int]] | None):
+        self.store, self.who, self.cid = store, who, cid
+        self.cancel = threading.Event()
+        self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
+        self.agent.messages += history
+        self.gen, self.script = gen, script
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._saved = len(self.agent.messages)
+        self._text = ""                      # shown but not yet stored
+        self._result_extras: dict = {}
+
+    def start(self, on_finish=None):
+        """Run in a worker thread; `on_finish()` is called from it once everything is stored."""
+        def run():
+            try:
+                self._run()
+            finally:
+                if on_finish:
+                    on_finish()
+        threading.Thread(target=run, name=f"glmkit-turn-{self.cid[:8]}", daemon=True).start()
+
+    def _emit(self, ev: dict):
+        self._loop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+    def _sync(self):
+        """Store the agent's new messages (each one is complete when it reaches agent.messages)."""
+        for m in self.agent.messages[self._saved:]:
+            extras = self._result_extras if m["role"] == "observation" else {}
+            self.store.append(self.who, self.cid, m["role"], m["content"], m.get("metadata", ""), extras)
+        self._saved = len(self.agent.messages)
+
+    def _run(self):
+        try:
+            for ev in self.agent.run(None, script=self.script, **self.gen):
+                if ev.kind == "text":
+                    self._text += ev.text
+                    self._emit({"type": "text", "text": ev.text})
+                    continue
+                self._sync()
+                shown, self._text = self._text, ""   # that text is part of the messages just stored
+                if ev.kind == "code":                # `shown`: the model wrote it as visible text
+                    self._emit({"type": "code", "code": ev.text, "shown": ev.text in shown})
+                elif ev.kind == "tool_call":
+                    self._emit({"type": "tool_call", "name": ev.name, "arguments": ev.arguments})
+                elif ev.kind == "tool_result":
+                    r = ev.result
+                    cell = r.value if ev.name == "interpreter" else None
+                    self._result_extras = {
+                        "name": ev.name, "ok": r.ok,
+                        "output": cell.text if cell is not None else r.observation,
+                        "images": [base64.b64encode(i).decode() for i in r.extras.get("images", [])]}
+                    self._emit({"type": "tool_result", **self._result_extras})
+                elif ev.kind == "error":
+                    self._emit({"type": "error", "text": ev.text})
+            self._sync()
+            self._emit({"type": "done"})
+        except Cancelled:
+            self._sync_partial()
+        except GlmkitError as e:          # a prompt too long for the context, a full queue, ...
+            self._sync_partial()
+            self._emit({"type": "error", "text": str(e)})
+            self._emit({"type": "done"})
+        except Exception as e:  # noqa: BLE001 - reported to the browser; the server stays up
+            log.exception("console turn failed")
+            self._sync_partial()
+            self._emit({"type": "error", "text": f"internal error: {type(e).__name__}: {e}"})
+            self._emit({"type": "done"})
+
+    def _sync_partial(self):
+        """Stopped or failed mid-reply: keep the complete messages and, marked, the text shown."""
+        self._sync()
+        if self._text:
+            self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True})
+            self._text = ""

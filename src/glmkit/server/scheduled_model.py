@@ -1,0 +1,55 @@
+"""ChatModel's `reply()` contract, generated through the server's scheduler.
+
+The chat layer's Agent drives a model through `reply()`.  In the server it runs in a worker
+thread with this adapter, so agent turns share continuous batching with API requests instead of
+calling the model directly (which would race the scheduler's thread for it)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from ..chat_model import Reply
+from ..engine.scheduler import SeqRequest
+
+
+class Cancelled(Exception):
+    """The client went away or pressed Stop; the agent must not act on a half-written reply."""
+
+
+class ScheduledModel:
+    def __init__(self, chat_model, scheduler, cancel: threading.Event, max_new_tokens: int):
+        self.chat_model = chat_model
+        self.format = chat_model.format
+        self.scheduler = scheduler
+        self.cancel = cancel
+        self.max_new_tokens = max_new_tokens
+
+    def reply(self, messages: list[dict], reply: Reply | None = None, forced: list[int] | None = None,
+              max_new_tokens: int | None = None, **sampling):
+        reply = reply if reply is not None else Reply()
+        prompt = self.chat_model.encode_chat(messages)
+        reply.prompt_tokens = len(prompt)
+        handle = self.scheduler.submit(SeqRequest(prompt, self.chat_model.params(**sampling),
+                                                  max_new_tokens or self.max_new_tokens, self.format.stop_ids,
+                                                  forced=forced))
+        parser = self.format.reply_parser()
+        try:
+            while True:
+                if self.cancel.is_set():
+                    raise Cancelled()
+                try:
+                    ev = handle.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                reply.completion_tokens += 1
+                reply.token_ids.append(ev.token)
+                if ev.finish != "stop":          # the stop token itself is never text
+                    yield from parser.feed(ev.token)
+                if ev.finish:
+                    reply.finish_reason = ev.finish
+                    break
+        finally:
+            handle.cancel()                      # no-op once finished; frees the slot otherwise
+        yield from parser.finish()
+        reply.messages = parser.messages()

@@ -1,0 +1,147 @@
+"""The console's Tool and Code-interpreter modes through its JSON API, on the embedded default
+model, with a real server, real tools and the real sandbox.  The model's first reply to each
+scripted message is forced token by token (--scripted-replies, a testing aid); the tool or
+code run, the observation and the model's next reply are the real path."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from server_helpers import running_server
+
+PLOT = ("Here is the code.\n```python\nimport matplotlib.pyplot as plt\n"
+        "rows = open('/mnt/data/data.csv').read().split()\nprint('rows:', len(rows))\nx = 41\n"
+        "plt.plot([1, 2, 3], [1, 4, 9])\nn = open('/mnt/data/result.txt', 'w').write('written by the model')\n```")
+SCRIPTS = {
+    "plot the data": PLOT,
+    "use x": "```python\nprint(x + 1)\n```",
+    "crash": "```python\n1 / 0\n```",
+    "escape": "```python\nimport os\nos.symlink('/etc/passwd', '/mnt/data/pw')\nprint('linked')\n```",
+    "multiply": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>',
+    "bad tool": '<tool_call>\n{"name": "calculator", "arguments": {"expression": 7}}\n</tool_call>',
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    scripts = data / "scripts.json"
+    scripts.write_text(json.dumps(SCRIPTS))
+    with running_server("--data-dir", str(data / "store"), "--no-embeddings", "--tools", "builtin", "--code",
+                        "--max-steps", "2", "--scripted-replies", str(scripts)) as (url, _):
+        yield url
+
+
+def sse(r):
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+
+
+def say(base, cid, text):
+    return sse(httpx.post(f"{base}/api/conversations/{cid}/messages", timeout=120,
+                          json={"content": text, "settings": {"temperature": 0, "max_new_tokens": 160}}))
+
+
+def messages(base, cid):
+    return httpx.get(f"{base}/api/conversations/{cid}").json()["messages"]
+
+
+def test_config_lists_the_modes_and_tools(base):
+    cfg = httpx.get(base + "/api/config").json()
+    assert cfg["modes"] == ["chat", "tool", "code"] and cfg["unavailable"] == {}
+    assert "calculator" in [t["name"] for t in cfg["tools"]]
+
+
+def test_code_mode_upload_run_plot_download(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    up = httpx.put(f"{base}/api/conversations/{cid}/files/data.csv", content=b"a,1\nb,2\nc,3\n")
+    assert up.json() == {"name": "data.csv", "size": 12}
+    events = say(base, cid, "plot the data")
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "text" and "code" in kinds and kinds[-1] == "done"
+    code = next(e for e in events if e["type"] == "code")
+    assert code["code"].startswith("import matplotlib") and code["shown"]
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["ok"] and result["output"].strip() == "rows: 3" and len(result["images"]) == 1
+    assert __import__("base64").b64decode(result["images"][0])[:8] == b"\x89PNG\r\n\x1a\n"
+    # stored as it happened: the code reply, the run (with its plot), the model's answer after it
+    stored = messages(base, cid)
+    assert [m["role"] for m in stored] == ["user", "assistant", "observation", "assistant"]
+    assert stored[2]["content"] == "```result\nrows: 3\n[Image]\n```" and len(stored[2]["extras"]["images"]) == 1
+    # the file the code wrote can be downloaded; the listing shows both files
+    names = [f["name"] for f in httpx.get(f"{base}/api/conversations/{cid}/files").json()]
+    assert names == ["data.csv", "result.txt"]
+    got = httpx.get(f"{base}/api/conversations/{cid}/files/result.txt")
+    assert got.text == "written by the model" and "attachment" in got.headers["content-disposition"]
+    # the kernel keeps its variables between turns of the conversation
+    again = say(base, cid, "use x")
+    assert next(e for e in again if e["type"] == "tool_result")["output"].strip() == "42"
+
+
+def test_code_errors_and_escapes(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    crash = next(e for e in say(base, cid, "crash") if e["type"] == "tool_result")
+    assert not crash["ok"] and "ZeroDivisionError" in crash["output"]
+    # a symlink the code leaves in the workspace is neither listed nor served
+    assert next(e for e in say(base, cid, "escape") if e["type"] == "tool_result")["output"].strip() == "linked"
+    assert httpx.get(f"{base}/api/conversations/{cid}/files").json() == []
+    assert httpx.get(f"{base}/api/conversations/{cid}/files/pw").status_code == 404
+    assert httpx.get(f"{base}/api/conversations/{cid}/files/..%2F..%2Fconversations.db").status_code == 404
+    for bad in (".hidden", "..", "a\\b"):
+        assert httpx.put(f"{base}/api/conversations/{cid}/files/{bad}", content=b"x").status_code in (400, 404, 405)
+    # uploads go only to code conversations
+    chat = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    assert httpx.put(f"{base}/api/conversations/{chat}/files/a.txt", content=b"x").status_code == 400
+
+
+def test_tool_mode_runs_the_tool_and_shows_each_step(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "tool"}).json()["id"]
+    events = say(base, cid, "multiply")
+    call = next(e for e in events if e["type"] == "tool_call")
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert call == {"type": "tool_call", "name": "calculator", "arguments": {"expression": "6*7"}}
+    assert result["ok"] and json.loads(result["output"])["result"] == 42
+    stored = messages(base, cid)
+    assert [m["role"] for m in stored] == ["user", "assistant", "observation", "assistant"]
+    assert stored[2]["extras"]["name"] == "calculator"
+    # arguments that fail the tool's schema are refused, not run; the model is told why
+    bad = say(base, cid, "bad tool")
+    result = next(e for e in bad if e["type"] == "tool_result")
+    assert not result["ok"] and "expression" in result["output"]
+
+
+def test_stop_mid_answer_keeps_the_text_and_frees_the_conversation(base):
+    cid = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    shown = ""
+    with httpx.stream("POST", f"{base}/api/conversations/{cid}/messages", timeout=60,
+                      json={"content": "Write a long story.", "settings": {"max_new_tokens": 400}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                ev = json.loads(line[6:])
+                shown += ev.get("text", "")
+                if len(shown) > 20:
+                    break        # the browser's Stop: the connection closes mid-stream
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stored = messages(base, cid)
+        if len(stored) == 2:
+            break
+        time.sleep(0.1)
+    assert stored[1]["extras"] == {"stopped": True} and stored[1]["content"].startswith(shown)
+    # the conversation is free again
+    assert say(base, cid, "Hi")[-1]["type"] == "done"
+
+
+def test_settings_are_kept_with_the_conversation_and_validated(base):
+    cid = httpx.post(base + "/api/conversations", json={"settings": {"temperature": 0.3}}).json()["id"]
+    r = httpx.patch(f"{base}/api/conversations/{cid}", json={"settings": {"temperature": 0.9, "top_k": 5}})
+    assert r.json()["settings"] == {"temperature": 0.9, "top_k": 5}
+    assert httpx.patch(f"{base}/api/conversations/{cid}", json={"settings": {"evil": 1}}).status_code == 400
+    bad = httpx.post(f"{base}/api/conversations/{cid}/messages", json={"content": "x", "settings": {"top_p": 7}})
+    assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]
+    # a conversation's mode can change only while it is empty
+    assert httpx.patch(f"{base}/api/conversations/{cid}", json={"mode": "code"}).json()["mode"] == "code"
+    say(base, cid, "use x")
+    assert httpx.patch(f"{base}/api/conversations/{cid}", json={"mode": "chat"}).status_code == 400
