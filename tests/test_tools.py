@@ -220,18 +220,20 @@ def test_agent_max_steps_and_failing_tools(tiny32k):
     evil = _script(tiny, "flaky\n ```python\ntool_call(x=__import__('os').getpid())\n```")
     ev2 = list(agent2.run("go", script=[evil], temperature=0, max_new_tokens=60))
     assert any(e.kind == "error" and "literal" in e.text for e in ev2)
-    assert "refused" in agent2.messages[-1]["content"]
+    observations = [m["content"] for m in agent2.messages if m["role"] == "observation"]
+    assert len(observations) == 1 and "refused" in observations[0]
+    assert agent2.messages[-1]["role"] == "assistant"     # the model answers after the refusal
 
 
 def test_cli_tools_builtin_one_shot(clean_env):
     """`glmkit chat --tools builtin -p ...` runs end to end: the reply on stdout, tool steps (if the
-    model calls any) on stderr.  The default model was not trained for ChatGLM3's protocol: it says so."""
+    model calls any) on stderr.  The default model has no ChatGLM3 protocol: it says which convention it asks for instead."""
     import subprocess
     from conftest import glmkit_bin
     proc = subprocess.run([glmkit_bin(), "chat", "--tools", "builtin", "-p", "What is 2+2?", "--temperature", "0",
                            "--max-new-tokens", "30"], capture_output=True, text=True, timeout=300, env=clean_env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() and "not trained for ChatGLM3's tool protocol" in proc.stderr
+    assert proc.stdout.strip() and "has no ChatGLM3 tool protocol; it is asked for <tool_call> JSON instead" in proc.stderr
 
 
 def test_cli_manual_mode_reads_observations(clean_env, tmp_path):

@@ -191,8 +191,9 @@ def _make_agent(model, args):
               f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}]", file=sys.stderr)
     tools = load_tools(args.tools)
     if model.config.family != "chatglm" and (tools or interpreter):
-        print(f"glmkit: note: {model.name} has no ChatGLM3 tool protocol; it is asked for <tool_call> JSON "
-              "and ```python blocks instead, which small models often ignore", file=sys.stderr)
+        asked = " and ".join(x for x, on in (("<tool_call> JSON", tools), ("```python blocks", interpreter)) if on)
+        print(f"glmkit: note: {model.name} has no ChatGLM3 tool protocol; it is asked for {asked} instead, "
+              "which small models often ignore", file=sys.stderr)
 
     def manual(name, arguments):
         print(f"\n[{name}] called with {json.dumps(arguments, ensure_ascii=False)}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Every step is reported as an AgentEvent so the terminal, the API and the console can show which
 tool was called with which arguments and what came back.  How a call is written depends on the
 model (chat.protocols); the loop does not.  A refused or failing call is an error observation the
-model can react to; the loop stops after `max_steps` tool calls."""
+model can react to.  After `max_steps` calls the model answers once more with what it has; a
+further call is not run."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class Agent:
             if call is None:
                 yield AgentEvent("done")
                 return
+            if steps >= self.max_steps:       # the model had its answer turn after the last call
+                yield AgentEvent("error", text=f"stopped after {self.max_steps} tool calls (max_steps)")
+                yield AgentEvent("done")
+                return
             if call.error:
                 result = ToolResult(False, json.dumps({"error": f"tool call refused: {call.error}"},
                                                       ensure_ascii=False), error=call.error)
@@ -80,7 +85,3 @@ class Agent:
             yield AgentEvent("tool_result", name=call.name, result=result)
             self.messages.append({"role": self.protocol.observation_role, "content": result.observation})
             steps += 1
-            if steps >= self.max_steps:
-                yield AgentEvent("error", text=f"stopped after {self.max_steps} tool calls (max_steps)")
-                yield AgentEvent("done")
-                return

@@ -131,6 +131,16 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
             return PlainTextResponse(store.export_json(owner(request), cid), media_type="application/json")
         return PlainTextResponse(store.export_markdown(owner(request), cid), media_type="text/markdown")
 
+    @app.delete("/api/conversations/{cid}/messages")
+    def clear(cid: str, request: Request):
+        """Clear: the conversation stays (title, settings, files); its messages and variables go."""
+        conv_or_404(request, cid)
+        if cid in active:
+            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
+        store.truncate(owner(request), cid, 0)
+        workspaces.close_kernel(cid)
+        return store.get(owner(request), cid)
+
     # -- the code interpreter's workspace ----------------------------------------------------
     @app.get("/api/conversations/{cid}/files")
     def list_files(cid: str, request: Request):
@@ -199,7 +209,8 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                    for m in store.get(who, cid)["messages"]]
         mode = conv["mode"]
-        agent_args = {"max_steps": config.max_steps, "system": settings.get("system") or None,
+        agent_args = {"max_steps": config.max_steps,
+                      "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
                       "tools": list(config.server_tools.values()) if mode == "tool" else (),
                       "interpreter": workspaces.kernel(cid) if mode == "code" else None}
         last_user = history[-1]["content"] if history and history[-1]["role"] == "user" else None
