@@ -16,6 +16,16 @@ def glmkit_bin() -> str:
     return str(Path(sys.executable).with_name("glmkit"))
 
 
+def screenshot(page, name: str) -> None:
+    """A browser test's screenshot, kept in test-artifacts/; GLMKIT_UPDATE_SCREENSHOTS=1 also
+    rewrites the README's copies in docs/ (the committed images are made this way)."""
+    import shutil
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"console-{name}.png"))
+    if os.environ.get("GLMKIT_UPDATE_SCREENSHOTS") and name in ("chat", "tool", "code", "login"):
+        shutil.copy(ARTIFACTS / f"console-{name}.png", Path(__file__).parent.parent / "docs" / f"console-{name}.png")
+
+
 def reference(path: Path) -> dict:
     return json.loads((path / "reference.json").read_text(encoding="utf-8"))
 

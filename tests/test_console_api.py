@@ -1,4 +1,4 @@
-"""The web console's JSON API on a real server (the browser tests are still to come)."""
+"""The web console's JSON API on a real server: pages, auth and per-key isolation (modes: test_console_modes)."""
 
 import json
 
@@ -26,10 +26,17 @@ def sse(r):
 
 
 def test_page_and_static_files_are_served_offline(base):
+    import re
     page = httpx.get(base + "/")
-    assert page.status_code == 200 and "/static/app.js" in page.text and "http" not in page.text.split("<body>")[1]
-    assert httpx.get(base + "/static/app.js").status_code == 200
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    # everything the page loads comes from this server: no absolute URL in a src or href
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert refs and all(r.startswith("/static/") for r in refs), refs
+    for ref in refs:
+        assert httpx.get(base + ref).status_code == 200, ref
+    assert "http" not in httpx.get(base + "/static/app.js").text
     assert httpx.get(base + "/static/../app.py").status_code == 404
+    assert httpx.get(base + "/static/vendor/../../app.py").status_code == 404
 
 
 def test_conversation_lifecycle_and_owners(base):

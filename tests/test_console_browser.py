@@ -1,11 +1,11 @@
 """The web console in a real browser: Playwright driving Debian's Chromium (headless), against a
-real `glmkit serve` on loopback.  Screenshots go to test-artifacts/."""
+real `glmkit serve` on loopback.  Screenshots go to test-artifacts/ (conftest.screenshot)."""
 
 import shutil
 
 import pytest
 
-from conftest import ARTIFACTS
+from conftest import screenshot as shot
 from server_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,11 +27,6 @@ def page(tmp_path_factory):
             browser.close()
 
 
-def shot(pg, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    pg.screenshot(path=str(ARTIFACTS / f"console-{name}.png"))
-
-
 def test_send_and_see_a_streamed_reply(page):
     page.fill("#temperature", "0")          # greedy: the default model's answer names Paris
     page.fill("#input", "What is the capital of France?")
@@ -40,7 +35,7 @@ def test_send_and_see_a_streamed_reply(page):
                            "document.querySelector('.msg.assistant').textContent.includes('Paris')", timeout=60_000)
     page.wait_for_selector("#stop[disabled]", state="attached", timeout=60_000)
     assert page.locator("#conversations li").count() == 1
-    shot(page, "chat")
+    shot(page, "streamed")
 
 
 def test_stop_a_long_reply_and_reload_keeps_everything(page):

@@ -51,6 +51,14 @@ function markdown(text) {
   return DOMPurify.sanitize(html, { USE_PROFILES: { html: true, mathMl: true } });
 }
 
+// Model output must not make the browser fetch anything: an image URL in a reply could carry
+// conversation text to another server (prompt-injection exfiltration).  Only inline data images
+// stay; links open in a new tab without a referrer.
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "IMG" && !/^data:image\/(png|jpeg|gif|webp);/.test(node.getAttribute("src") || "")) node.remove();
+  if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
+});
+
 function highlight(el) {
   el.querySelectorAll("pre code").forEach((c) => { if (!c.dataset.highlighted) hljs.highlightElement(c); });
 }
