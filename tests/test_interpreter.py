@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from glmkit.chat.interpreter import CellResult, Interpreter, Limits, extract_code, sandbox_available
+from glmkit.chat.interpreter import CellResult, Interpreter, Limits, sandbox_available
+from glmkit.chat.tool_calls import extract_code
 from glmkit.errors import GlmkitError
 
 REASON = sandbox_available()

@@ -14,7 +14,10 @@ from server_helpers import running_server
 SCRIPT = {
     "算一下": 'calculator\n ```python\ntool_call(expression="6 * 7")\n```',
     "写代码": "interpreter\n```python\nprint(sum(range(1, 101)))\n```",
+    "巴黎天气": 'get_weather\n ```python\ntool_call(city="Paris")\n```',
 }
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,14 @@ def test_server_runs_code_in_the_sandbox(base):
 
 def test_extension_needs_non_streaming(base):
     assert chat(base, "算一下", stream=True).status_code == 400
+
+
+def test_a_client_tool_is_returned_not_run(base):
+    """With the extension on, a call to one of the client's own tools still comes back as
+    tool_calls for the client to run, as it would without the extension."""
+    r = chat(base, "巴黎天气", tools=[WEATHER])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and r.json()["glmkit_steps"] == []
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}

@@ -12,8 +12,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .protocols import GLM3_INTERPRETER_SYSTEM as INTERPRETER_SYSTEM  # noqa: F401  (re-exported)
 from .protocols import INTERPRETER, protocol_for
+from .tool_calls import ToolCallError, validate_arguments
 from .tools import Tool, ToolResult, as_tool, run_tool
 
 
@@ -31,7 +31,8 @@ class Agent:
                  interpreter=None):
         """`model` is anything with ChatModel's `reply()` and `format` (the server passes one that
         generates through its scheduler).  `observer(name, arguments) -> ToolResult`, if given,
-        replaces running the tool (manual mode: a person types the observation).  `interpreter`
+        replaces running the tool (manual mode: a person types the observation).  Without one, a
+        call to a tool that has no function ends the run with the call in `pending`.  `interpreter`
         (chat.interpreter.Interpreter) runs the model's code in the sandbox."""
         self.model = model
         self.observer = observer
@@ -42,6 +43,7 @@ class Agent:
         system_message = self.protocol.system_message([t.spec() for t in self.tools.values()],
                                                       interpreter is not None, system)
         self.messages: list[dict] = [system_message] if system_message else []
+        self.pending = None    # a call to a tool without an implementation, left for the caller
 
     def run(self, user_text: str | None, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
         """Answer one user message (None: answer the history as it stands), calling tools as the
@@ -49,6 +51,7 @@ class Agent:
         from ..chat_model import Reply
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
+        self.pending = None
         runnable = set(self.tools) | ({INTERPRETER} if self.interpreter is not None else set())
         steps = 0
         while True:
@@ -78,6 +81,19 @@ class Agent:
                 yield AgentEvent("code", text=call.code, name=call.name)
                 cell = self.interpreter.run(call.code)
                 result = ToolResult(not cell.error, cell.observation(), value=cell, extras={"images": cell.images})
+            elif self.tools[call.name].function is None and self.observer is None:
+                # a tool the caller runs (an API client's own function): hand the call over
+                try:
+                    validate_arguments(call.arguments, self.tools[call.name].parameters)
+                except ToolCallError as e:
+                    result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
+                                        error=str(e))
+                    yield AgentEvent("error", text=str(e), name=call.name)
+                else:
+                    self.pending = call
+                    yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
+                    yield AgentEvent("done")
+                    return
             else:
                 yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
                 result = self.observer(call.name, call.arguments) if self.observer else \

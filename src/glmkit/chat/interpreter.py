@@ -272,8 +272,3 @@ class Interpreter:
         except Exception:
             pass
 
-
-def extract_code(content: str) -> str:
-    """The code of the interpreter segment's fenced block."""
-    m = re.search(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)\n?[ \t]*```", content, re.DOTALL)
-    return m.group(1) if m else content.strip()

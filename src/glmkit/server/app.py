@@ -188,12 +188,16 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                                logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
 
     async def _run_tools(body: ChatCompletionRequest):
-        """Extension: the server runs its own tools / interpreter between generations (non-streaming)."""
-        import asyncio
+        """Extension: the server runs its own tools / interpreter between generations (non-streaming).
 
-        from ..chat.agent import INTERPRETER_SYSTEM
-        from ..chat.interpreter import extract_code
-        from ..chat.tools import run_tool
+        The chat layer's Agent over the scheduler, as in the console.  A call to one of the
+        client's own tools ends the run and is returned as `tool_calls`, as without the extension."""
+        import asyncio
+        import threading
+
+        from ..chat.agent import Agent
+        from ..chat.tools import Tool
+        from .scheduled_model import ScheduledModel
         if not config.server_tools and config.code_interpreter is None:
             raise APIError(400, "this server runs no tools itself (start it with --tools and/or --code)",
                            param="glmkit_run_tools")
@@ -201,66 +205,50 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             raise APIError(400, "glmkit_run_tools works with stream=false and n=1", param="glmkit_run_tools")
         if chat_model.config.family != "chatglm":
             raise APIError(400, f"model {model_id!r} has no tool-calling protocol", param="glmkit_run_tools")
-        client_tools = flat_tools(body.tools)
-        specs = client_tools + [t.spec() for t in config.server_tools.values() if t.name not in {c["name"] for c in client_tools}]
+        client_tools = [Tool(t["name"], t["description"], t["parameters"]) for t in flat_tools(body.tools)]
+        tools = client_tools + [t for t in config.server_tools.values() if t.name not in {c.name for c in client_tools}]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        glm = to_glm_messages(messages, specs)
-        if not specs and not any(m["role"] == "system" for m in glm):
-            glm.insert(0, {"role": "system", "content": INTERPRETER_SYSTEM})
-        params = chat_model.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                   repetition_penalty=body.repetition_penalty)
-        max_new = body.max_completion_tokens or body.max_tokens or config.max_tokens_limit
-        interp = None
-        steps, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        history = to_glm_messages(messages, [t.spec() for t in tools])
+        model = ScheduledModel(chat_model, scheduler, threading.Event(), body.max_completion_tokens or body.max_tokens
+                               or config.max_tokens_limit, seed=body.seed)
+        interp = config.code_interpreter() if config.code_interpreter is not None else None
+        agent = Agent(model, tools, max_steps=config.max_steps, interpreter=interp)
+        if tools or any(m["role"] == "system" for m in history):
+            agent.messages = history    # the request's own system message (to_glm_messages put the tools in it)
+        else:
+            agent.messages += history   # after the interpreter's system prompt
+        last = history[-1]["content"] if history and history[-1]["role"] == "user" else None
+        script = _script_ids(chat_model, config.scripted_replies.get(last)) if isinstance(last, str) else None
+        gen = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                   repetition_penalty=body.repetition_penalty)
         try:
-            for step in range(config.max_steps + 1):
-                prompt = chat_model.encode_chat(glm)
-                last = glm[-1]["content"] if glm[-1]["role"] == "user" else None
-                script = _script_ids(chat_model, config.scripted_replies.get(last)) if isinstance(last, str) else None
-                handle = scheduler.submit(SeqRequest(prompt, SamplingParams(
-                    params.temperature, params.top_p, params.top_k, params.repetition_penalty, body.seed),
-                    max_new, chat_model.format.stop_ids, forced=script))
-                st = ChoiceStream(chat_model.tokenizer, chat_model.format.reply_parser(), None,
-                                  {t["name"]: t for t in specs}, False, code_segments=config.code_interpreter is not None)
-                async for ev in events(handle):
-                    st.feed(ev)
-                usage["prompt_tokens"] += len(prompt)
-                usage["completion_tokens"] += st.completion_tokens
-                calls = [c for c in st.tool_calls if c["function"]["name"] in config.server_tools]
-                if st.content:
-                    glm.append({"role": "assistant", "content": st.content})
-                if st.code and step < config.max_steps:
-                    code = extract_code(st.code[0])
-                    glm.append({"role": "assistant", "metadata": "interpreter", "content": st.code[0]})
-                    if interp is None:
-                        interp = config.code_interpreter()
-                        interp.start()
-                    cell = await asyncio.to_thread(interp.run, code)
-                    glm.append({"role": "observation", "content": cell.observation()})
-                    steps.append({"type": "code", "code": code, "ok": not cell.error, "output": cell.text,
-                                  "images": [base64.b64encode(i).decode() for i in cell.images]})
-                    continue
-                if calls and len(calls) == len(st.tool_calls) and step < config.max_steps:
-                    call = calls[0]
-                    name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
-                    raw = next(t for n, t in st.raw_calls if n == name)
-                    glm.append({"role": "assistant", "metadata": name, "content": raw})
-                    result = await asyncio.to_thread(run_tool, config.server_tools[name], args)
-                    glm.append({"role": "observation", "content": result.observation})
-                    steps.append({"type": "tool", "name": name, "arguments": args, "ok": result.ok,
-                                  "observation": result.observation})
-                    continue
-                break
+            evs = await asyncio.to_thread(lambda: list(agent.run(None, script=[script] if script else None, **gen)))
         finally:
             if interp is not None:
                 interp.close(final=True)
-        msg = {"role": "assistant", "content": st.content if (st.content or not st.tool_calls) else None}
-        finish = st.finish_reason
-        if st.tool_calls and not calls:
-            msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in st.tool_calls]
-        elif step >= config.max_steps and (calls or st.code):
-            finish = "length"
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        steps, content, finish, call = [], "", model.finish_reason, None
+        for ev in evs:
+            if ev.kind == "text":
+                content += ev.text
+            elif ev.kind in ("code", "tool_call") or ev.kind == "error" and ev.name:   # a step begins
+                content, call = "", ev          # the answer is the text of the last generation
+            elif ev.kind == "tool_result" and ev.name == "interpreter":
+                cell = ev.result.value
+                steps.append({"type": "code", "code": call.text, "ok": ev.result.ok, "output": cell.text,
+                              "images": [base64.b64encode(i).decode() for i in cell.images]})
+            elif ev.kind == "tool_result":
+                steps.append({"type": "tool", "name": ev.name, "arguments": call.arguments,
+                              "ok": ev.result.ok, "observation": ev.result.observation})
+            elif ev.kind == "error" and "max_steps" in ev.text:
+                finish = "length"
+        msg = {"role": "assistant", "content": content}
+        if agent.pending is not None:
+            msg["content"] = content or None
+            msg["tool_calls"] = [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": {
+                "name": agent.pending.name, "arguments": json.dumps(agent.pending.arguments, ensure_ascii=False)}}]
+            finish = "tool_calls"
+        usage = {"prompt_tokens": model.prompt_tokens, "completion_tokens": model.completion_tokens,
+                 "total_tokens": model.prompt_tokens + model.completion_tokens}
         return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
                 "model": model_id, "choices": [{"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}],
                 "usage": usage, "glmkit_steps": steps}

@@ -18,21 +18,27 @@ class Cancelled(Exception):
 
 
 class ScheduledModel:
-    def __init__(self, chat_model, scheduler, cancel: threading.Event, max_new_tokens: int):
+    def __init__(self, chat_model, scheduler, cancel: threading.Event, max_new_tokens: int, seed: int | None = None):
         self.chat_model = chat_model
         self.format = chat_model.format
         self.scheduler = scheduler
         self.cancel = cancel
         self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        # totals over every generation of a run (API usage), and how the last one ended
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
 
     def reply(self, messages: list[dict], reply: Reply | None = None, forced: list[int] | None = None,
               max_new_tokens: int | None = None, **sampling):
         reply = reply if reply is not None else Reply()
         prompt = self.chat_model.encode_chat(messages)
         reply.prompt_tokens = len(prompt)
-        handle = self.scheduler.submit(SeqRequest(prompt, self.chat_model.params(**sampling),
-                                                  max_new_tokens or self.max_new_tokens, self.format.stop_ids,
-                                                  forced=forced))
+        params = self.chat_model.params(**sampling)
+        params.seed = self.seed
+        handle = self.scheduler.submit(SeqRequest(prompt, params, max_new_tokens or self.max_new_tokens,
+                                                  self.format.stop_ids, forced=forced))
+        self.prompt_tokens += len(prompt)
         parser = self.format.reply_parser()
         try:
             while True:
@@ -43,11 +49,12 @@ class ScheduledModel:
                 except queue.Empty:
                     continue
                 reply.completion_tokens += 1
+                self.completion_tokens += 1
                 reply.token_ids.append(ev.token)
                 if ev.finish != "stop":          # the stop token itself is never text
                     yield from parser.feed(ev.token)
                 if ev.finish:
-                    reply.finish_reason = ev.finish
+                    reply.finish_reason = self.finish_reason = ev.finish
                     break
         finally:
             handle.cancel()                      # no-op once finished; frees the slot otherwise
