@@ -63,3 +63,18 @@ def test_conversation_lifecycle_and_owners(base):
     assert md.startswith("# Renamed") and "你好" in md
     assert httpx.delete(base + f"/api/conversations/{c['id']}", headers=H("alice")).status_code == 200
     assert httpx.get(base + "/api/conversations", headers=H("alice")).json() == []
+
+
+def test_a_server_restart_keeps_conversations_and_files(tmp_path):
+    args = ("--model", str(TINY), "--data-dir", str(tmp_path), "--no-embeddings", "--code")
+    with running_server(*args) as (url, _):
+        cid = httpx.post(url + "/api/conversations", json={"mode": "code", "settings": {"top_k": 3}}).json()["id"]
+        httpx.put(f"{url}/api/conversations/{cid}/files/notes.txt", content="keep me".encode())
+        sse(httpx.post(f"{url}/api/conversations/{cid}/messages",
+                       json={"content": "你好", "settings": {"temperature": 0, "max_new_tokens": 4}}, timeout=60))
+        before = httpx.get(f"{url}/api/conversations/{cid}").json()
+    with running_server(*args) as (url, _):
+        after = httpx.get(f"{url}/api/conversations/{cid}").json()
+        assert after == before and [m["role"] for m in after["messages"]][:2] == ["user", "assistant"]
+        assert after["settings"] == {"top_k": 3} and after["mode"] == "code"
+        assert httpx.get(f"{url}/api/conversations/{cid}/files/notes.txt").text == "keep me"

@@ -79,6 +79,7 @@ def test_markdown_math_code_highlighting_and_no_injected_html(page):
     assert answer.locator("math[display=block]").count() == 1
     assert answer.locator("strong").text_content() == "Python"
     assert answer.locator("pre code.hljs .hljs-keyword").count() >= 1  # highlighted
+    assert answer.locator("pre button.copy").count() == 1
     assert "$$" not in answer.text_content()
     # the model's HTML is inert: no handler ran, no script element made it into the page
     assert page.evaluate("window.pwned") is None

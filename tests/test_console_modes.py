@@ -145,3 +145,19 @@ def test_settings_are_kept_with_the_conversation_and_validated(base):
     assert httpx.patch(f"{base}/api/conversations/{cid}", json={"mode": "code"}).json()["mode"] == "code"
     say(base, cid, "use x")
     assert httpx.patch(f"{base}/api/conversations/{cid}", json={"mode": "chat"}).status_code == 400
+
+
+def test_edit_and_resend_replaces_the_rest_of_the_conversation(base):
+    cid = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    say(base, cid, "First question")
+    say(base, cid, "Second question")
+    first = messages(base, cid)[0]
+    r = httpx.post(f"{base}/api/conversations/{cid}/messages", timeout=120,
+                   json={"content": "Edited question", "edit_seq": first["seq"], "settings": {"max_new_tokens": 8}})
+    assert sse(r)[-1]["type"] == "done"
+    stored = messages(base, cid)
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[0]["content"] == "Edited question"
+    # editing something that is not a user message is refused, and nothing is lost
+    bad = httpx.post(f"{base}/api/conversations/{cid}/messages",
+                     json={"content": "x", "edit_seq": stored[1]["seq"]})
+    assert bad.status_code == 400 and messages(base, cid) == stored

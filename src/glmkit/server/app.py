@@ -59,6 +59,14 @@ class ServerConfig:
         self.max_steps = max_steps
         self.data_dir = data_dir      # the web console's conversation store; None: no console
 
+    def script_for(self, chat_model, last_user) -> list[int] | None:
+        """TESTING ONLY: the forced token ids for a scripted user message, else None."""
+        text = self.scripted_replies.get(last_user) if isinstance(last_user, str) else None
+        if text is None:
+            return None
+        from ..chat.scripted import scripted_reply_ids
+        return scripted_reply_ids(chat_model.tokenizer, text, chat_model.config.family == "chatglm")
+
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
     config = config or ServerConfig()
@@ -183,7 +191,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         prefix = chat_model.tokenizer.encode(f"{forced}\n") if forced else []
         top = body.top_logprobs if body.logprobs else None
         last_user = messages[-1].get("content") if messages[-1]["role"] == "user" else None
-        script = _script_ids(chat_model, config.scripted_replies.get(last_user)) if isinstance(last_user, str) else None
+        script = config.script_for(chat_model, last_user)
         return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
                                logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
 
@@ -218,7 +226,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         else:
             agent.messages += history   # after the interpreter's system prompt
         last = history[-1]["content"] if history and history[-1]["role"] == "user" else None
-        script = _script_ids(chat_model, config.scripted_replies.get(last)) if isinstance(last, str) else None
+        script = config.script_for(chat_model, last)
         gen = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                    repetition_penalty=body.repetition_penalty)
         try:
@@ -417,13 +425,6 @@ def _completion_logprobs(entries: list[dict] | None):
         return None
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
-
-
-def _script_ids(chat_model, text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    from ..chat.scripted import scripted_reply_ids
-    return scripted_reply_ids(chat_model.tokenizer, text, chat_model.config.family == "chatglm")
 
 
 def _authorized(request: Request, keys: list[str]) -> bool:

@@ -213,14 +213,10 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                       "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
                       "tools": list(config.server_tools.values()) if mode == "tool" else (),
                       "interpreter": workspaces.kernel(cid) if mode == "code" else None}
-        last_user = history[-1]["content"] if history and history[-1]["role"] == "user" else None
-        script = config.scripted_replies.get(last_user) if last_user else None
-        if script is not None:
-            from ..chat.scripted import scripted_reply_ids
-            script = [scripted_reply_ids(chat_model.tokenizer, script, chat_model.config.family == "chatglm")]
+        script = config.script_for(chat_model, history[-1]["content"] if history[-1]["role"] == "user" else None)
         turn = Turn(store, who, cid, agent_args, history,
                     {"chat_model": chat_model, "scheduler": scheduler, "max_new_tokens": max_new},
-                    dict(gen, max_new_tokens=max_new), script)
+                    dict(gen, max_new_tokens=max_new), [script] if script else None)
         active[cid] = turn
         turn.start(on_finish=lambda: active.pop(cid, None))
 

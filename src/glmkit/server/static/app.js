@@ -59,8 +59,14 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
 });
 
-function highlight(el) {
-  el.querySelectorAll("pre code").forEach((c) => { if (!c.dataset.highlighted) hljs.highlightElement(c); });
+function highlight(root) {
+  root.querySelectorAll("pre code").forEach((c) => {
+    if (c.dataset.highlighted) return;
+    hljs.highlightElement(c);
+    const b = el("button", "copy"); b.textContent = "copy"; b.type = "button";
+    b.onclick = () => navigator.clipboard?.writeText(c.textContent).then(() => { b.textContent = "copied"; });
+    c.parentElement.appendChild(b);
+  });
 }
 
 function el(tag, cls, html) {
