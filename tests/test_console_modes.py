@@ -161,3 +161,41 @@ def test_edit_and_resend_replaces_the_rest_of_the_conversation(base):
     bad = httpx.post(f"{base}/api/conversations/{cid}/messages",
                      json={"content": "x", "edit_seq": stored[1]["seq"]})
     assert bad.status_code == 400 and messages(base, cid) == stored
+
+
+GLM3_SCRIPTS = {
+    "算一下": 'calculator\n ```python\ntool_call(expression="6 * 7")\n```',
+    "画个图": "interpreter\n```python\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\nprint('画好了')\n```",
+}
+
+
+@pytest.fixture(scope="module")
+def glm3(tmp_path_factory):
+    from conftest import TINY_32K
+    data = tmp_path_factory.mktemp("glm3")
+    (data / "scripts.json").write_text(json.dumps(GLM3_SCRIPTS, ensure_ascii=False))
+    with running_server("--model", str(TINY_32K), "--dtype", "float32", "--data-dir", str(data / "store"),
+                        "--no-embeddings", "--tools", "builtin", "--code", "--max-steps", "1",
+                        "--scripted-replies", str(data / "scripts.json")) as (url, _):
+        yield url
+
+
+def test_chatglm3_protocol_in_the_console(glm3):
+    """ChatGLM3 writes calls as metadata segments: they are stored as such (so the next prompt is
+    the model's own format) and never shown as answer text."""
+    tool = httpx.post(glm3 + "/api/conversations", json={"mode": "tool"}).json()["id"]
+    events = say(glm3, tool, "算一下")
+    assert next(e for e in events if e["type"] == "tool_call")["arguments"] == {"expression": "6 * 7"}
+    assert "tool_call(" not in "".join(e.get("text", "") for e in events)
+    stored = messages(glm3, tool)
+    assert (stored[1]["role"], stored[1]["metadata"]) == ("assistant", "calculator")
+    assert stored[2]["role"] == "observation" and json.loads(stored[2]["content"])["result"] == 42
+
+    code = httpx.post(glm3 + "/api/conversations", json={"mode": "code"}).json()["id"]
+    events = say(glm3, code, "画个图")
+    cell = next(e for e in events if e["type"] == "code")
+    assert cell["code"].startswith("import matplotlib") and not cell["shown"]   # the page draws it
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["output"] == "画好了\n" and len(result["images"]) == 1
+    stored = messages(glm3, code)
+    assert (stored[1]["metadata"], stored[2]["content"]) == ("interpreter", "```result\n画好了\n[Image]\n```")
