@@ -78,3 +78,10 @@ def test_a_server_restart_keeps_conversations_and_files(tmp_path):
         assert after == before and [m["role"] for m in after["messages"]][:2] == ["user", "assistant"]
         assert after["settings"] == {"top_k": 3} and after["mode"] == "code"
         assert httpx.get(f"{url}/api/conversations/{cid}/files/notes.txt").text == "keep me"
+
+
+def test_x_api_key_clients_are_their_own_owner(base):
+    c = httpx.post(base + "/api/conversations", json={"title": "via X-API-Key"}, headers={"X-API-Key": "alice"}).json()
+    assert c["id"] in [x["id"] for x in httpx.get(base + "/api/conversations", headers=H("alice")).json()]
+    assert c["id"] not in [x["id"] for x in httpx.get(base + "/api/conversations", headers={"X-API-Key": "bob"}).json()]
+    httpx.delete(f"{base}/api/conversations/{c['id']}", headers=H("alice"))

@@ -21,7 +21,7 @@ def page(tmp_path_factory):
     with running_server("--data-dir", str(data), "--no-embeddings", "--threads", "2") as (url, _):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            pg = browser.new_page(viewport={"width": 1280, "height": 760})
+            pg = browser.new_page(viewport={"width": 1280, "height": 760}, bypass_csp=True)  # for wait_for_function
             pg.goto(url)
             yield pg
             browser.close()

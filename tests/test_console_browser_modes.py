@@ -23,8 +23,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 SCRIPTS = {
     "Show me some maths": "Euler's identity is $e^{i\\pi} + 1 = 0$, and\n$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$\n"
-                          "In **Python**:\n```python\nimport math\nprint(math.e ** (1j * math.pi) + 1)\n```\n"
-                          "<img src=x onerror=\"window.pwned = 1\"><script>window.pwned = 2</script>",
+                          "In **Python**:\n```python\nimport math\nprint(math.e ** (1j * math.pi) + 1)\n```",
+    "Try to inject": "<img src=x onerror=\"window.pwned = 1\"><script>window.pwned = 2</script>"
+                          "<div style=\"background:url(http://198.51.100.7/leak)\">styled</div>"
+                          "<video poster=\"http://198.51.100.7/poster\"></video> @@MATH9@@ MATHx9x",
     "Plot the sales file": "Reading the file and plotting it.\n```python\nimport matplotlib.pyplot as plt\n"
                            "rows = [l.split(',') for l in open('/mnt/data/sales.csv').read().split()]\n"
                            "total = sum(int(n) for _, n in rows)\nprint('total sales:', total)\n"
@@ -54,15 +56,21 @@ def url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(browser, url):
-    pg = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    # Playwright's wait_for_function evaluates strings, which the console's Content-Security-Policy
+    # forbids; the policy itself is checked without this bypass in test_content_security_policy
+    pg = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True, bypass_csp=True)
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    requests = []
+    pg.on("request", lambda r: requests.append(r.url))
     pg.goto(url)
     pg.wait_for_selector("#mode-code")
     pg.fill("#max_new_tokens", "160")
     pg.fill("#temperature", "0")
     yield pg
     assert not errors, errors
+    # nothing a reply contained made the browser fetch anything from anywhere else
+    assert all(u.startswith((url + "/", "data:", "blob:")) for u in requests), requests
 
 
 def ask(pg, text):
@@ -81,11 +89,31 @@ def test_markdown_math_code_highlighting_and_no_injected_html(page):
     assert answer.locator("pre code.hljs .hljs-keyword").count() >= 1  # highlighted
     assert answer.locator("pre button.copy").count() == 1
     assert "$$" not in answer.text_content()
+    shot(page, "chat")
+    ask(page, "Try to inject")
+    answer = page.locator(".msg.assistant").nth(1)
     # the model's HTML is inert: no handler ran, no script element made it into the page
     assert page.evaluate("window.pwned") is None
     assert answer.locator("script").count() == 0 and answer.locator("img[onerror]").count() == 0
     assert answer.locator("img").count() == 0         # nor does it make the browser fetch anything
-    shot(page, "chat")
+    assert answer.locator("[style], video").count() == 0
+    assert "@@MATH9@@ MATHx9x" in answer.text_content()  # text that looks like a placeholder is just text
+
+
+def test_content_security_policy(browser, url):
+    """Defence in depth behind the sanitizer: even markup that got through could not fetch."""
+    pg = browser.new_page()
+    pg.goto(url)
+    pg.wait_for_selector("#mode-chat")          # the page itself runs under the policy
+    blocked = pg.evaluate("""() => new Promise((done) => {
+        document.addEventListener("securitypolicyviolation", (e) => done(e.effectiveDirective));
+        const i = document.createElement("img");
+        i.src = "http://198.51.100.7/leak.png";
+        document.body.appendChild(i);
+        setTimeout(() => done(null), 5000);
+    })""")
+    assert blocked == "img-src"
+    pg.close()
 
 
 def test_code_interpreter_upload_run_print_plot_download(page, tmp_path):
@@ -161,7 +189,7 @@ def test_settings_are_kept_per_conversation_and_clear(page):
 def test_login_and_each_key_sees_its_own_conversations(browser, tmp_path):
     with running_server("--data-dir", str(tmp_path), "--no-embeddings", "--api-key", "alice-key",
                         "--api-key", "bob-key") as (base, _):
-        pg = browser.new_page()
+        pg = browser.new_page(bypass_csp=True)
         pg.goto(base)
         pg.wait_for_selector("#login[open]")                          # no key yet: asked for one
         shot(pg, "login")

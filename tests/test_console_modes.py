@@ -18,6 +18,7 @@ SCRIPTS = {
     "plot the data": PLOT,
     "use x": "```python\nprint(x + 1)\n```",
     "crash": "```python\n1 / 0\n```",
+    "sleep": "```python\nimport time\ntime.sleep(120)\n```",
     "escape": "```python\nimport os\nos.symlink('/etc/passwd', '/mnt/data/pw')\nprint('linked')\n```",
     "multiply": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>',
     "bad tool": '<tool_call>\n{"name": "calculator", "arguments": {"expression": 7}}\n</tool_call>',
@@ -122,6 +123,8 @@ def test_stop_mid_answer_keeps_the_text_and_frees_the_conversation(base):
                 ev = json.loads(line[6:])
                 shown += ev.get("text", "")
                 if len(shown) > 20:
+                    # still answering: it cannot be deleted under the running turn
+                    assert httpx.delete(f"{base}/api/conversations/{cid}").status_code == 409
                     break        # the browser's Stop: the connection closes mid-stream
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -199,3 +202,19 @@ def test_chatglm3_protocol_in_the_console(glm3):
     assert result["output"] == "画好了\n" and len(result["images"]) == 1
     stored = messages(glm3, code)
     assert (stored[1]["metadata"], stored[2]["content"]) == ("interpreter", "```result\n画好了\n[Image]\n```")
+
+
+def test_stop_interrupts_a_running_cell(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    with httpx.stream("POST", f"{base}/api/conversations/{cid}/messages", timeout=60,
+                      json={"content": "sleep", "settings": {"temperature": 0, "max_new_tokens": 160}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "code":
+                time.sleep(1)    # the cell is sleeping in the kernel now
+                break            # Stop
+    t0 = time.time()
+    while httpx.post(f"{base}/api/conversations/{cid}/messages", json={"content": "x"}).status_code == 409:
+        assert time.time() - t0 < 15, "the cell was left to run out its time limit"
+        time.sleep(0.2)
+    observation = next(m for m in messages(base, cid) if m["role"] == "observation")
+    assert not observation["extras"]["ok"] and "restarted" in observation["extras"]["output"]

@@ -26,10 +26,13 @@ def call_text(name, args) -> str:
     ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', ("rm_rf", None, "no tool named")),
     ('<tool_call>{"name": "calculator", "arguments": [1]}</tool_call>', ("calculator", None, "JSON object")),
     ('<tool_call>["calculator"]</tool_call>', ("?", None, "JSON object")),
+    ("<tool_call>" + "[" * 100_000 + "</tool_call>", ("?", None, "longer than")),
+    ("<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>", ("?", None, "nested too deeply")),
+    ('<tool_call>{"name": "interpreter", "arguments": {}}</tool_call>', ("interpreter", None, "no tool named")),
     ("Just an answer.", None),
 ])
 def test_tagged_calls_are_parsed_as_data(text, expect):
-    call = TaggedProtocol().find_call([{"role": "assistant", "content": text}], {"calculator"})
+    call = TaggedProtocol().find_call([{"role": "assistant", "content": text}], {"calculator", "interpreter"})
     if expect is None:
         assert call is None
         return

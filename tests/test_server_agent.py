@@ -14,6 +14,7 @@ from server_helpers import running_server
 SCRIPT = {
     "算一下": 'calculator\n ```python\ntool_call(expression="6 * 7")\n```',
     "写代码": "interpreter\n```python\nprint(sum(range(1, 101)))\n```",
+    "坏代码": "interpreter\n```python\nprint(1)",        # the fence never closes
     "巴黎天气": 'get_weather\n ```python\ntool_call(city="Paris")\n```',
 }
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -69,3 +70,11 @@ def test_a_client_tool_is_returned_not_run(base):
     assert choice["finish_reason"] == "tool_calls" and r.json()["glmkit_steps"] == []
     [call] = choice["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+@pytest.mark.skipif(sandbox_available() is not None, reason="no sandbox")
+def test_a_refused_code_segment_is_a_failed_step_not_a_500(base):
+    r = chat(base, "坏代码")
+    assert r.status_code == 200, r.text
+    step = r.json()["glmkit_steps"][0]
+    assert step["type"] == "code" and not step["ok"] and "unterminated" in step["output"]

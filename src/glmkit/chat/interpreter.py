@@ -158,6 +158,7 @@ class Interpreter:
         self.limits = limits or Limits()
         self.unsafe = unsafe
         self._proc: subprocess.Popen | None = None
+        self._busy = False
         self._reply = None
         self._cap = None
         reason = sandbox_available()
@@ -224,7 +225,25 @@ class Interpreter:
         self.start()
 
     # -- cells -----------------------------------------------------------------------------
+    def interrupt(self) -> bool:
+        """Stop the cell that is running (from another thread): its kernel is killed, so run()
+        reports a restarted kernel.  An idle kernel is left alone.  True if a cell was stopped."""
+        proc = self._proc
+        if not self._busy or proc is None:
+            return False
+        proc.kill()
+        if self._cap is not None:
+            self._cap.kill_all()
+        return True
+
     def run(self, code: str) -> CellResult:
+        self._busy = True
+        try:
+            return self._run(code)
+        finally:
+            self._busy = False
+
+    def _run(self, code: str) -> CellResult:
         if self._proc is None or self._proc.poll() is not None:
             self.restart()
         try:

@@ -90,7 +90,8 @@ class TaggedProtocol:
 
     def find_call(self, segments: list[dict], runnable: set[str]) -> Call | None:
         text = "".join(s["content"] for s in segments)
-        tag = _TAGGED_CALL.search(text) if len(runnable - {INTERPRETER}) else None
+        tools = runnable - {INTERPRETER}      # code comes only as a ```python block, never as a tag
+        tag = _TAGGED_CALL.search(text) if tools else None
         fence = _PYTHON_FENCE.search(text) if INTERPRETER in runnable else None
         if fence and (tag is None or fence.start() < tag.start()):
             return Call(INTERPRETER, code=fence.group(1).strip())
@@ -103,15 +104,17 @@ class TaggedProtocol:
             call = json.loads(body)
         except json.JSONDecodeError as e:
             return Call("?", error=f"tool call is not valid JSON ({e.msg})")
+        except RecursionError:
+            return Call("?", error="tool call is nested too deeply")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return Call("?", error='a tool call must be a JSON object {"name": ..., "arguments": {...}}')
         name, args = call["name"], call.get("arguments", {})
         if isinstance(args, str):      # some models send arguments as a JSON string, as OpenAI does
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 return Call(name, error="arguments must be a JSON object")
-        if name not in runnable:
+        if name not in tools:
             return Call(name, error=f"there is no tool named {name!r}")
         if not isinstance(args, dict):
             return Call(name, error="arguments must be a JSON object")

@@ -219,8 +219,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         history = to_glm_messages(messages, [t.spec() for t in tools])
         model = ScheduledModel(chat_model, scheduler, threading.Event(), body.max_completion_tokens or body.max_tokens
                                or config.max_tokens_limit, seed=body.seed)
-        interp = config.code_interpreter() if config.code_interpreter is not None else None
-        agent = Agent(model, tools, max_steps=config.max_steps, interpreter=interp)
+        kernel = _RequestKernel(config.code_interpreter) if config.code_interpreter is not None else None
+        agent = Agent(model, tools, max_steps=config.max_steps, interpreter=kernel)
         if tools or any(m["role"] == "system" for m in history):
             agent.messages = history    # the request's own system message (to_glm_messages put the tools in it)
         else:
@@ -229,21 +229,31 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         script = config.script_for(chat_model, last)
         gen = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                    repetition_penalty=body.repetition_penalty)
+
+        def work():
+            try:
+                return list(agent.run(None, script=[script] if script else None, **gen))
+            finally:
+                if kernel is not None:
+                    kernel.close()
         try:
-            evs = await asyncio.to_thread(lambda: list(agent.run(None, script=[script] if script else None, **gen)))
-        finally:
-            if interp is not None:
-                interp.close(final=True)
-        steps, content, finish, call = [], "", model.finish_reason, None
+            evs = await asyncio.to_thread(work)
+        except asyncio.CancelledError:    # the client went away: stop generating and running code
+            model.cancel.set()
+            if kernel is not None:
+                kernel.interrupt()
+            raise
+        steps, content, finish, call, before_call = [], "", model.finish_reason, None, ""
         for ev in evs:
             if ev.kind == "text":
                 content += ev.text
             elif ev.kind in ("code", "tool_call") or ev.kind == "error" and ev.name:   # a step begins
-                content, call = "", ev          # the answer is the text of the last generation
+                before_call, content, call = content, "", ev   # the answer is the last generation's text
             elif ev.kind == "tool_result" and ev.name == "interpreter":
-                cell = ev.result.value
-                steps.append({"type": "code", "code": call.text, "ok": ev.result.ok, "output": cell.text,
-                              "images": [base64.b64encode(i).decode() for i in cell.images]})
+                cell = ev.result.value         # None when the code segment itself was refused
+                steps.append({"type": "code", "code": call.text if call.kind == "code" else None,
+                              "ok": ev.result.ok, "output": cell.text if cell else ev.result.observation,
+                              "images": [base64.b64encode(i).decode() for i in (cell.images if cell else [])]})
             elif ev.kind == "tool_result":
                 steps.append({"type": "tool", "name": ev.name, "arguments": call.arguments,
                               "ok": ev.result.ok, "observation": ev.result.observation})
@@ -251,7 +261,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 finish = "length"
         msg = {"role": "assistant", "content": content}
         if agent.pending is not None:
-            msg["content"] = content or None
+            msg["content"] = before_call or None      # what the model wrote before the call
             msg["tool_calls"] = [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": {
                 "name": agent.pending.name, "arguments": json.dumps(agent.pending.arguments, ensure_ascii=False)}}]
             finish = "tool_calls"
@@ -285,7 +295,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         from .console import add_console_routes
         from .store import Store
         app.state.store = Store(Path(config.data_dir) / "conversations.db")
-        add_console_routes(app, app.state.store, chat_model, scheduler, config, APIError)
+        add_console_routes(app, app.state.store, chat_model, scheduler, config, APIError, request_key)
 
     # -- shared completion path -------------------------------------------------------------
     async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
@@ -427,9 +437,37 @@ def _completion_logprobs(entries: list[dict] | None):
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
 
 
-def _authorized(request: Request, keys: list[str]) -> bool:
+class _RequestKernel:
+    """The interpreter for one glmkit_run_tools request: started on the first cell only (a
+    tools-only request never makes one), in the worker thread, and removed with its workspace."""
+
+    def __init__(self, factory):
+        self.factory, self.kernel = factory, None
+
+    def run(self, code: str):
+        if self.kernel is None:
+            self.kernel = self.factory(None)
+        return self.kernel.run(code)
+
+    def interrupt(self):
+        if self.kernel is not None:
+            self.kernel.interrupt()
+
+    def close(self):
+        if self.kernel is not None:
+            import shutil
+            self.kernel.close(final=True)
+            shutil.rmtree(self.kernel.workspace, ignore_errors=True)   # the factory's temporary directory
+
+
+def request_key(request: Request) -> str:
+    """The API key a request carries: `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
     auth = request.headers.get("authorization", "")
-    token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+
+
+def _authorized(request: Request, keys: list[str]) -> bool:
+    token = request_key(request)
     ok = False
     for k in keys:  # constant-time compare against every key
         ok |= hmac.compare_digest(token.encode(), k.encode())

@@ -7,8 +7,11 @@ stopped from the browser is stored as far as it was shown."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -44,7 +47,12 @@ class Send(BaseModel):
 SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "system")
 
 
-def add_console_routes(app, store: Store, chat_model, scheduler, config, APIError):
+CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src 'none'; frame-src 'none'; "
+       "base-uri 'none'; form-action 'none'; style-src 'self'")
+
+
+def add_console_routes(app, store: Store, chat_model, scheduler, config, APIError, request_key):
+    """`request_key(request)`: the API key a request carries (the same rule as authentication)."""
     defaults = dict(chat_model.default_sampling, max_new_tokens=1024, system="")
     workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
     app.state.workspaces = workspaces
@@ -55,8 +63,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
              "code": None if config.code_interpreter else "start the server with --code"}
 
     def owner(request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        return owner_of(auth[7:].strip() if auth.lower().startswith("bearer ") and config.api_keys else None)
+        return owner_of(request_key(request) if config.api_keys else None)
 
     def conv_or_404(request, cid):
         try:
@@ -72,7 +79,9 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
 
     @app.get("/", include_in_schema=False)
     def index():
-        return FileResponse(STATIC / "index.html")
+        # the page loads only its own files, and nothing that a reply contains can make the
+        # browser fetch from elsewhere (images only inline; no media, frames or plugins)
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP})
 
     @app.get("/static/{name:path}", include_in_schema=False)
     def static(name: str):
@@ -120,6 +129,8 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     @app.delete("/api/conversations/{cid}")
     def delete_conversation(cid: str, request: Request):
         conv_or_404(request, cid)
+        if cid in active:
+            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
         store.delete(owner(request), cid)
         workspaces.remove(cid)
         return {"deleted": cid}
@@ -159,7 +170,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
             if len(data) > config.max_upload_bytes:
                 raise APIError(413, f"the file is larger than {config.max_upload_bytes} bytes", code="body_too_large")
         try:
-            return workspaces.save(cid, name, bytes(data))
+            return await asyncio.to_thread(workspaces.save, cid, name, bytes(data))
         except GlmkitError as e:
             raise APIError(400, str(e), param="name") from None
 
@@ -167,10 +178,17 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     def download(cid: str, name: str, request: Request):
         conv_or_404(request, cid)
         try:
-            path = workspaces.resolve(cid, name)
+            fd, size = workspaces.open(cid, name)
         except (FileNotFoundError, GlmkitError):
             raise APIError(404, f"no file {name!r} in this conversation's workspace", code="not_found") from None
-        return FileResponse(path, filename=path.name)
+
+        def chunks():   # from the descriptor that was checked, never the path again
+            with os.fdopen(fd, "rb") as f:
+                while block := f.read(1 << 16):
+                    yield block
+        filename = quote(name.rsplit("/", 1)[-1])
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+            "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
 
     # -- answering ---------------------------------------------------------------------------
     @app.post("/api/conversations/{cid}/messages")
@@ -212,13 +230,18 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         agent_args = {"max_steps": config.max_steps,
                       "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
                       "tools": list(config.server_tools.values()) if mode == "tool" else (),
-                      "interpreter": workspaces.kernel(cid) if mode == "code" else None}
+                      "interpreter": workspaces.acquire(cid) if mode == "code" else None}
         script = config.script_for(chat_model, history[-1]["content"] if history[-1]["role"] == "user" else None)
         turn = Turn(store, who, cid, agent_args, history,
                     {"chat_model": chat_model, "scheduler": scheduler, "max_new_tokens": max_new},
                     dict(gen, max_new_tokens=max_new), [script] if script else None)
         active[cid] = turn
-        turn.start(on_finish=lambda: active.pop(cid, None))
+
+        def finished():
+            active.pop(cid, None)
+            if mode == "code":
+                workspaces.release(cid)
+        turn.start(on_finish=finished)
 
         async def stream():
             try:
@@ -228,6 +251,6 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                     if ev["type"] == "done":
                         return
             finally:
-                turn.cancel.set()     # the browser pressed Stop or went away (no-op once done)
+                turn.stop()           # the browser pressed Stop or went away (no-op once done)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -43,6 +43,13 @@ class Turn:
                     on_finish()
         threading.Thread(target=run, name=f"glmkit-turn-{self.cid[:8]}", daemon=True).start()
 
+    def stop(self):
+        """The browser pressed Stop or went away: no further generation, and a running cell is
+        interrupted (its kernel restarts) rather than left to run out its time limit."""
+        self.cancel.set()
+        if self.agent.interpreter is not None:
+            self.agent.interpreter.interrupt()
+
     def _emit(self, ev: dict):
         self._loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
@@ -77,22 +84,24 @@ class Turn:
                 elif ev.kind == "error":
                     self._emit({"type": "error", "text": ev.text})
             self._sync()
-            self._emit({"type": "done"})
         except Cancelled:
             self._sync_partial()
         except GlmkitError as e:          # a prompt too long for the context, a full queue, ...
-            self._sync_partial()
             self._emit({"type": "error", "text": str(e)})
-            self._emit({"type": "done"})
+            self._sync_partial()
         except Exception as e:  # noqa: BLE001 - reported to the browser; the server stays up
             log.exception("console turn failed")
-            self._sync_partial()
             self._emit({"type": "error", "text": f"internal error: {type(e).__name__}: {e}"})
-            self._emit({"type": "done"})
+            self._sync_partial()
+        finally:
+            self._emit({"type": "done"})   # always: the browser's stream must end
 
     def _sync_partial(self):
         """Stopped or failed mid-reply: keep the complete messages and, marked, the text shown."""
-        self._sync()
-        if self._text:
-            self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True})
-            self._text = ""
+        try:
+            self._sync()
+            if self._text:
+                self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True})
+                self._text = ""
+        except Exception:  # noqa: BLE001 - e.g. the conversation was deleted meanwhile
+            log.exception("could not store the rest of a console turn")

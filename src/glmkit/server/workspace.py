@@ -1,15 +1,19 @@
 """Each code-interpreter conversation's files and its kernel.
 
 A conversation's workspace is a directory under the data dir; its sandboxed kernel sees it as
-/mnt/data.  The browser uploads into it and downloads what the code wrote.  The code runs as
-another user inside the sandbox and may leave symlinks there, so every path from a request is
-resolved and must stay inside the workspace, and only regular files are served."""
+/mnt/data.  The browser uploads into it and downloads what the code wrote.  Code in the sandbox
+can create, rename and symlink files there at any moment, as the server's own user on the host,
+so no path is trusted between a check and its use: uploads go to a fresh temporary file that is
+renamed into place (a rename replaces a symlink, it does not follow it), and downloads open each
+path component with O_NOFOLLOW and serve the descriptor that was checked."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import stat
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +21,8 @@ from pathlib import Path
 from ..errors import GlmkitError
 
 _NAME = re.compile(r"^[^/\\\x00-\x1f]{1,200}$")
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK   # NONBLOCK: a FIFO must not hang us
 
 
 class Workspaces:
@@ -25,6 +31,7 @@ class Workspaces:
         self.factory = interpreter_factory    # workspace path -> chat.interpreter.Interpreter
         self.max_kernels = max_kernels
         self._kernels: OrderedDict[str, object] = OrderedDict()
+        self._in_use: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def path(self, cid: str) -> Path:
@@ -42,58 +49,94 @@ class Workspaces:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 p = Path(dirpath) / name
-                if name.startswith(".") or p.is_symlink() or not p.is_file():
+                try:
+                    st = os.lstat(p)
+                except OSError:
                     continue
-                st = p.stat()
+                if name.startswith(".") or not stat.S_ISREG(st.st_mode):
+                    continue
                 out.append({"name": p.relative_to(base).as_posix(), "size": st.st_size, "modified": st.st_mtime})
         return out
 
     def save(self, cid: str, name: str, data: bytes) -> dict:
-        if not _NAME.match(name) or name in (".", "..") or name.startswith("."):
+        if not _NAME.match(name) or name.startswith("."):
             raise GlmkitError("a file name must be a plain name, without '/' and not starting with '.'")
         base = self.path(cid)
         base.mkdir(parents=True, exist_ok=True)
-        target = base / name
-        if target.is_symlink() or target.exists() and not target.is_file():
-            raise GlmkitError(f"{name} exists in the workspace and is not a regular file")
-        tmp = base / f".upload-{threading.get_ident()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".upload-")    # O_EXCL: never an existing path
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, base / name)
+        except IsADirectoryError:
+            raise GlmkitError(f"{name} is a directory in the workspace") from None
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         return {"name": name, "size": len(data)}
 
-    def resolve(self, cid: str, name: str) -> Path:
-        """A regular file inside the workspace, or GlmkitError (no symlinks, no '..' escapes)."""
-        base = self.path(cid).resolve()
-        target = (base / name)
-        real = Path(os.path.realpath(target))
-        if real != target.absolute() or base not in real.parents or not real.is_file():
+    def open(self, cid: str, name: str) -> tuple[int, int]:
+        """(descriptor, size) of a regular file inside the workspace, opened without following
+        any symlink on the way; FileNotFoundError otherwise.  The caller closes the descriptor."""
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts):
             raise FileNotFoundError(name)
-        return real
+        fd = os.open(self.path(cid), _OPEN_DIR)
+        try:
+            for part in parts[:-1]:
+                nxt = os.open(part, _OPEN_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            try:
+                f = os.open(parts[-1], _OPEN_FILE, dir_fd=fd)
+            except OSError:
+                raise FileNotFoundError(name) from None
+        except OSError:
+            raise FileNotFoundError(name) from None
+        finally:
+            os.close(fd)
+        st = os.fstat(f)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(f)
+            raise FileNotFoundError(name)
+        os.set_blocking(f, True)
+        return f, st.st_size
 
     def remove(self, cid: str) -> None:
         self.close_kernel(cid)
         shutil.rmtree(self.path(cid), ignore_errors=True)
 
     # -- kernels ---------------------------------------------------------------------------
-    def kernel(self, cid: str):
-        """The conversation's running kernel (variables persist between its turns); the least
-        recently used one is shut down when more than `max_kernels` are open."""
+    def acquire(self, cid: str):
+        """The conversation's kernel (variables persist between its turns), held until release().
+        At most `max_kernels` idle kernels stay up; the least recently used idle one is shut
+        down first, and a kernel in use is never shut down."""
         if self.factory is None:
             raise GlmkitError("this server does not run code (start it with --code)")
+        evicted = []
         with self._lock:
             k = self._kernels.pop(cid, None)
             if k is None:
                 self.path(cid).mkdir(parents=True, exist_ok=True)
                 k = self.factory(self.path(cid))
             self._kernels[cid] = k
-            while len(self._kernels) > self.max_kernels:
-                _, old = self._kernels.popitem(last=False)
-                old.close(final=True)
-            return k
+            self._in_use[cid] = self._in_use.get(cid, 0) + 1
+            idle = [c for c in self._kernels if not self._in_use.get(c)]
+            while len(self._kernels) > self.max_kernels and idle:
+                evicted.append(self._kernels.pop(idle.pop(0)))
+        for old in evicted:
+            old.close(final=True)
+        return k
+
+    def release(self, cid: str) -> None:
+        with self._lock:
+            self._in_use[cid] = self._in_use.get(cid, 1) - 1
+            if self._in_use[cid] <= 0:
+                del self._in_use[cid]
 
     def close_kernel(self, cid: str) -> None:
         with self._lock:
-            k = self._kernels.pop(cid, None)
+            k = None if self._in_use.get(cid) else self._kernels.pop(cid, None)
         if k is not None:
             k.close(final=True)
 

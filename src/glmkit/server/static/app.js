@@ -36,24 +36,30 @@ const MATH = /\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\$([^\s$](?:[^$\n]*?[^\s$\\]
 // Markdown -> sanitized HTML.  Math is cut out before Markdown sees it (so `_` and `*` inside
 // formulas survive), except inside code, and rendered by KaTeX afterwards.
 function markdown(text) {
-  const formulas = [];
+  const formulas = [], tag = "MATH" + Math.random().toString(36).slice(2);   // a placeholder no reply can spell
   const parts = text.split(/(```[\s\S]*?(?:```|$)|`[^`\n]*`)/g);
   const src = parts.map((p, i) => (i % 2 ? p : p.replace(MATH, (m, a, b, c, d) => {
     formulas.push({ tex: a ?? b ?? c ?? d, display: a !== undefined || b !== undefined });
-    return `@@MATH${formulas.length - 1}@@`;
+    return `${tag}x${formulas.length - 1}x`;
   }))).join("");
   let html = marked.parse(src, { gfm: true, breaks: true });
-  html = html.replace(/@@MATH(\d+)@@/g, (_, i) => {
+  html = html.replace(new RegExp(tag + "x(\\d+)x", "g"), (m, i) => {
     const f = formulas[+i];
+    if (!f) return m;
     try { return katex.renderToString(f.tex, { displayMode: f.display, output: "mathml", throwOnError: false }); }
     catch { return escapeHtml(f.tex); }
   });
-  return DOMPurify.sanitize(html, { USE_PROFILES: { html: true, mathMl: true } });
+  return DOMPurify.sanitize(html, SANITIZE);
 }
 
 // Model output must not make the browser fetch anything: an image URL in a reply could carry
 // conversation text to another server (prompt-injection exfiltration).  Only inline data images
 // stay; links open in a new tab without a referrer.
+const SANITIZE = {
+  USE_PROFILES: { html: true, mathMl: true },
+  FORBID_TAGS: ["style", "video", "audio", "source", "track", "picture", "input", "form", "iframe", "object", "embed", "link", "meta"],
+  FORBID_ATTR: ["style", "background", "poster", "srcset", "action", "formaction", "ping"],
+};
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "IMG" && !/^data:image\/(png|jpeg|gif|webp);/.test(node.getAttribute("src") || "")) node.remove();
   if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }

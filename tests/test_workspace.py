@@ -1,0 +1,82 @@
+"""Console workspaces: files that sandboxed code can also write.  The code runs as the server's
+own user on the host, so it may plant symlinks, FIFOs and renamed files at any moment; the
+server must neither follow them nor hang on them."""
+
+import os
+
+import pytest
+
+from glmkit.server.workspace import Workspaces
+
+CID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def ws(tmp_path):
+    w = Workspaces(tmp_path / "workspaces")
+    w.path(CID).mkdir(parents=True)
+    return w
+
+
+def read(ws, name):
+    fd, size = ws.open(CID, name)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(), size
+
+
+def test_upload_replaces_a_planted_symlink_instead_of_writing_through_it(ws, tmp_path):
+    secret = tmp_path / "server-file.txt"
+    secret.write_text("precious")
+    os.symlink(secret, ws.path(CID) / "data.csv")
+    ws.save(CID, "data.csv", b"a,1\n")
+    assert secret.read_text() == "precious"
+    assert not os.path.islink(ws.path(CID) / "data.csv") and read(ws, "data.csv") == (b"a,1\n", 4)
+    assert [f["name"] for f in ws.list(CID)] == ["data.csv"]       # no temporary file left behind
+
+
+def test_download_never_follows_symlinks_or_opens_fifos(ws, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("key")
+    base = ws.path(CID)
+    os.symlink(outside / "id_rsa", base / "out.csv")
+    os.symlink(outside, base / "linked_dir")
+    os.mkfifo(base / "pipe")
+    (base / "sub").mkdir()
+    (base / "sub" / "ok.txt").write_text("fine")
+    for name in ("out.csv", "linked_dir/id_rsa", "pipe", "../outside/id_rsa", "sub/../out.csv", "sub", ""):
+        with pytest.raises(FileNotFoundError):
+            ws.open(CID, name)
+    assert read(ws, "sub/ok.txt") == (b"fine", 4)
+    assert [f["name"] for f in ws.list(CID)] == ["sub/ok.txt"]
+
+
+@pytest.mark.parametrize("name", [".hidden", "a/b", "..", "x" * 201, "bad\nname"])
+def test_upload_names_are_plain(ws, name):
+    from glmkit.errors import GlmkitError
+    with pytest.raises(GlmkitError):
+        ws.save(CID, name, b"x")
+
+
+def test_kernels_in_use_are_never_evicted(tmp_path):
+    closed = []
+
+    class FakeKernel:
+        def __init__(self, path):
+            self.path = path
+
+        def close(self, final=False):
+            closed.append(self.path.name)
+
+    w = Workspaces(tmp_path, FakeKernel, max_kernels=2)
+    cids = [f"{i:032x}" for i in range(4)]
+    busy = w.acquire(cids[0])                   # a long cell is running here
+    for c in cids[1:]:                           # three more conversations each run a cell
+        w.acquire(c)
+        w.release(c)
+    # at most 2 stay up: the idle ones go, oldest first; the busy one stays although oldest
+    assert closed == [cids[1], cids[2]] and list(w._kernels) == [cids[0], cids[3]]
+    w.close_kernel(cids[0])                      # in use: stays
+    assert cids[0] not in closed
+    w.release(cids[0])
+    assert w.acquire(cids[0]) is busy            # same kernel, variables kept
