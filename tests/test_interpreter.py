@@ -124,6 +124,20 @@ def test_kernel_outlives_the_thread_that_started_it(tmp_path):
         it.close(final=True)
 
 
+def test_interrupt_stops_only_a_running_cell(tmp_path):
+    import threading
+    with Interpreter(tmp_path, Limits(wall_seconds=60)) as it:
+        it.run("x = 1")
+        assert it.interrupt() is False                     # idle: nothing to stop, variables kept
+        assert it.run("print(x)").text == "1\n"
+        t = threading.Timer(1.0, it.interrupt)
+        t.start()
+        t0 = time.monotonic()
+        r = it.run("import time\ntime.sleep(50)")
+        assert time.monotonic() - t0 < 15 and r.error and r.restarted and r.text.startswith("Stopped")
+        assert it.run("print(2)").text == "2\n"            # a fresh kernel, ready for the next cell
+
+
 def test_refuses_without_sandbox_unless_unsafe(monkeypatch, tmp_path):
     import glmkit.chat.interpreter as interp
     monkeypatch.setattr(interp, "sandbox_available", lambda: "bubblewrap is not installed")

@@ -76,7 +76,25 @@ def test_kernels_in_use_are_never_evicted(tmp_path):
         w.release(c)
     # at most 2 stay up: the idle ones go, oldest first; the busy one stays although oldest
     assert closed == [cids[1], cids[2]] and list(w._kernels) == [cids[0], cids[3]]
-    w.close_kernel(cids[0])                      # in use: stays
-    assert cids[0] not in closed
     w.release(cids[0])
     assert w.acquire(cids[0]) is busy            # same kernel, variables kept
+    w.close_kernel(cids[0])                      # e.g. the conversation is deleted: not under the turn...
+    assert cids[0] not in closed
+    w.release(cids[0])                           # ...but as soon as the turn lets go
+    assert closed[-1] == cids[0] and w.acquire(cids[0]) is not busy
+
+
+def test_listing_is_bounded_and_errors_are_plain(ws):
+    from glmkit.errors import GlmkitError
+    deep = ws.path(CID)
+    for i in range(40):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("x")
+    (ws.path(CID) / "top.txt").write_text("y")
+    assert [f["name"] for f in ws.list(CID)] == ["top.txt"]         # below max_depth is not walked
+    (ws.path(CID) / "adir").mkdir()
+    with pytest.raises(GlmkitError):
+        ws.save(CID, "adir", b"x")                                  # a directory of that name: a clear error
+    with pytest.raises(FileNotFoundError):
+        ws.open(CID, "top.txt\0")

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,9 @@ class Interpreter:
         self.limits = limits or Limits()
         self.unsafe = unsafe
         self._proc: subprocess.Popen | None = None
-        self._busy = False
+        self._running: subprocess.Popen | None = None   # the kernel while a cell runs in it
+        self._cell_lock = threading.Lock()
+        self._interrupted = False
         self._reply = None
         self._cap = None
         reason = sandbox_available()
@@ -226,22 +229,24 @@ class Interpreter:
 
     # -- cells -----------------------------------------------------------------------------
     def interrupt(self) -> bool:
-        """Stop the cell that is running (from another thread): its kernel is killed, so run()
-        reports a restarted kernel.  An idle kernel is left alone.  True if a cell was stopped."""
-        proc = self._proc
-        if not self._busy or proc is None:
+        """Stop the cell that is running (from another thread): that cell's kernel process is
+        killed, so run() reports a restarted kernel.  An idle kernel, or one started after that
+        cell, is left alone.  True if a cell was stopped."""
+        with self._cell_lock:
+            proc, self._running = self._running, None
+            self._interrupted = proc is not None
+        if proc is None:
             return False
         proc.kill()
-        if self._cap is not None:
-            self._cap.kill_all()
         return True
 
     def run(self, code: str) -> CellResult:
-        self._busy = True
-        try:
-            return self._run(code)
-        finally:
-            self._busy = False
+        died = self._proc is not None and self._proc.poll() is not None
+        result = self._run(code)
+        if died and not result.restarted:   # e.g. interrupted while idle: say so, variables are gone
+            result.text = "(The kernel had stopped and was restarted; earlier variables are gone.)\n" + result.text
+            result.restarted = True
+        return result
 
     def _run(self, code: str) -> CellResult:
         if self._proc is None or self._proc.poll() is not None:
@@ -253,6 +258,15 @@ class Interpreter:
             self.restart()
             return CellResult("The kernel had stopped and was restarted; variables were lost. Run the cell again.",
                               error=True, restarted=True)
+        with self._cell_lock:
+            self._running, self._interrupted = self._proc, False
+        try:
+            return self._wait()
+        finally:
+            with self._cell_lock:
+                self._running = None
+
+    def _wait(self) -> CellResult:
         deadline = time.monotonic() + self.limits.wall_seconds
         fd = self._reply.fileno()
         line = ""
@@ -268,6 +282,10 @@ class Interpreter:
                 break
             if self._proc.poll() is not None:
                 break
+        if not line and self._interrupted:
+            self.restart()
+            return CellResult("Stopped; the kernel was restarted and its variables were lost.", error=True,
+                              restarted=True)
         if not line:
             code_ = self._proc.poll()
             self.restart()

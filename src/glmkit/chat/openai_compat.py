@@ -43,10 +43,36 @@ def _text(content) -> str:
     raise GlmkitError("message content must be a string or a list of text parts")
 
 
-def to_template_messages(messages: list[dict]) -> list[dict]:
-    """OpenAI request messages -> plain {role, content} messages for a model with a chat template."""
-    return [{"role": "observation" if m.get("role") == "tool" else m.get("role"), "content": _text(m.get("content"))}
-            for m in messages]
+def to_template_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
+    """OpenAI request messages (+ flat tools) -> plain {role, content} messages for a model with a
+    chat template; tools and earlier calls in the tagged convention (chat.protocols)."""
+    from .protocols import TaggedProtocol, tagged_call_text
+    out: list[dict] = []
+    if tools:
+        system = next((m for m in messages if m.get("role") == "system"), None)
+        out.append(TaggedProtocol().system_message(tools, False, _text(system["content"]) if system else None))
+    for m in messages:
+        role = m.get("role")
+        if role == "system" and tools:
+            continue
+        content = _text(m.get("content"))
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [tagged_call_text(name, args) for name, args in map(_call, m["tool_calls"])]
+            content = "\n".join(([content] if content else []) + calls)
+        out.append({"role": "observation" if role in ("tool", "function") else role, "content": content})
+    return out
+
+
+def _call(c: dict) -> tuple[str, dict]:
+    """(name, arguments) of an assistant message's tool call."""
+    fn = c.get("function") or {}
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        raise GlmkitError("assistant tool_calls arguments must be a JSON object") from None
+    if not isinstance(args, dict):
+        raise GlmkitError("assistant tool_calls arguments must be a JSON object")
+    return fn.get("name", ""), args
 
 
 def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
@@ -69,14 +95,8 @@ def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict
             if text or not calls:
                 out.append({"role": "assistant", "content": text})
             for c in calls:
-                fn = c.get("function") or {}
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except json.JSONDecodeError:
-                    raise GlmkitError("assistant tool_calls arguments must be a JSON object") from None
-                if not isinstance(args, dict):
-                    raise GlmkitError("assistant tool_calls arguments must be a JSON object")
-                out.append({"role": "assistant", "metadata": fn.get("name", ""), "content": format_tool_call(args)})
+                name, args = _call(c)
+                out.append({"role": "assistant", "metadata": name, "content": format_tool_call(args)})
         elif role in ("tool", "function"):
             out.append({"role": "observation", "content": _text(m.get("content"))})
         else:

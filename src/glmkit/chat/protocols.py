@@ -18,8 +18,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from .formats import ReplyEvent
 from .glm3 import TOOLS_PREAMBLE
-from .tool_calls import MAX_CALL_CHARS, ToolCallError, extract_code, parse_tool_call
+from .tool_calls import MAX_CALL_CHARS, ToolCallError, extract_code, format_tool_call, parse_tool_call
 
 # ChatGLM3's own code-interpreter system prompt (what the model was trained with)
 GLM3_INTERPRETER_SYSTEM = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
@@ -97,7 +98,11 @@ class TaggedProtocol:
             return Call(INTERPRETER, code=fence.group(1).strip())
         if tag is None:
             return None
-        body = tag.group(1)
+        return self.parse(tag.group(1), tools)
+
+    @staticmethod
+    def parse(body: str, tools: set[str]) -> Call:
+        """The JSON inside <tool_call> tags, checked to name one of `tools` with object arguments."""
         if len(body) > MAX_CALL_CHARS:
             return Call("?", error=f"tool call is longer than {MAX_CALL_CHARS} characters")
         try:
@@ -119,6 +124,71 @@ class TaggedProtocol:
         if not isinstance(args, dict):
             return Call(name, error="arguments must be a JSON object")
         return Call(name, arguments=args)
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tagged_call_text(name: str, arguments: dict) -> str:
+    """How a template model is shown its own earlier call (an API client's assistant tool_calls)."""
+    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
+
+
+class TaggedCallParser:
+    """A template model's reply parser for API tool calls: each <tool_call> block becomes a
+    segment named after the tool, its arguments rewritten as ChatGLM3's `tool_call(...)` text,
+    so the server's one tool-call path (literal parse, schema check, `tool_calls` deltas) serves
+    both protocols.  Text that might be the start of a tag is held back until it is not."""
+
+    def __init__(self, inner, tools: set[str]):
+        self.inner, self.tools = inner, set(tools)
+        self.buf, self.in_call = "", False
+
+    def feed(self, token_id: int) -> list[ReplyEvent]:
+        return self._events(self.inner.feed(token_id), final=False)
+
+    def finish(self) -> list[ReplyEvent]:
+        return self._events(self.inner.finish(), final=True)
+
+    def messages(self) -> list[dict]:
+        return self.inner.messages()
+
+    def _events(self, events, final: bool) -> list[ReplyEvent]:
+        out = [e for e in events if e.kind != "text"]
+        self.buf += "".join(e.text for e in events if e.kind == "text")
+        while True:
+            if not self.in_call:
+                i = self.buf.find(TOOL_CALL_OPEN)
+                if i < 0:
+                    keep = 0 if final else _prefix_overlap(self.buf, TOOL_CALL_OPEN)
+                    text, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                    return out + ([ReplyEvent("text", text)] if text else [])
+                if i:
+                    out.append(ReplyEvent("text", self.buf[:i]))
+                self.buf, self.in_call = self.buf[i + len(TOOL_CALL_OPEN):], True
+            else:
+                j = self.buf.find(TOOL_CALL_CLOSE)
+                if j < 0 and not final:
+                    return out
+                body = self.buf if j < 0 else self.buf[:j]
+                self.buf = "" if j < 0 else self.buf[j + len(TOOL_CALL_CLOSE):]
+                self.in_call = False
+                out += self._call(body.strip())
+
+    def _call(self, body: str) -> list[ReplyEvent]:
+        call = TaggedProtocol.parse(body, self.tools)
+        if call.error:   # shown, not run: the client sees what the model wrote and why
+            return [ReplyEvent("text", f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}\n(tool call refused: {call.error})")]
+        return [ReplyEvent("segment", metadata=call.name), ReplyEvent("text", format_tool_call(call.arguments)),
+                ReplyEvent("segment", metadata="")]
+
+
+def _prefix_overlap(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a start of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 def protocol_for(chat_format):

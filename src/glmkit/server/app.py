@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
 from ..chat.openai_compat import flat_tools, to_glm_messages, to_template_messages
+from ..chat.protocols import TOOL_CALL_OPEN, TaggedCallParser
 from ..engine import SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
 from ..errors import ContextLengthError, GlmkitError
@@ -178,17 +179,17 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = flat_tools(body.tools) if body.tools and body.tool_choice != "none" else []
         forced = _forced_tool(body.tool_choice, tools)
-        if tools and chat_model.config.family != "chatglm":
-            raise APIError(400, f"model {model_id!r} has no tool-calling protocol; tools need a ChatGLM3 model",
-                           param="tools")
+        glm3 = chat_model.config.family == "chatglm"
         json_check = _json_checker(body.response_format)
         try:
-            glm = to_glm_messages(messages, tools) if chat_model.config.family == "chatglm" else \
-                to_template_messages(messages)
+            glm = to_glm_messages(messages, tools) if glm3 else to_template_messages(messages, tools)
             prompt = chat_model.encode_chat(glm)
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
-        prefix = chat_model.tokenizer.encode(f"{forced}\n") if forced else []
+        # a forced tool: the reply starts as that tool's call (ChatGLM3: its metadata line)
+        start = (f"{forced}\n" if glm3 else f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced)}, "arguments": ') \
+            if forced else ""
+        prefix = chat_model.tokenizer.encode(start) if start else []
         top = body.top_logprobs if body.logprobs else None
         last_user = messages[-1].get("content") if messages[-1]["role"] == "user" else None
         script = config.script_for(chat_model, last_user)
@@ -238,7 +239,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                     kernel.close()
         try:
             evs = await asyncio.to_thread(work)
-        except asyncio.CancelledError:    # the client went away: stop generating and running code
+        except asyncio.CancelledError:    # e.g. the server shutting down: stop generating and running code
             model.cancel.set()
             if kernel is not None:
                 kernel.interrupt()
@@ -324,6 +325,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids,
                                                            logprobs=logprobs, forced=forced)))
                 parser = chat_model.format.reply_parser() if not raw else PlainReplyParser(chat_model.tokenizer)
+                if tools and chat_model.config.family != "chatglm":   # <tool_call> blocks -> tool calls
+                    parser = TaggedCallParser(parser, set(tools_by_name))
                 for t in prefix:
                     parser.feed(t)
                 streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, tools_by_name, logprobs is not None))
@@ -442,14 +445,18 @@ class _RequestKernel:
     tools-only request never makes one), in the worker thread, and removed with its workspace."""
 
     def __init__(self, factory):
-        self.factory, self.kernel = factory, None
+        self.factory, self.kernel, self.cancelled = factory, None, False
 
     def run(self, code: str):
+        from ..chat.interpreter import CellResult
+        if self.cancelled:
+            return CellResult("Stopped: the client went away.", error=True)
         if self.kernel is None:
             self.kernel = self.factory(None)
         return self.kernel.run(code)
 
     def interrupt(self):
+        self.cancelled = True
         if self.kernel is not None:
             self.kernel.interrupt()
 

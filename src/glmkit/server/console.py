@@ -127,12 +127,13 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         return store.get(owner(request), cid)
 
     @app.delete("/api/conversations/{cid}")
-    def delete_conversation(cid: str, request: Request):
+    async def delete_conversation(cid: str, request: Request):
+        # async, like send(): the check and the delete cannot interleave with a turn starting
         conv_or_404(request, cid)
         if cid in active:
             raise APIError(409, "this conversation is still answering; stop it first", code="busy")
         store.delete(owner(request), cid)
-        workspaces.remove(cid)
+        await asyncio.to_thread(workspaces.remove, cid)
         return {"deleted": cid}
 
     @app.get("/api/conversations/{cid}/export")
@@ -143,13 +144,13 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         return PlainTextResponse(store.export_markdown(owner(request), cid), media_type="text/markdown")
 
     @app.delete("/api/conversations/{cid}/messages")
-    def clear(cid: str, request: Request):
+    async def clear(cid: str, request: Request):
         """Clear: the conversation stays (title, settings, files); its messages and variables go."""
         conv_or_404(request, cid)
         if cid in active:
             raise APIError(409, "this conversation is still answering; stop it first", code="busy")
         store.truncate(owner(request), cid, 0)
-        workspaces.close_kernel(cid)
+        await asyncio.to_thread(workspaces.close_kernel, cid)
         return store.get(owner(request), cid)
 
     # -- the code interpreter's workspace ----------------------------------------------------
@@ -179,11 +180,12 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         conv_or_404(request, cid)
         try:
             fd, size = workspaces.open(cid, name)
-        except (FileNotFoundError, GlmkitError):
+        except (OSError, ValueError, GlmkitError):
             raise APIError(404, f"no file {name!r} in this conversation's workspace", code="not_found") from None
+        f = os.fdopen(fd, "rb")   # closed when read out, or when dropped if the client goes away first
 
         def chunks():   # from the descriptor that was checked, never the path again
-            with os.fdopen(fd, "rb") as f:
+            with f:
                 while block := f.read(1 << 16):
                     yield block
         filename = quote(name.rsplit("/", 1)[-1])
@@ -227,21 +229,26 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                    for m in store.get(who, cid)["messages"]]
         mode = conv["mode"]
-        agent_args = {"max_steps": config.max_steps,
-                      "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
-                      "tools": list(config.server_tools.values()) if mode == "tool" else (),
-                      "interpreter": workspaces.acquire(cid) if mode == "code" else None}
         script = config.script_for(chat_model, history[-1]["content"] if history[-1]["role"] == "user" else None)
-        turn = Turn(store, who, cid, agent_args, history,
-                    {"chat_model": chat_model, "scheduler": scheduler, "max_new_tokens": max_new},
-                    dict(gen, max_new_tokens=max_new), [script] if script else None)
-        active[cid] = turn
+        kernel = workspaces.acquire(cid) if mode == "code" else None
 
         def finished():
             active.pop(cid, None)
-            if mode == "code":
+            if kernel is not None:
                 workspaces.release(cid)
-        turn.start(on_finish=finished)
+        try:
+            turn = Turn(store, who, cid, {
+                "max_steps": config.max_steps,
+                "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
+                "tools": list(config.server_tools.values()) if mode == "tool" else (),
+                "interpreter": kernel}, history,
+                {"chat_model": chat_model, "scheduler": scheduler, "max_new_tokens": max_new},
+                dict(gen, max_new_tokens=max_new), [script] if script else None)
+            active[cid] = turn
+            turn.start(on_finish=finished)
+        except BaseException:
+            finished()
+            raise
 
         async def stream():
             try:

@@ -24,6 +24,7 @@ class Turn:
                  gen: dict, script: list[list[int]] | None):
         self.store, self.who, self.cid = store, who, cid
         self.cancel = threading.Event()
+        self.done = False
         self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
         self.agent.messages += history
         self.gen, self.script = gen, script
@@ -46,6 +47,8 @@ class Turn:
     def stop(self):
         """The browser pressed Stop or went away: no further generation, and a running cell is
         interrupted (its kernel restarts) rather than left to run out its time limit."""
+        if self.done:           # a stream that ends after its turn must not touch a later one
+            return
         self.cancel.set()
         if self.agent.interpreter is not None:
             self.agent.interpreter.interrupt()
@@ -94,6 +97,7 @@ class Turn:
             self._emit({"type": "error", "text": f"internal error: {type(e).__name__}: {e}"})
             self._sync_partial()
         finally:
+            self.done = True
             self._emit({"type": "done"})   # always: the browser's stream must end
 
     def _sync_partial(self):

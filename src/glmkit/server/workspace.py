@@ -32,6 +32,7 @@ class Workspaces:
         self.max_kernels = max_kernels
         self._kernels: OrderedDict[str, object] = OrderedDict()
         self._in_use: dict[str, int] = {}
+        self._closing: set[str] = set()
         self._lock = threading.Lock()
 
     def path(self, cid: str) -> Path:
@@ -40,22 +41,25 @@ class Workspaces:
         return self.root / cid
 
     # -- files -----------------------------------------------------------------------------
-    def list(self, cid: str) -> list[dict]:
+    def list(self, cid: str, max_depth: int = 16, max_files: int = 1000) -> list[dict]:
         base = self.path(cid)
         if not base.is_dir():
             return []
         out = []
-        for dirpath, dirnames, filenames in os.walk(base):          # os.walk does not follow symlinks
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # fwalk holds each directory open and never follows a symlink, even one swapped in mid-walk
+        for dirpath, dirnames, filenames, dfd in os.fwalk(base, follow_symlinks=False):
+            rel = Path(dirpath).relative_to(base)
+            dirnames[:] = [] if len(rel.parts) >= max_depth else sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                p = Path(dirpath) / name
                 try:
-                    st = os.lstat(p)
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 except OSError:
                     continue
                 if name.startswith(".") or not stat.S_ISREG(st.st_mode):
                     continue
-                out.append({"name": p.relative_to(base).as_posix(), "size": st.st_size, "modified": st.st_mtime})
+                out.append({"name": (rel / name).as_posix(), "size": st.st_size, "modified": st.st_mtime})
+                if len(out) >= max_files:
+                    return out
         return out
 
     def save(self, cid: str, name: str, data: bytes) -> dict:
@@ -68,18 +72,20 @@ class Workspaces:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, base / name)
-        except IsADirectoryError:
-            raise GlmkitError(f"{name} is a directory in the workspace") from None
+        except OSError as e:     # a directory of that name, or the code moved the file meanwhile
+            raise GlmkitError(f"could not save {name} in the workspace ({e.strerror})") from None
         finally:
-            if os.path.lexists(tmp):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
         return {"name": name, "size": len(data)}
 
     def open(self, cid: str, name: str) -> tuple[int, int]:
         """(descriptor, size) of a regular file inside the workspace, opened without following
         any symlink on the way; FileNotFoundError otherwise.  The caller closes the descriptor."""
         parts = name.split("/")
-        if any(p in ("", ".", "..") for p in parts):
+        if any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise FileNotFoundError(name)
         fd = os.open(self.path(cid), _OPEN_DIR)
         try:
@@ -129,14 +135,24 @@ class Workspaces:
         return k
 
     def release(self, cid: str) -> None:
+        k = None
         with self._lock:
             self._in_use[cid] = self._in_use.get(cid, 1) - 1
             if self._in_use[cid] <= 0:
                 del self._in_use[cid]
+                if cid in self._closing:        # closed while in use: closed now
+                    self._closing.discard(cid)
+                    k = self._kernels.pop(cid, None)
+        if k is not None:
+            k.close(final=True)
 
     def close_kernel(self, cid: str) -> None:
+        """Shut the kernel down now, or when its turn releases it."""
         with self._lock:
-            k = None if self._in_use.get(cid) else self._kernels.pop(cid, None)
+            if self._in_use.get(cid):
+                self._closing.add(cid)
+                return
+            k = self._kernels.pop(cid, None)
         if k is not None:
             k.close(final=True)
 
