@@ -218,3 +218,25 @@ def test_stop_interrupts_a_running_cell(base):
         time.sleep(0.2)
     observation = next(m for m in messages(base, cid) if m["role"] == "observation")
     assert not observation["extras"]["ok"] and "restarted" in observation["extras"]["output"]
+
+
+def test_the_stop_endpoint_returns_once_the_answer_is_stored(base):
+    import threading
+    cid = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    assert httpx.post(f"{base}/api/conversations/{cid}/stop").json() == {"stopped": False}   # nothing running
+    seen = threading.Event()
+
+    def listen():
+        with httpx.stream("POST", f"{base}/api/conversations/{cid}/messages", timeout=120,
+                          json={"content": "Write a long story.", "settings": {"max_new_tokens": 1000}}) as r:
+            for line in r.iter_lines():
+                if '"text"' in line:
+                    seen.set()
+    t = threading.Thread(target=listen)
+    t.start()
+    assert seen.wait(60)
+    assert httpx.post(f"{base}/api/conversations/{cid}/stop", timeout=60).json() == {"stopped": True}
+    stored = messages(base, cid)        # no waiting: stored before /stop answered
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["extras"] == {"stopped": True}
+    t.join(30)
+    assert not t.is_alive()             # and the stream ended

@@ -193,6 +193,18 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
             "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
 
     # -- answering ---------------------------------------------------------------------------
+    @app.post("/api/conversations/{cid}/stop")
+    async def stop(cid: str, request: Request):
+        """Stop the answer in progress and return once what was shown is stored (the browser's
+        Stop does not rely on the server noticing a closed connection)."""
+        conv_or_404(request, cid)
+        turn = active.get(cid)
+        if turn is None:
+            return {"stopped": False}
+        turn.stop()
+        await asyncio.to_thread(turn.finished.wait, 60)
+        return {"stopped": True}
+
     @app.post("/api/conversations/{cid}/messages")
     async def send(cid: str, body: Send, request: Request):
         who = owner(request)

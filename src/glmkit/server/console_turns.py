@@ -25,6 +25,7 @@ class Turn:
         self.store, self.who, self.cid = store, who, cid
         self.cancel = threading.Event()
         self.done = False
+        self.finished = threading.Event()    # everything stored, conversation free again
         self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
         self.agent.messages += history
         self.gen, self.script = gen, script
@@ -42,6 +43,7 @@ class Turn:
             finally:
                 if on_finish:
                     on_finish()
+                self.finished.set()
         threading.Thread(target=run, name=f"glmkit-turn-{self.cid[:8]}", daemon=True).start()
 
     def stop(self):

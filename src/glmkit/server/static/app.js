@@ -302,7 +302,7 @@ async function upload(files) {
 async function send(payload) {
   if (!current) await newConversation();
   if (payload.content && payload.edit_seq === undefined) addMessage({ role: "user", content: payload.content });
-  let bubble = null, text = "", pending = false, aborted = false;
+  let bubble = null, text = "", pending = false;
   const say = (t) => {
     if (!bubble) { bubble = append(el("div", "msg assistant")); text = ""; }
     text += t;
@@ -336,17 +336,21 @@ async function send(payload) {
       }
     }
   } catch (e) {
-    if (e.name === "AbortError") aborted = true;
-    else append(el("div", "msg error", escapeHtml(e.message)));
+    if (e.name !== "AbortError") append(el("div", "msg error", escapeHtml(e.message)));
   } finally {
     $("stop").disabled = true; $("send").disabled = false; controller = null;
     document.querySelectorAll("#messages .running").forEach((n) => n.remove());
-    // after Stop the server stores what was shown as soon as it sees the disconnect: keep the
-    // text on screen rather than racing it with a reload
-    if (aborted) { if (bubble) bubble.appendChild(el("span", "badge", "stopped")); refreshList(); }
-    else await open(current.id);
+    await open(current.id);   // what the server stored, a stopped answer included
     document.body.dataset.busy = "";
   }
+}
+
+// Stop: the server stops and stores what was shown, then the stream is closed.
+async function stop() {
+  if (!controller) return;
+  $("stop").disabled = true;
+  try { await api(`/api/conversations/${current.id}/stop`, { method: "POST" }); }
+  finally { if (controller) controller.abort(); }
 }
 
 function editMessage(m) {
@@ -375,7 +379,7 @@ async function main() {
   $("new-chat").onclick = newConversation;
   $("composer").onsubmit = (e) => { e.preventDefault(); const c = $("input").value.trim(); if (c) { $("input").value = ""; send({ content: c }); } };
   $("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); } };
-  $("stop").onclick = () => controller && controller.abort();
+  $("stop").onclick = stop;
   $("regenerate").onclick = () => current && send({ regenerate: true });
   $("clear").onclick = clearConversation;
   $("upload").onchange = (e) => upload(e.target.files);
