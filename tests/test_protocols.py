@@ -58,6 +58,9 @@ def test_default_model_tool_round_trip(smol):
     call = next(e for e in events if e.kind == "tool_call")
     result = next(e for e in events if e.kind == "tool_result")
     assert call.arguments == {"expression": "6*7"} and result.result.ok and json.loads(result.result.observation)["result"] == 42
+    first_answer = "".join(e.text for e in events[:events.index(call)] if e.kind == "text")
+    assert "tool_call" not in first_answer             # the call is a step, not text shown to the user
+    assert "<tool_call>" in agent.messages[2]["content"]   # while the history keeps what the model wrote
     assert [m["role"] for m in agent.messages] == ["system", "user", "assistant", "observation", "assistant"]
     # the observation reaches the model in its template's tool role
     prompt = smol.tokenizer.decode(smol.encode_chat(agent.messages[:4]))

@@ -58,7 +58,11 @@ class Agent:
             reply = Reply()
             forced = script[steps] if script and steps < len(script) else None
             in_call = False
-            for ev in self.model.reply(self.messages, reply=reply, forced=forced, **gen):
+            hide_calls = self.protocol.reply_filter(set(self.tools))
+            events = self.model.reply(self.messages, reply=reply, forced=forced, **gen)
+            if hide_calls is not None:
+                events = _filtered(events, hide_calls)
+            for ev in events:
                 if ev.kind == "segment":
                     in_call = bool(ev.metadata)
                 elif ev.kind == "text" and not in_call:
@@ -101,3 +105,9 @@ class Agent:
             yield AgentEvent("tool_result", name=call.name, result=result)
             self.messages.append({"role": self.protocol.observation_role, "content": result.observation})
             steps += 1
+
+
+def _filtered(events, f):
+    for ev in events:
+        yield from f.filter([ev])
+    yield from f.filter([], final=True)

@@ -42,6 +42,9 @@ class Call:
 class GLM3Protocol:
     observation_role = "observation"
 
+    def reply_filter(self, tools: set[str]):
+        return None        # calls are already segments
+
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         if tools:
             return {"role": "system", "content": system or TOOLS_PREAMBLE, "tools": tools}
@@ -79,6 +82,10 @@ TAGGED_INTERPRETER_SYSTEM = (
 
 class TaggedProtocol:
     observation_role = "observation"   # the template format renders it as its `tool` role
+
+    def reply_filter(self, tools: set[str]):
+        """Hides <tool_call> blocks from the streamed text (they become call segments)."""
+        return TaggedCallParser(None, tools) if tools else None
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         parts = [system] if system else []
@@ -145,15 +152,16 @@ class TaggedCallParser:
         self.buf, self.in_call = "", False
 
     def feed(self, token_id: int) -> list[ReplyEvent]:
-        return self._events(self.inner.feed(token_id), final=False)
+        return self.filter(self.inner.feed(token_id))
 
     def finish(self) -> list[ReplyEvent]:
-        return self._events(self.inner.finish(), final=True)
+        return self.filter(self.inner.finish(), final=True)
 
     def messages(self) -> list[dict]:
         return self.inner.messages()
 
-    def _events(self, events, final: bool) -> list[ReplyEvent]:
+    def filter(self, events, final: bool = False) -> list[ReplyEvent]:
+        """Reply events in, the same with <tool_call> blocks turned into call segments."""
         out = [e for e in events if e.kind != "text"]
         self.buf += "".join(e.text for e in events if e.kind == "text")
         while True:
