@@ -302,11 +302,15 @@ async function upload(files) {
 async function send(payload) {
   if (!current) await newConversation();
   if (payload.content && payload.edit_seq === undefined) addMessage({ role: "user", content: payload.content });
-  let bubble = null, text = "", pending = false;
-  const say = (t) => {
-    if (!bubble) { bubble = append(el("div", "msg assistant")); text = ""; }
-    text += t;
-    if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; setAssistantText(bubble, text); $("messages").scrollTop = $("messages").scrollHeight; }); }
+  let bubble = null;
+  const say = (t) => {   // re-rendered at most once a frame; a step may start a new bubble meanwhile
+    if (!bubble) { bubble = append(el("div", "msg assistant")); bubble.raw = ""; }
+    const target = bubble;
+    target.raw += t;
+    if (!target.pending) {
+      target.pending = true;
+      requestAnimationFrame(() => { target.pending = false; setAssistantText(target, target.raw); $("messages").scrollTop = $("messages").scrollHeight; });
+    }
   };
   controller = new AbortController();
   $("stop").disabled = false; $("send").disabled = true;
