@@ -106,7 +106,9 @@ def test_content_security_policy(browser, url):
     pg.goto(url)
     pg.wait_for_selector("#mode-chat")          # the page itself runs under the policy
     blocked = pg.evaluate("""() => new Promise((done) => {
-        document.addEventListener("securitypolicyviolation", (e) => done(e.effectiveDirective));
+        document.addEventListener("securitypolicyviolation", (e) => {
+            if (e.blockedURI.includes("198.51.100.7")) done(e.effectiveDirective);
+        });
         const i = document.createElement("img");
         i.src = "http://198.51.100.7/leak.png";
         document.body.appendChild(i);
