@@ -77,6 +77,18 @@ class Agent:
                 yield AgentEvent("error", text=f"stopped after {self.max_steps} tool calls (max_steps)")
                 yield AgentEvent("done")
                 return
+            if not call.error and call.name != INTERPRETER and self.tools[call.name].function is None \
+                    and self.observer is None:
+                # a tool the caller runs (an API client's own function): hand the call over
+                try:
+                    validate_arguments(call.arguments, self.tools[call.name].parameters)
+                except ToolCallError as e:
+                    call.error = str(e)
+                else:
+                    self.pending = call
+                    yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
+                    yield AgentEvent("done")
+                    return
             if call.error:
                 result = ToolResult(False, json.dumps({"error": f"tool call refused: {call.error}"},
                                                       ensure_ascii=False), error=call.error)
@@ -84,20 +96,7 @@ class Agent:
             elif call.name == INTERPRETER:
                 yield AgentEvent("code", text=call.code, name=call.name)
                 cell = self.interpreter.run(call.code)
-                result = ToolResult(not cell.error, cell.observation(), value=cell, extras={"images": cell.images})
-            elif self.tools[call.name].function is None and self.observer is None:
-                # a tool the caller runs (an API client's own function): hand the call over
-                try:
-                    validate_arguments(call.arguments, self.tools[call.name].parameters)
-                except ToolCallError as e:
-                    result = ToolResult(False, json.dumps({"error": f"tool call refused: {e}"}, ensure_ascii=False),
-                                        error=str(e))
-                    yield AgentEvent("error", text=str(e), name=call.name)
-                else:
-                    self.pending = call
-                    yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
-                    yield AgentEvent("done")
-                    return
+                result = ToolResult(not cell.error, cell.observation(), value=cell)
             else:
                 yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
                 result = self.observer(call.name, call.arguments) if self.observer else \

@@ -14,7 +14,7 @@ import inspect
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -159,7 +159,6 @@ class ToolResult:
     observation: str                       # JSON text fed back to the model
     value: Any = None
     error: str | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def _truncate(text: str, limit: int = MAX_OBSERVATION_CHARS) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ContextLengthError, GlmkitError
 from ..models.transformer import Transformer
-from .sampling import SamplingParams, sample_row
+from .sampling import SamplingParams, remember, sample_row
 
 
 @dataclass
@@ -88,8 +88,8 @@ def generate_batch(model: Transformer, requests: list[GenerationRequest]) -> Ite
                 tok = sample_row(logits_cpu[b], r.params, seen[b], gens[b])
             next_tokens[b] = tok
             produced[b] += 1
-            if r.params.repetition_penalty != 1.0 and not (seen[b] == tok).any():
-                seen[b] = torch.cat([seen[b], torch.tensor([tok])])
+            if r.params.repetition_penalty != 1.0:
+                seen[b] = remember(seen[b], tok)
             done = None
             if tok in r.stop_ids:
                 done = Finished("stop")

@@ -99,3 +99,8 @@ def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: 
         keep[0] = True
         probs = probs * keep
     return int(idx[_draw(probs, generator)])
+
+
+def remember(seen: torch.Tensor, tok: int) -> torch.Tensor:
+    """`seen` (the ids repetition_penalty applies to) with `tok` added, without duplicates."""
+    return seen if (seen == tok).any() else torch.cat([seen, torch.tensor([tok], dtype=seen.dtype)])

@@ -25,7 +25,7 @@ import torch
 from ..errors import ContextLengthError, GlmkitError
 from ..models.transformer import Transformer
 from .generate import GenerationRequest
-from .sampling import sample_row
+from .sampling import remember, sample_row
 
 
 class QueueFull(GlmkitError):
@@ -66,20 +66,11 @@ class _Seq:
 
 
 class Handle:
-    """The caller's side of one sequence: iterate for TokenEvents; cancel() to stop early."""
+    """The caller's side of one sequence: get() TokenEvents; cancel() to stop early."""
 
     def __init__(self, seq: _Seq, scheduler: "Scheduler"):
         self._seq = seq
         self._scheduler = scheduler
-
-    def __iter__(self):
-        while True:
-            ev = self._seq.events.get()
-            if isinstance(ev, BaseException):
-                raise ev
-            yield ev
-            if ev.finish:
-                return
 
     def on_event(self, callback):
         """Call `callback()` from the scheduler thread whenever an event is queued."""
@@ -259,7 +250,7 @@ class Scheduler:
         lengths = torch.zeros(hi, dtype=torch.long)
         for s in ready:
             tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
-        logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev))
+        logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev)).float().cpu()   # one copy per step
         for s in ready:
             self._emit(s, logits[s.slot])
 
@@ -279,7 +270,7 @@ class Scheduler:
                 top = torch.topk(lp, req.logprobs)
                 ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
         if req.params.repetition_penalty != 1.0:
-            s.seen = torch.unique(torch.cat([s.seen, torch.tensor([tok])]))
+            s.seen = remember(s.seen, tok)
         s.generated += 1
         now = time.perf_counter()
         if s.first_token_at is None:

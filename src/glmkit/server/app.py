@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -22,7 +21,7 @@ from ..chat.protocols import TOOL_CALL_OPEN, TaggedCallParser
 from ..engine import SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
 from ..errors import ContextLengthError, GlmkitError
-from .generation import ChoiceStream, events
+from .generation import ChoiceStream, events, step_view
 from .metrics import render_metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -251,10 +250,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             elif ev.kind in ("code", "tool_call") or ev.kind == "error" and ev.name:   # a step begins
                 before_call, content, call = content, "", ev   # the answer is the last generation's text
             elif ev.kind == "tool_result" and ev.name == "interpreter":
-                cell = ev.result.value         # None when the code segment itself was refused
                 steps.append({"type": "code", "code": call.text if call.kind == "code" else None,
-                              "ok": ev.result.ok, "output": cell.text if cell else ev.result.observation,
-                              "images": [base64.b64encode(i).decode() for i in (cell.images if cell else [])]})
+                              **step_view(ev.name, ev.result)})
             elif ev.kind == "tool_result":
                 steps.append({"type": "tool", "name": ev.name, "arguments": call.arguments,
                               "ok": ev.result.ok, "observation": ev.result.observation})
@@ -342,7 +339,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         created = int(time.time())
         usage = {"prompt_tokens": len(prompt) - len(prefix), "completion_tokens": 0, "total_tokens": 0}
         if body.stream:
-            return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body, len(prefix),
+            return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body,
                                           json_check),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         for h, st in zip(handles, streams):
@@ -357,9 +354,9 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             if problem:
                 raise APIError(422, f"choice {i}: {problem}", "invalid_response_error", param="response_format",
                                code="json_validation_failed")
-        return _final(cid, created, kind, streams, usage, len(prefix))
+        return _final(cid, created, kind, streams, usage)
 
-    async def _sse(request, cid, created, kind, handles, streams, usage, body, n_prefix, json_check=None):
+    async def _sse(request, cid, created, kind, handles, streams, usage, body, json_check=None):
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -412,7 +409,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             for h in handles:
                 h.cancel()
 
-    def _final(cid, created, kind, streams, usage, n_prefix):
+    def _final(cid, created, kind, streams, usage):
         choices = []
         for i, st in enumerate(streams):
             if kind == "chat.completion":

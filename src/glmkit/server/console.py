@@ -71,6 +71,14 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         except NotFound:
             raise APIError(404, "conversation not found", code="not_found") from None
 
+    def not_busy(cid):
+        if cid in active:
+            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
+
+    def mode_on(mode, param=None):
+        if modes[mode]:
+            raise APIError(400, f"{mode} mode is off: {modes[mode]}", param=param)
+
     def clean_settings(settings: dict) -> dict:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
@@ -103,8 +111,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
 
     @app.post("/api/conversations")
     def create_conversation(body: NewConversation, request: Request):
-        if modes[body.mode]:
-            raise APIError(400, f"{body.mode} mode is off: {modes[body.mode]}", param="mode")
+        mode_on(body.mode, param="mode")
         return store.create(owner(request), body.title, body.mode, clean_settings(body.settings))
 
     @app.get("/api/conversations/{cid}")
@@ -121,8 +128,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         if body.mode is not None and body.mode != conv["mode"]:
             if conv["messages"]:
                 raise APIError(400, "a conversation's mode can change only before its first message", param="mode")
-            if modes[body.mode]:
-                raise APIError(400, f"{body.mode} mode is off: {modes[body.mode]}", param="mode")
+            mode_on(body.mode, param="mode")
             store.update_mode(owner(request), cid, body.mode)
         return store.get(owner(request), cid)
 
@@ -130,8 +136,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     async def delete_conversation(cid: str, request: Request):
         # async, like send(): the check and the delete cannot interleave with a turn starting
         conv_or_404(request, cid)
-        if cid in active:
-            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
+        not_busy(cid)
         store.delete(owner(request), cid)
         await asyncio.to_thread(workspaces.remove, cid)
         return {"deleted": cid}
@@ -147,8 +152,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     async def clear(cid: str, request: Request):
         """Clear: the conversation stays (title, settings, files); its messages and variables go."""
         conv_or_404(request, cid)
-        if cid in active:
-            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
+        not_busy(cid)
         store.truncate(owner(request), cid, 0)
         await asyncio.to_thread(workspaces.close_kernel, cid)
         return store.get(owner(request), cid)
@@ -209,10 +213,8 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     async def send(cid: str, body: Send, request: Request):
         who = owner(request)
         conv = conv_or_404(request, cid)
-        if cid in active:
-            raise APIError(409, "this conversation is still answering; stop it first", code="busy")
-        if modes[conv["mode"]]:
-            raise APIError(400, f"{conv['mode']} mode is off: {modes[conv['mode']]}")
+        not_busy(cid)
+        mode_on(conv["mode"])
         settings = {**defaults, **conv["settings"], **clean_settings(body.settings)}
         try:
             gen = {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),

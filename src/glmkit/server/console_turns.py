@@ -8,12 +8,12 @@ in flight (and Stop keeps even that, marked as stopped)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import threading
 
 from ..chat.agent import Agent
 from ..errors import GlmkitError
+from .generation import step_view
 from .scheduled_model import Cancelled, ScheduledModel
 
 log = logging.getLogger("glmkit.console")
@@ -79,12 +79,7 @@ class Turn:
                 elif ev.kind == "tool_call":
                     self._emit({"type": "tool_call", "name": ev.name, "arguments": ev.arguments})
                 elif ev.kind == "tool_result":
-                    r = ev.result
-                    cell = r.value if ev.name == "interpreter" else None
-                    self._result_extras = {
-                        "name": ev.name, "ok": r.ok,
-                        "output": cell.text if cell is not None else r.observation,
-                        "images": [base64.b64encode(i).decode() for i in r.extras.get("images", [])]}
+                    self._result_extras = {"name": ev.name, **step_view(ev.name, ev.result)}
                     self._emit({"type": "tool_result", **self._result_extras})
                 elif ev.kind == "error":
                     self._emit({"type": "error", "text": ev.text})

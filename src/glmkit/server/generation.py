@@ -6,6 +6,7 @@ stream; knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import queue
 import secrets
@@ -47,7 +48,7 @@ class ChoiceStream:
     """Turns the token events of one choice into deltas; `result` holds the totals."""
 
     def __init__(self, tokenizer, parser, stop: list[str] | None, tools: dict[str, dict] | None,
-                 want_logprobs: bool, code_segments: bool = False):
+                 want_logprobs: bool):
         self.tok = tokenizer
         self.parser = parser
         self.stops = StopStrings(stop)
@@ -60,9 +61,6 @@ class ChoiceStream:
         self.all_logprobs: list[dict] = []
         self._segment_tool: str | None = None   # name of the tool whose call is being written
         self._segment_text = ""
-        self.code_segments = code_segments        # collect `interpreter` segments (server-side runs)
-        self.code: list[str] = []                 # raw text of each interpreter segment
-        self.raw_calls: list[tuple[str, str]] = []  # (tool name, text as the model wrote it)
 
     def feed(self, ev: TokenEvent) -> Delta:
         d = Delta()
@@ -95,8 +93,7 @@ class ChoiceStream:
     def _event(self, e, d: Delta):
         if e.kind == "segment":
             self._close_segment(d)
-            code = self.code_segments and e.metadata == "interpreter"
-            self._segment_tool = e.metadata if (e.metadata in self.tools or code) else None
+            self._segment_tool = e.metadata if e.metadata in self.tools else None
             if e.metadata and self._segment_tool is None:
                 self._say(f"\n[{e.metadata}]\n" if self.content else f"[{e.metadata}]\n", d)
         elif e.kind == "text":
@@ -114,10 +111,6 @@ class ChoiceStream:
         name, text = self._segment_tool, self._segment_text
         self._segment_tool, self._segment_text = None, ""
         if name is None:
-            return
-        self.raw_calls.append((name, text))
-        if name == "interpreter" and self.code_segments:
-            self.code.append(text)
             return
         try:
             args = parse_tool_call(text)
@@ -138,3 +131,11 @@ class ChoiceStream:
         out = entry(ev.token, ev.logprob)
         out["top_logprobs"] = [entry(t, lp) for t, lp in (ev.top_logprobs or [])]
         return out
+
+
+def step_view(name: str, result) -> dict:
+    """What a client is shown of one tool or code run (chat.tools.ToolResult): code runs give the
+    cell's own output and its plots as base64 PNG, tool runs their observation."""
+    cell = result.value if name == "interpreter" else None      # None too if the code was refused
+    return {"ok": result.ok, "output": cell.text if cell else result.observation,
+            "images": [base64.b64encode(i).decode() for i in cell.images] if cell else []}

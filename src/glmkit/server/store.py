@@ -118,10 +118,7 @@ class Store:
         return conv
 
     def rename(self, owner: str, cid: str, title: str) -> None:
-        with self._tx() as db:
-            if db.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ? AND owner = ?",
-                          (title, time.time(), cid, owner)).rowcount == 0:
-                raise NotFound(cid)
+        self._set(owner, cid, "title", title)
 
     def update_settings(self, owner: str, cid: str, settings: dict) -> None:
         self._set(owner, cid, "settings", json.dumps(settings))
@@ -130,7 +127,7 @@ class Store:
         self._set(owner, cid, "mode", mode)
 
     def _set(self, owner: str, cid: str, column: str, value) -> None:
-        assert column in ("settings", "mode")  # a column name, never user text
+        assert column in ("title", "settings", "mode")  # a column name, never user text
         with self._tx() as db:
             if db.execute(f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ? AND owner = ?",
                           (value, time.time(), cid, owner)).rowcount == 0:
