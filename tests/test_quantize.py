@@ -109,6 +109,53 @@ def test_saved_checkpoint_loads_to_identical_logits(tmp_path, clean_env, bits, g
     assert saved.encode_chat([{"role": "user", "content": "你好"}]) == on_load.encode_chat([{"role": "user", "content": "你好"}])
 
 
+_EVERY_DTYPE = """
+import sys, glmkit
+for dtype in (None, "float32", "bfloat16", "float16"):      # every --dtype the CLI offers (None = auto)
+    m = glmkit.load(sys.argv[1], dtype=dtype)
+    out = m.generate(m.encode_chat([{"role": "user", "content": "Hello"}]), max_new_tokens=4)
+    print(dtype, m.model.dtype, len(out))
+"""
+
+
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 128), (4, 32)])
+def test_saved_checkpoint_runs_in_every_dtype(tmp_path, clean_env, bits, group):
+    """A checkpoint read back through safetensors' mmap hands the kernels tensors at any file
+    offset; bf16 int8 kernels crashed the process on them (SIGSEGV).  int4 g128 covers the int8
+    fallback layers.  A subprocess, because the failure is a crash, not an exception."""
+    dst = tmp_path / "q"
+    subprocess.run([glmkit_bin(), "quantize", str(TINY), str(dst), "--bits", str(bits), "--group-size", str(group)],
+                   check=True, capture_output=True, timeout=120, env=clean_env)
+    assert (dst / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    proc = subprocess.run([sys.executable, "-c", _EVERY_DTYPE, str(dst)], capture_output=True, text=True,
+                          timeout=300, env=clean_env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert len(proc.stdout.splitlines()) == 4
+    chat = subprocess.run([glmkit_bin(), "chat", "--model", str(dst), "-p", "Hello", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=120, env=clean_env)
+    assert chat.returncode == 0, (chat.returncode, chat.stderr[-2000:])
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_kernel_inputs_are_aligned_whatever_the_loader_returns():
+    from glmkit.models.quantize import kernel_ready
+    buf = torch.zeros(64 * 65, dtype=torch.uint8)
+    view = buf[40:40 + 64 * 64].view(torch.int8).view(64, 64)       # contiguous, 40 bytes past alignment
+    assert view.data_ptr() % 64 != 0
+    ready = kernel_ready(view)
+    assert ready.data_ptr() % 64 == 0 and torch.equal(ready, view)
+    aligned = torch.zeros(64, 64)
+    assert kernel_ready(aligned) is aligned                            # no copy when none is needed
+    strided = torch.zeros(64, 128)[:, ::2]
+    assert kernel_ready(strided).is_contiguous()
+
+
 def _quantized_copy(tmp_path):
     from glmkit.models import quantized_checkpoint
     dst = tmp_path / "q"

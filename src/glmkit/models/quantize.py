@@ -117,6 +117,20 @@ def dequantize_int4(q: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return ((qg - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
 
 
+KERNEL_ALIGN = 64  # bytes: the CPU kernels use aligned vector loads on their weights and scales
+
+
+def kernel_ready(t: Tensor) -> Tensor:
+    """`t` as the quantized matmul kernels need it: contiguous and 64-byte aligned.
+
+    safetensors (mmap) and other loaders may hand back views at any offset in a file; the CPU
+    kernels then crash the process (SIGSEGV) instead of raising.  PyTorch's allocator aligns every
+    fresh buffer, so a copy is enough, and it is made only when needed."""
+    if t.is_contiguous() and t.data_ptr() % KERNEL_ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _pack_int4(q: Tensor, device: torch.device, inner_k_tiles: int = 8) -> Tensor:
     """q [N, K] uint8 values 0..15 -> the kernel's packed layout on `device`."""
     if device.type == "cuda":
@@ -139,11 +153,12 @@ class Int8Linear(nn.Module):
         self.load_quantized(QTensor(8, *quantize_int8(w)), w.device, dtype)
 
     def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
-        self.weight, self.scales = qt.q.to(device), qt.scales.to(device=device, dtype=dtype)
+        self.weight = kernel_ready(qt.q.to(device))
+        self.scales = kernel_ready(qt.scales.to(device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(kernel_ready(x.reshape(-1, shape[-1])), self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -160,12 +175,12 @@ class Int4Linear(nn.Module):
         self.load_quantized(QTensor(4, *quantize_int4(w, self.group_size), self.group_size), w.device, dtype)
 
     def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
-        self.weight = _pack_int4(qt.q, torch.device(device))
-        self.scales_and_zeros = qt.scales.to(device=device, dtype=dtype)
+        self.weight = kernel_ready(_pack_int4(qt.q, torch.device(device)))
+        self.scales_and_zeros = kernel_ready(qt.scales.to(device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = kernel_ready(x.reshape(-1, shape[-1]))
         if x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:

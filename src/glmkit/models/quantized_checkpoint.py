@@ -15,6 +15,7 @@ The kernels' packed int4 layout is device-specific, so the file keeps a portable
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -116,6 +117,10 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
             "glmkit_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dst / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    # safetensors writes 0600 (through a private temporary file); a checkpoint is shared like any other file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dst / WEIGHTS, 0o666 & ~umask)
     for name in COPIED:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
