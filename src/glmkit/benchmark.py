@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -83,7 +84,11 @@ def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int) ->
 def perplexity(model, ids: list[int], window: int = 512, stride: int = 256) -> dict:
     """Strided-window perplexity: every token is scored once, with up to `window` tokens of context."""
     if len(ids) < 2:
-        raise GlmkitError("the perplexity text is too short")
+        raise GlmkitError(f"the perplexity text is {len(ids)} token(s) long: a perplexity needs at least 2 "
+                          "(the first token is only context); use a text of a few hundred tokens or more")
+    if len(ids) < 64:
+        print(f"glmkit: warning: the perplexity text is only {len(ids)} tokens; a figure over so few tokens "
+              "says little about the model", file=sys.stderr)
     window = min(window, model.cfg.context_length)
     model.setup_caches(1, window)
     nll, count, prev_end = 0.0, 0, 0
@@ -102,11 +107,31 @@ def perplexity(model, ids: list[int], window: int = 512, stride: int = 256) -> d
     return {"tokens": count, "nll": nll / count, "perplexity": math.exp(nll / count), "window": window, "stride": stride}
 
 
+def _perplexity_text(args) -> str:
+    if args.random_like:
+        raise GlmkitError("--perplexity needs a real model (not --random-like)")
+    path = Path(args.perplexity)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GlmkitError(f"{path}: no such file (--perplexity needs a text file)") from None
+    except IsADirectoryError:
+        raise GlmkitError(f"{path}: is a directory (--perplexity needs a text file)") from None
+    except UnicodeDecodeError as e:
+        raise GlmkitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise GlmkitError(f"{path}: cannot read: {e.strerror}") from None
+    if not text.strip():
+        raise GlmkitError(f"{path}: is empty; perplexity needs some text")
+    return text
+
+
 def run(args) -> dict:
     from .models.quantize import QuantConfig
     if args.threads:
         torch.set_num_threads(args.threads)
     quant = QuantConfig.parse(args.quantize, args.group_size, args.quantize_output)
+    text = _perplexity_text(args) if args.perplexity else None     # a bad input fails before the slow load
     t0 = time.perf_counter()
     if args.random_like:
         if args.random_like not in RANDOM_LIKE:
@@ -131,7 +156,6 @@ def run(args) -> dict:
     if args.perplexity:
         if tokenizer is None:
             raise GlmkitError("--perplexity needs a real model (not --random-like)")
-        text = Path(args.perplexity).read_text(encoding="utf-8")
         result["perplexity"] = perplexity(model, tokenizer.encode(text), args.window, args.stride)
     else:
         for b in args.batch:                          # warm-up

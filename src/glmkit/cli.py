@@ -21,12 +21,30 @@ def _model_options(p: argparse.ArgumentParser):
     g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = float32 on CPU, float16 on CUDA")
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("--threads", type=_positive, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
     g.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
                    help="Linear weights: auto = as the checkpoint comes (GGUF Q4_0/Q4_1/Q8_0 stay quantized), "
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
+
+
+def _positive(text: str) -> int:
+    """A count that must be at least 1: 0 would otherwise fall through to a default unnoticed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _existing_dir(text: str) -> str:
+    """A directory that is already there: glmkit does not create one wherever a typo points."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory (create it first)")
+    return text
 
 
 def _sampling_options(p: argparse.ArgumentParser):
@@ -35,8 +53,8 @@ def _sampling_options(p: argparse.ArgumentParser):
     g.add_argument("--top-p", type=float, help="nucleus sampling mass; ChatGLM3 default 0.8")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
     g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens (1 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens in one reply (default 1024)")
-    g.add_argument("--max-length", type=int, default=None,
+    g.add_argument("--max-new-tokens", type=_positive, default=None, help="most tokens in one reply (default 1024)")
+    g.add_argument("--max-length", type=_positive, default=None,
                    help="most tokens of prompt + reply (the official demos' max_length); default: the model's context")
     g.add_argument("--seed", type=int, help="seed the sampler for reproducible replies")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop the reply at this text (repeatable)")
@@ -56,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "number), a .py file of @glmkit.tool functions, or a .json/.yaml file of schemas")
     chat.add_argument("--manual", action="store_true",
                       help="with --tools: do not run tools; you type each observation yourself")
-    chat.add_argument("--max-steps", type=int, default=5, help="most tool calls per message (default 5)")
+    chat.add_argument("--max-steps", type=_positive, default=5, help="most tool calls per message (default 5)")
     chat.add_argument("--code", action="store_true",
                       help="code-interpreter mode: the model writes Python, glmkit runs it in a sandbox "
                            "(bubblewrap: no network, only the workspace is visible, resource limits)")
-    chat.add_argument("--workspace", metavar="DIR", default=None,
-                      help="with --code: directory the code sees as /mnt/data (default: a new temporary one)")
+    chat.add_argument("--workspace", metavar="DIR", default=None, type=_existing_dir,
+                      help="with --code: existing directory the code sees as /mnt/data (default: a temporary one, "
+                           "removed on exit)")
     chat.add_argument("--unsafe-interpreter", action="store_true",
                       help="with --code: run model-written code WITHOUT a sandbox if none is available (dangerous)")
     _model_options(chat)
@@ -87,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: CORS off)")
-    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond it: 429 (default 64)")
-    sv.add_argument("--kv-cache-mb", type=int, default=1024,
+    sv.add_argument("--max-batch", type=_positive, default=8, help="sequences decoded together (default 8)")
+    sv.add_argument("--max-queue", type=_positive, default=64, help="requests allowed to wait; beyond it: 429 (default 64)")
+    sv.add_argument("--kv-cache-mb", type=_positive, default=1024,
                     help="memory for the KV cache pool; sets the longest sequence per slot (default 1024)")
-    sv.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    sv.add_argument("--max-tokens", type=_positive, default=4096, help="largest max_tokens a request may ask for")
     sv.add_argument("--model-id", help="model name reported by /v1/models (default: the checkpoint's name)")
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
@@ -103,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
     sv.add_argument("--code", action="store_true", help="let such requests run the model's code in the sandboxed "
                     "interpreter (a fresh workspace per request)")
-    sv.add_argument("--max-steps", type=int, default=5, help="most tool/code steps per request (default 5)")
+    sv.add_argument("--max-steps", type=_positive, default=5, help="most tool/code steps per request (default 5)")
     sv.add_argument("--unsafe-interpreter", action="store_true", help="with --code: allow running without a sandbox")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sv.add_argument("--scripted-replies", metavar="FILE",
@@ -120,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(chatglm3-6b, smollm2-135m): no download needed")
     b.add_argument("--quantize-output", action="store_true", help="quantize the output layer too")
     b.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, comma-separated (default 1)")
-    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length per row (default 128)")
-    b.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
+    b.add_argument("--prompt-tokens", type=_positive, default=128, help="prompt length per row (default 128)")
+    b.add_argument("--new-tokens", type=_positive, default=128, help="tokens decoded per row (default 128)")
     b.add_argument("--perplexity", metavar="FILE", help="compute perplexity of this text instead of speed")
-    b.add_argument("--window", type=int, default=512, help="perplexity context window (default 512)")
-    b.add_argument("--stride", type=int, default=256, help="perplexity window stride (default 256)")
+    b.add_argument("--window", type=_positive, default=512, help="perplexity context window (default 512)")
+    b.add_argument("--stride", type=_positive, default=256, help="perplexity window stride (default 256)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -174,21 +193,19 @@ def cmd_chat(args) -> int:
     return interactive(model, base, gen, max_new)
 
 
-def _make_agent(model, args):
+def _make_agent(model, args, workspace: str | None):
     import json
 
     from .chat.agent import Agent
     from .chat.tools import ToolResult, load_tools
     interpreter = None
     if args.code:
-        import tempfile
-
         from .chat.interpreter import Interpreter
-        workspace = args.workspace or tempfile.mkdtemp(prefix="glmkit-workspace-")
         interpreter = Interpreter(workspace, unsafe=args.unsafe_interpreter)
         interpreter.start()
         print(f"[code interpreter: workspace {workspace} is /mnt/data"
-              f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}]", file=sys.stderr)
+              f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}"
+              f"{'' if args.workspace else '; removed on exit'}]", file=sys.stderr)
     tools = load_tools(args.tools)
     if model.config.family != "chatglm" and (tools or interpreter):
         asked = " and ".join(x for x, on in (("<tool_call> JSON", tools), ("```python blocks", interpreter)) if on)
@@ -222,8 +239,20 @@ def _show_agent(events, out=sys.stdout, log=sys.stderr):
 
 
 def tools_chat(model, args, gen) -> int:
+    import contextlib
+    import tempfile
     gen = {k: v for k, v in gen.items() if k != "stop"}
-    agent = _make_agent(model, args)
+    with contextlib.ExitStack() as cleanup:
+        workspace = args.workspace
+        if args.code and workspace is None:   # a temporary workspace lives as long as this chat
+            workspace = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="glmkit-workspace-"))
+        agents = [_make_agent(model, args, workspace)]
+        cleanup.callback(lambda: agents[-1].interpreter and agents[-1].interpreter.close(final=True))
+        return _tools_session(model, args, gen, agents, workspace)
+
+
+def _tools_session(model, args, gen, agents, workspace) -> int:
+    agent = agents[-1]
     if args.prompt is not None:
         _show_agent(agent.run(args.prompt, **gen))
         sys.stdout.write("\n")
@@ -233,7 +262,10 @@ def tools_chat(model, args, gen) -> int:
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
     for text in _user_lines():
         if text == "clear":
-            agent = _make_agent(model, args)
+            if agent.interpreter is not None:
+                agent.interpreter.close(final=True)     # a new conversation gets a new kernel
+            agent = _make_agent(model, args, workspace)
+            agents.append(agent)
             print("[conversation cleared]\n")
             continue
         sys.stdout.write(f"{model.name}: ")
@@ -302,7 +334,8 @@ def cmd_serve(args) -> int:
         import tempfile
 
         from .chat.interpreter import Interpreter
-        Interpreter(tempfile.mkdtemp(prefix="glmkit-probe-"), unsafe=args.unsafe_interpreter).close(final=True)
+        with tempfile.TemporaryDirectory(prefix="glmkit-probe-") as probe:   # refuse to start without a sandbox
+            Interpreter(probe, unsafe=args.unsafe_interpreter).close(final=True)
 
         def interpreter_factory(workspace=None):
             return Interpreter(workspace or tempfile.mkdtemp(prefix="glmkit-workspace-"), unsafe=args.unsafe_interpreter)

@@ -55,7 +55,12 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        hint = ""
+        if not path.is_absolute() and len(path.parts) == 2 and not str(model).startswith("."):
+            hint = (f". It looks like a model hub name; glmkit never downloads models. Fetch the weights on a machine "
+                    f"with internet access (for example `huggingface-cli download {model} --local-dir "
+                    f"/models/{path.name}`), copy them here, and pass that directory with --model")
+        raise CheckpointError(f"{path}: no such file or directory{hint}")
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
