@@ -3,48 +3,171 @@
 Answers in every mode are produced by the chat layer's Agent over the server's scheduler
 (console_turns), so the console shares the API's engine, tool parser, agent loop and sandbox.
 The user's message is stored when it arrives and each reply message as it completes; a reply
-stopped from the browser is stored as far as it was shown."""
+stopped from the browser is stored as far as it was shown.
+
+Every JSON body is decoded strictly (UTF-8, one object, finite numbers, no unpaired surrogates,
+within the server's body limit even without a Content-Length) and validated by the models
+below, whose sampling fields are the API's own; a refusal is one 4xx message and changes
+nothing.  A stored value that is not valid now (an older version's) is dropped when read, and
+named in `warnings`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import os
+from copy import copy
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GlmkitError
 from .console_turns import Turn
+from .schemas import SamplingFields
 from .store import NotFound, Store, owner_of
 from .workspace import Workspaces
 
 STATIC = Path(__file__).with_name("static")
+log = logging.getLogger("glmkit.console")
+
+MODES = ("chat", "tool", "code")
+TITLE_MAX, CONTENT_MAX, SYSTEM_MAX = 200, 100_000, 20_000
+_API = SamplingFields.model_fields      # the API's sampling fields: the same types and bounds here
 
 
-class NewConversation(BaseModel):
-    title: str = Field("New conversation", max_length=200)
-    mode: str = Field("chat", pattern="^(chat|tool|code)$")
-    settings: dict = Field(default_factory=dict)
+class _Strict(BaseModel):
+    # the console's own page is the client: a field it does not know is a mistake, said so;
+    # no number may be infinite or NaN (the JSON decoder refuses them before this, too)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ConversationPatch(BaseModel):
-    title: str | None = Field(None, max_length=200)
-    settings: dict | None = None
-    mode: str | None = Field(None, pattern="^(chat|tool|code)$")   # only while it has no messages
+class ConsoleSettings(_Strict):
+    """A conversation's settings.  None (or absent): the default.  max_new_tokens is further
+    limited by the server's --max-tokens, which this model does not know (see `checked`)."""
+    temperature: float | None = copy(_API["temperature"])
+    top_p: float | None = copy(_API["top_p"])
+    top_k: int | None = copy(_API["top_k"])
+    repetition_penalty: float | None = copy(_API["repetition_penalty"])
+    max_new_tokens: int | None = copy(_API["max_tokens"])
+    system: str | None = Field(None, max_length=SYSTEM_MAX)    # the system prompt (Chat mode)
 
 
-class Send(BaseModel):
-    content: str | None = Field(None, max_length=100_000)
+class NewConversation(_Strict):
+    title: str = Field("New conversation", max_length=TITLE_MAX)
+    mode: Literal["chat", "tool", "code"] = "chat"
+    settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
+
+
+class ConversationPatch(_Strict):
+    title: str | None = Field(None, max_length=TITLE_MAX)
+    settings: ConsoleSettings | None = None                          # replaces them all
+    mode: Literal["chat", "tool", "code"] | None = None              # only while it has no messages
+
+
+class Send(_Strict):
+    content: str | None = Field(None, max_length=CONTENT_MAX)
     regenerate: bool = False          # drop the last assistant turn and answer again
-    edit_seq: int | None = None       # replace the user message at this seq and answer again
-    settings: dict = Field(default_factory=dict)
+    edit_seq: int | None = Field(None, ge=1, le=2**53)   # replace the user message at this seq and answer again
+    settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
-SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "system")
+# -- request bodies: strict JSON -----------------------------------------------------------------
+class _NotJSON(ValueError):
+    pass
+
+
+def _constant(name: str):
+    raise _NotJSON(f"{name} is not a JSON number (send a finite number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSON(f"the number {text[:40]} is out of range")
+    return value
+
+
+def parse_body(raw: bytes, APIError) -> dict:
+    """A console request body: UTF-8 JSON, one object, finite numbers, text that is valid
+    Unicode (SQLite stores UTF-8: an unpaired surrogate could not be stored)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        value = json.loads(text.removeprefix("\ufeff"), parse_constant=_constant, parse_float=_finite_float)
+    except _NotJSON as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValueError:      # an integer with thousands of digits
+        raise APIError(400, "the request body is not valid JSON: a number has too many digits") from None
+    if not isinstance(value, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"the request body has text that is not valid Unicode (an unpaired surrogate "
+                                    f"\\u{ord(item[e.start]):04x}); send the text as UTF-8") from None
+    return value
+
+
+def _strict_route(APIError, max_body_bytes: int) -> type[APIRoute]:
+    """Routes whose JSON body is read at most `max_body_bytes` long (even without a
+    Content-Length) and decoded strictly, each failure one readable 4xx, before FastAPI
+    validates it against the route's model."""
+
+    class ConsoleRequest(Request):
+        async def body(self) -> bytes:
+            if not hasattr(self, "_body"):
+                data = bytearray()
+                async for chunk in self.stream():
+                    data += chunk
+                    if len(data) > max_body_bytes:
+                        raise APIError(413, f"request body is larger than {max_body_bytes} bytes", code="body_too_large")
+                self._body = bytes(data)
+            return self._body
+
+        async def json(self):
+            if not hasattr(self, "_json"):
+                self._json = parse_body(await self.body(), APIError)
+            return self._json
+
+    class StrictJSONRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+            if self.body_field is None:       # no JSON body (uploads stream their own)
+                return handler
+
+            async def strict(request: Request):
+                request = ConsoleRequest(request.scope, request.receive)
+                if await request.body():
+                    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                    if ctype != "application/json" and not ctype.endswith("+json"):
+                        raise APIError(415, "send the request body as JSON (Content-Type: application/json)")
+                    await request.json()      # refused here with its own message, not FastAPI's
+                return await handler(request)
+            return strict
+
+    return StrictJSONRoute
 
 
 CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src 'none'; frame-src 'none'; "
@@ -53,21 +176,58 @@ CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src '
 
 def add_console_routes(app, store: Store, chat_model, scheduler, config, APIError, request_key):
     """`request_key(request)`: the API key a request carries (the same rule as authentication)."""
-    defaults = dict(chat_model.default_sampling, max_new_tokens=1024, system="")
+    limit = config.max_tokens_limit
+    defaults = dict(chat_model.default_sampling, max_new_tokens=min(1024, limit), system="")
     workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
     app.state.workspaces = workspaces
     app.router.on_shutdown.append(workspaces.close_all)
+    router = APIRouter(route_class=_strict_route(APIError, config.max_body_bytes))
     active: dict[str, Turn] = {}       # conversation id -> its turn in progress
     modes = {"chat": None,
              "tool": None if config.server_tools else "start the server with --tools builtin (or a tools file)",
              "code": None if config.code_interpreter else "start the server with --code"}
+    reported: set[str] = set()         # conversations whose unreadable stored values were logged
 
     def owner(request: Request) -> str:
         return owner_of(request_key(request) if config.api_keys else None)
 
+    def checked(settings: ConsoleSettings) -> dict:
+        """Settings from a request, as stored: only what was given."""
+        out = settings.model_dump(exclude_none=True)
+        if out.get("max_new_tokens", 0) > limit:
+            raise APIError(400, f"settings.max_new_tokens: at most {limit} on this server (its --max-tokens)",
+                           param="settings.max_new_tokens")
+        return out
+
+    def readable(conv: dict) -> dict:
+        """A conversation as the store has it, with any stored value that is not valid now (written
+        by an older version, or by hand) dropped: its default applies, and `warnings` says so."""
+        warnings = list(conv.pop("warnings", ()))
+        settings = {}
+        for k, v in conv["settings"].items():
+            try:
+                one = checked(ConsoleSettings.model_validate({k: v}))
+            except ValidationError as e:
+                warnings.append(f"the stored setting {str(k)[:40]!r} is ignored ({e.errors()[0]['msg']}); "
+                                f"the default applies")
+            except APIError as e:
+                warnings.append(f"the stored setting {str(k)[:40]!r} is ignored ({e.message}); the default applies")
+            else:
+                settings.update(one)
+        conv["settings"] = settings
+        if conv["mode"] not in MODES:
+            warnings.append(f"the stored mode {conv['mode'][:40]!r} is unknown; the conversation is a chat")
+            conv["mode"] = "chat"
+        if warnings:
+            conv["warnings"] = warnings
+            if conv["id"] not in reported:
+                reported.add(conv["id"])
+                log.warning("conversation %s: %s", conv["id"], "; ".join(warnings))
+        return conv
+
     def conv_or_404(request, cid):
         try:
-            return store.get(owner(request), cid)
+            return readable(store.get(owner(request), cid))
         except NotFound:
             raise APIError(404, "conversation not found", code="not_found") from None
 
@@ -79,91 +239,98 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         if modes[mode]:
             raise APIError(400, f"{mode} mode is off: {modes[mode]}", param=param)
 
-    def clean_settings(settings: dict) -> dict:
-        unknown = set(settings) - set(SETTINGS)
-        if unknown:
-            raise APIError(400, f"unknown settings: {', '.join(sorted(unknown))}", param="settings")
-        return settings
-
-    @app.get("/", include_in_schema=False)
+    @router.get("/", include_in_schema=False)
     def index():
         # the page loads only its own files, and nothing that a reply contains can make the
         # browser fetch from elsewhere (images only inline; no media, frames or plugins)
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP})
 
-    @app.get("/static/{name:path}", include_in_schema=False)
+    @router.get("/static/{name:path}", include_in_schema=False)
     def static(name: str):
         path = (STATIC / name).resolve()
         if STATIC.resolve() not in path.parents or not path.is_file():
             raise APIError(404, "not found")
         return FileResponse(path)
 
-    @app.get("/api/config")
+    @router.get("/api/config")
     def console_config():
         return {"model": chat_model.name, "defaults": defaults, "auth_required": bool(config.api_keys),
+                "limits": {"max_new_tokens": limit, "system": SYSTEM_MAX, "title": TITLE_MAX, "content": CONTENT_MAX},
                 "modes": [m for m, why in modes.items() if why is None],
                 "unavailable": {m: why for m, why in modes.items() if why},
                 "tools": [t.spec() for t in config.server_tools.values()]}
 
-    @app.get("/api/conversations")
+    @router.get("/api/conversations")
     def list_conversations(request: Request):
-        return store.list(owner(request))
+        return [readable(c) for c in store.list(owner(request))]
 
-    @app.post("/api/conversations")
-    def create_conversation(body: NewConversation, request: Request):
+    @router.post("/api/conversations")
+    def create_conversation(request: Request, body: NewConversation | None = None):
+        body = body or NewConversation()         # no body: a new chat with the defaults
         mode_on(body.mode, param="mode")
-        return store.create(owner(request), body.title, body.mode, clean_settings(body.settings))
+        return readable(store.create(owner(request), body.title, body.mode, checked(body.settings)))
 
-    @app.get("/api/conversations/{cid}")
+    @router.get("/api/conversations/{cid}")
     def get_conversation(cid: str, request: Request):
         return conv_or_404(request, cid)
 
-    @app.patch("/api/conversations/{cid}")
-    def patch_conversation(cid: str, body: ConversationPatch, request: Request):
-        conv = conv_or_404(request, cid)
-        if body.title is not None:
-            store.rename(owner(request), cid, body.title)
-        if body.settings is not None:
-            store.update_settings(owner(request), cid, clean_settings(body.settings))
-        if body.mode is not None and body.mode != conv["mode"]:
+    @router.patch("/api/conversations/{cid}")
+    def patch_conversation(cid: str, request: Request, body: ConversationPatch | None = None):
+        body = body or ConversationPatch()
+        who, conv = owner(request), conv_or_404(request, cid)
+        # everything is checked before anything changes: a refused PATCH changes nothing
+        settings = checked(body.settings) if body.settings is not None else None
+        new_mode = body.mode is not None and body.mode != conv["mode"]
+        if new_mode:
             if conv["messages"]:
                 raise APIError(400, "a conversation's mode can change only before its first message", param="mode")
             mode_on(body.mode, param="mode")
-            store.update_mode(owner(request), cid, body.mode)
-        return store.get(owner(request), cid)
+        try:
+            if body.title is not None:
+                store.rename(who, cid, body.title)
+            if settings is not None:
+                store.update_settings(who, cid, settings)
+            if new_mode:
+                store.update_mode(who, cid, body.mode)
+        except NotFound:              # deleted meanwhile
+            raise APIError(404, "conversation not found", code="not_found") from None
+        return conv_or_404(request, cid)
 
-    @app.delete("/api/conversations/{cid}")
+    @router.delete("/api/conversations/{cid}")
     async def delete_conversation(cid: str, request: Request):
         # async, like send(): the check and the delete cannot interleave with a turn starting
         conv_or_404(request, cid)
         not_busy(cid)
         store.delete(owner(request), cid)
-        await asyncio.to_thread(workspaces.remove, cid)
+        try:
+            await asyncio.to_thread(workspaces.remove, cid)
+        except GlmkitError:
+            pass           # an id no workspace can have (not made by this server): nothing to remove
         return {"deleted": cid}
 
-    @app.get("/api/conversations/{cid}/export")
+    @router.get("/api/conversations/{cid}/export")
     def export(cid: str, request: Request, format: str = "md"):
         conv_or_404(request, cid)
         if format == "json":
             return PlainTextResponse(store.export_json(owner(request), cid), media_type="application/json")
         return PlainTextResponse(store.export_markdown(owner(request), cid), media_type="text/markdown")
 
-    @app.delete("/api/conversations/{cid}/messages")
+    @router.delete("/api/conversations/{cid}/messages")
     async def clear(cid: str, request: Request):
         """Clear: the conversation stays (title, settings, files); its messages and variables go."""
         conv_or_404(request, cid)
         not_busy(cid)
         store.truncate(owner(request), cid, 0)
         await asyncio.to_thread(workspaces.close_kernel, cid)
-        return store.get(owner(request), cid)
+        return conv_or_404(request, cid)
 
     # -- the code interpreter's workspace ----------------------------------------------------
-    @app.get("/api/conversations/{cid}/files")
+    @router.get("/api/conversations/{cid}/files")
     def list_files(cid: str, request: Request):
         conv_or_404(request, cid)
         return workspaces.list(cid)
 
-    @app.put("/api/conversations/{cid}/files/{name}")
+    @router.put("/api/conversations/{cid}/files/{name}")
     async def upload(cid: str, name: str, request: Request):
         """The raw request body becomes /mnt/data/NAME for the conversation's code."""
         conv = conv_or_404(request, cid)
@@ -179,7 +346,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         except GlmkitError as e:
             raise APIError(400, str(e), param="name") from None
 
-    @app.get("/api/conversations/{cid}/files/{name:path}")
+    @router.get("/api/conversations/{cid}/files/{name:path}")
     def download(cid: str, name: str, request: Request):
         conv_or_404(request, cid)
         try:
@@ -197,7 +364,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
             "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
 
     # -- answering ---------------------------------------------------------------------------
-    @app.post("/api/conversations/{cid}/stop")
+    @router.post("/api/conversations/{cid}/stop")
     async def stop(cid: str, request: Request):
         """Stop the answer in progress and return once what was shown is stored (the browser's
         Stop does not rely on the server noticing a closed connection)."""
@@ -209,37 +376,36 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
         await asyncio.to_thread(turn.finished.wait, 60)
         return {"stopped": True}
 
-    @app.post("/api/conversations/{cid}/messages")
-    async def send(cid: str, body: Send, request: Request):
+    @router.post("/api/conversations/{cid}/messages")
+    async def send(cid: str, request: Request, body: Send | None = None):
+        body = body or Send()
         who = owner(request)
         conv = conv_or_404(request, cid)
         not_busy(cid)
         mode_on(conv["mode"])
-        settings = {**defaults, **conv["settings"], **clean_settings(body.settings)}
-        try:
-            gen = {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
-                   "top_k": int(settings["top_k"]), "repetition_penalty": float(settings["repetition_penalty"])}
-            chat_model.params(**gen)
-            max_new = int(settings["max_new_tokens"])
-        except (ValueError, TypeError) as e:
-            raise APIError(400, f"bad settings: {e}", param="settings") from None
+        settings = {**defaults, **conv["settings"], **checked(body.settings)}   # each one valid
+        gen = {k: settings[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+        chat_model.params(**gen)      # the engine's own check (a GlmkitError is a 400)
+        max_new = settings["max_new_tokens"]
+        content = body.content if body.content and body.content.strip() else None
         msgs = conv["messages"]
         if body.regenerate:
             last_user = max((m["seq"] for m in msgs if m["role"] == "user"), default=None)
             if last_user is None:
                 raise APIError(400, "nothing to regenerate")
+            content = None
             store.truncate(who, cid, last_user)
         elif body.edit_seq is not None:
-            if not any(m["seq"] == body.edit_seq and m["role"] == "user" for m in msgs) or not body.content:
+            if not any(m["seq"] == body.edit_seq and m["role"] == "user" for m in msgs) or not content:
                 raise APIError(400, "edit_seq must name a user message, and content is required")
             store.truncate(who, cid, body.edit_seq - 1)
-            store.append(who, cid, "user", body.content)
+            store.append(who, cid, "user", content)
         else:
-            if not body.content:
-                raise APIError(400, "content is required")
-            store.append(who, cid, "user", body.content)
-        if conv["title"] == "New conversation" and body.content:
-            store.rename(who, cid, body.content.strip().splitlines()[0][:60] or "New conversation")
+            if not content:
+                raise APIError(400, "content is required", param="content")
+            store.append(who, cid, "user", content)
+        if conv["title"] == "New conversation" and content:
+            store.rename(who, cid, content.strip().splitlines()[0][:60] or "New conversation")
         history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                    for m in store.get(who, cid)["messages"]]
         mode = conv["mode"]
@@ -275,3 +441,5 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                 turn.stop()           # the browser pressed Stop or went away (no-op once done)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.include_router(router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -82,6 +83,8 @@ class Store:
             db.execute("PRAGMA synchronous=NORMAL")   # durable at each WAL checkpoint; no corruption on crash
             db.execute("PRAGMA foreign_keys=ON")
             db.row_factory = sqlite3.Row
+            # text that is not UTF-8 (written by hand or by another tool) reads as U+FFFD, not an error
+            db.text_factory = lambda b: b.decode("utf-8", "replace")
             self._local.db = db
         return db
 
@@ -101,27 +104,30 @@ class Store:
         cid, now = uuid.uuid4().hex, time.time()
         with self._tx() as db:
             db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (cid, owner, title, mode, json.dumps(settings or {}), now, now))
+                       (cid, owner, title, mode, json.dumps(settings or {}, allow_nan=False), now, now))
         return self.get(owner, cid)
 
     def list(self, owner: str) -> list[dict]:
         rows = self._db().execute("SELECT * FROM conversations WHERE owner = ? ORDER BY updated DESC", (owner,))
-        return [self._conv(r) for r in rows]
+        return [self._conv(r, []) for r in rows]
 
     def get(self, owner: str, cid: str) -> dict:
         row = self._db().execute("SELECT * FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone()
         if row is None:
             raise NotFound(cid)
-        conv = self._conv(row)
-        conv["messages"] = [self._msg(r) for r in self._db().execute(
+        warnings: list[str] = []
+        conv = self._conv(row, warnings)
+        conv["messages"] = [self._msg(r, warnings) for r in self._db().execute(
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (cid,))]
+        if warnings:
+            conv["warnings"] = warnings
         return conv
 
     def rename(self, owner: str, cid: str, title: str) -> None:
         self._set(owner, cid, "title", title)
 
     def update_settings(self, owner: str, cid: str, settings: dict) -> None:
-        self._set(owner, cid, "settings", json.dumps(settings))
+        self._set(owner, cid, "settings", json.dumps(settings, allow_nan=False))
 
     def update_mode(self, owner: str, cid: str, mode: str) -> None:
         self._set(owner, cid, "mode", mode)
@@ -171,12 +177,54 @@ class Store:
             lines += [f"**{who}:**", "", m["content"], ""]
         return "\n".join(lines)
 
+    # -- reading rows: whatever a row holds (an older version's values, a hand edit), what comes
+    # out is plain JSON-safe data; a value that cannot be read is dropped and named in `warnings`
     @staticmethod
-    def _conv(r) -> dict:
-        return {"id": r["id"], "title": r["title"], "mode": r["mode"], "settings": json.loads(r["settings"]),
-                "created": r["created"], "updated": r["updated"]}
+    def _conv(r, warnings: list[str]) -> dict:
+        conv = {"id": _text(r["id"]), "title": _text(r["title"]), "mode": _text(r["mode"]),
+                "settings": _object(r["settings"], "settings", warnings),
+                "created": _number(r["created"]), "updated": _number(r["updated"])}
+        if warnings:
+            conv["warnings"] = warnings
+        return conv
 
     @staticmethod
-    def _msg(r) -> dict:
-        return {"seq": r["seq"], "role": r["role"], "content": r["content"], "metadata": r["metadata"],
-                "extras": json.loads(r["extras"])}
+    def _msg(r, warnings: list[str]) -> dict:
+        return {"seq": r["seq"], "role": _text(r["role"]), "content": _text(r["content"]),
+                "metadata": _text(r["metadata"]),
+                "extras": _object(r["extras"], f"extras of message {r['seq']}", warnings)}
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _number(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def _object(text, what: str, warnings: list[str]) -> dict:
+    """A stored JSON object; older versions wrote non-finite numbers as Infinity/NaN."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        warnings.append(f"the stored {what} are not readable JSON and are ignored")
+        return {}
+    if not isinstance(value, dict):
+        warnings.append(f"the stored {what} are not a JSON object and are ignored")
+        return {}
+    out = {}
+    for k, v in value.items():
+        try:
+            json.dumps(v, allow_nan=False)
+        except (ValueError, RecursionError):
+            warnings.append(f"the stored {what}: {k[:40]!r} holds a number that is not finite and is ignored")
+            continue
+        out[k] = v
+    return out
