@@ -373,6 +373,12 @@ async function main() {
     $("modes").appendChild(b);
   }
   $("tool-list").textContent = config.tools.map((t) => t.name).join(", ") || "none";
+  // the server's --max-tokens bounds the slider, so a saved setting is never one the server refuses
+  if (config.limits) {
+    $("max_new_tokens").max = config.limits.max_new_tokens;
+    $("max_new_tokens").min = Math.min(16, config.limits.max_new_tokens);
+    $("system").maxLength = config.limits.system;
+  }
   showSettings(defaults);
   showMode("chat");
   for (const k of SLIDERS) {
