@@ -6,6 +6,10 @@ so anyone who can steer the model can run Python on the host.  Here it is parsed
 whose values are literals (strings, numbers, booleans, None, lists, tuples, dicts) are accepted;
 anything else is refused with a reason the model can read in an observation.  Nothing is ever
 evaluated.
+
+`check_literal` is the one rule for what a parsed call may hold, shared with the template models'
+JSON calls (chat.protocols): plain JSON data that any client can decode exactly and that encodes
+as strict UTF-8 JSON.
 """
 
 from __future__ import annotations
@@ -15,78 +19,123 @@ import json
 import math
 import re
 
-MAX_CALL_CHARS = 20_000
-MAX_DEPTH = 32
+MAX_CALL_CHARS = 20_000    # a call's text (so everything it can hold) is at most this long
+MAX_DEPTH = 32             # containers nested in a call's arguments, the arguments object included
+MAX_INT = 2**53 - 1        # |n| <= MAX_INT: integers a JSON client (JavaScript, float64) reads exactly
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+INT_ERROR = f"tool call integers must be between -{MAX_INT} and {MAX_INT} (|n| < 2**53)"
+DEPTH_ERROR = f"tool call arguments are nested too deeply (more than {MAX_DEPTH} levels)"
+_SURROGATE = re.compile("[\ud800-\udfff]")   # a str holding one cannot be encoded as UTF-8
 
 
 class ToolCallError(ValueError):
     """A tool call that cannot be accepted; the message is safe to show to the model and user."""
 
 
+def check_literal(value, depth: int = 0):
+    """A parsed call's value as plain JSON data (tuples become lists), or ToolCallError: None,
+    bools, integers with |n| <= MAX_INT, finite floats, strings without surrogate code points,
+    lists, and dicts with such string keys, at most MAX_DEPTH containers deep."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if -MAX_INT <= value <= MAX_INT:
+            return value
+        raise ToolCallError(INT_ERROR)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise ToolCallError("tool call numbers must be finite (no NaN or Infinity)")
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ToolCallError("tool call text may not contain lone surrogates (U+D800 to U+DFFF)")
+        return value
+    if depth >= MAX_DEPTH:     # checked before descending, so this recursion is at most MAX_DEPTH deep
+        raise ToolCallError(DEPTH_ERROR)
+    if isinstance(value, (list, tuple)):
+        return [check_literal(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ToolCallError("tool call dictionary keys must be strings")
+        return {check_literal(k): check_literal(v, depth + 1) for k, v in value.items()}
+    raise ToolCallError(f"tool call arguments may not contain {type(value).__name__} values")
+
+
+def json_int(digits: str) -> int:
+    """json.loads' parse_int: a digit string too long for any allowed integer is refused before
+    int() sees it (past 4300 digits int() raises ValueError, and it is quadratic below that)."""
+    if len(digits) > 20:
+        raise ToolCallError(INT_ERROR)
+    return int(digits)
+
+
+def check_code(code: str) -> str:
+    """Code for the interpreter, from either protocol: stripped, bounded, UTF-8 encodable."""
+    code = code.strip()
+    if len(code) > MAX_CALL_CHARS:
+        raise ToolCallError(f"code is longer than {MAX_CALL_CHARS} characters")
+    return check_literal(code)
+
+
+_LANG = re.compile(r"[A-Za-z0-9_+-]*")
+
+
+def find_fence(text: str, langs=None, limit: int | None = None):
+    """(where its ``` starts, the code inside) for the first fenced block opened before `limit`, or None.
+
+    A linear scan: backtracking regexes took quadratic time on long blank runs and many unclosed
+    fences.  An opener is the last ``` on a line, followed by nothing but a language name (one of
+    `langs` if given) and blanks; the block runs to the next ```, as the regex it replaces did."""
+    limit = len(text) if limit is None else limit
+    line = 0
+    while line < limit:
+        nl = text.find("\n", line)
+        if nl < 0:
+            return None
+        i = text.rfind("```", line, min(nl, limit + 2))
+        if i >= 0:
+            lang = text[i + 3:nl].strip(" \t")
+            if _LANG.fullmatch(lang) and (langs is None or lang in langs):
+                j = text.find("```", nl + 1)
+                return None if j < 0 else (i, text[nl + 1:j])
+        line = nl + 1
+    return None
+
+
 def extract_code(content: str) -> str:
     """The code inside the first fenced block (or the bare text if there is no fence)."""
     if len(content) > MAX_CALL_CHARS:
         raise ToolCallError(f"tool call is longer than {MAX_CALL_CHARS} characters")
-    m = _FENCE.search(content)
-    if m:
-        return m.group(2).strip()
+    fence = find_fence(content)
+    if fence:
+        return check_code(fence[1])
     if "```" in content:
         raise ToolCallError("tool call has an unterminated code fence")
-    return content.strip()
-
-
-def _depth(node: ast.AST, limit: int) -> int:
-    best, stack = 0, [(node, 1)]
-    while stack:
-        n, d = stack.pop()
-        if d > limit:
-            raise ToolCallError(f"tool call arguments are nested deeper than {limit} levels")
-        best = max(best, d)
-        stack.extend((c, d + 1) for c in ast.iter_child_nodes(n))
-    return best
-
-
-def _plain(value):
-    """Literal -> JSON value: tuples become lists; bytes, sets, complex and non-finite numbers are refused."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ToolCallError("tool call arguments must be finite numbers")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ToolCallError("tool call dictionary keys must be strings")
-            out[k] = _plain(v)
-        return out
-    raise ToolCallError(f"tool call arguments may not contain {type(value).__name__} values")
+    return check_code(content)
 
 
 def parse_tool_call(content: str) -> dict:
     """`tool_call(a=1, b="x")` (possibly fenced) -> {"a": 1, "b": "x"}; ToolCallError otherwise."""
-    code = extract_code(content)
+    code = extract_code(content)       # bounded and free of surrogates before the parser sees it
     if not code:
         raise ToolCallError("tool call is empty")
     try:
         tree = ast.parse(code, mode="eval")
-    except (SyntaxError, ValueError) as e:
-        raise ToolCallError(f"tool call is not valid syntax ({e.msg if isinstance(e, SyntaxError) else e})") from None
+    except SyntaxError as e:
+        if "integer string conversion" in str(e.msg):        # a decimal literal past 4300 digits
+            raise ToolCallError(INT_ERROR) from None
+        if "too many nested" in str(e.msg):
+            raise ToolCallError(DEPTH_ERROR) from None
+        raise ToolCallError(f"tool call is not valid syntax ({e.msg})") from None
+    except ValueError as e:
+        raise ToolCallError(f"tool call is not valid syntax ({e})") from None
     except (RecursionError, MemoryError):
-        raise ToolCallError("tool call is nested too deeply") from None
+        raise ToolCallError(DEPTH_ERROR) from None
     call = tree.body
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.func.id != "tool_call":
         raise ToolCallError("expected exactly one call of the form tool_call(name=value, ...)")
     if call.args:
         raise ToolCallError("tool_call takes keyword arguments only")
-    _depth(call, MAX_DEPTH)
     args = {}
     for kw in call.keywords:
         if kw.arg is None:
@@ -94,12 +143,13 @@ def parse_tool_call(content: str) -> dict:
         if kw.arg in args:
             raise ToolCallError(f"argument {kw.arg!r} is given twice")
         try:
-            value = ast.literal_eval(kw.value)   # literals only: never runs code
+            # literals only: never runs code.  Its recursion is bounded: the tokenizer refuses
+            # brackets nested past 200 levels, and no other literal nests.
+            args[kw.arg] = ast.literal_eval(kw.value)
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             raise ToolCallError(f"argument {kw.arg!r} is not a literal value "
                                 f"(only strings, numbers, booleans, None, lists and dicts)") from None
-        args[kw.arg] = _plain(value)
-    return args
+    return check_literal(args)
 
 
 def format_tool_call(arguments: dict) -> str:
