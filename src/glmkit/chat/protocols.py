@@ -15,12 +15,12 @@ is the agent's job, after validation."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from .formats import ReplyEvent
 from .glm3 import TOOLS_PREAMBLE
-from .tool_calls import MAX_CALL_CHARS, ToolCallError, extract_code, format_tool_call, parse_tool_call
+from .tool_calls import (DEPTH_ERROR, MAX_CALL_CHARS, ToolCallError, check_code, check_literal, extract_code,
+                         find_fence, format_tool_call, json_int, parse_tool_call)
 
 # ChatGLM3's own code-interpreter system prompt (what the model was trained with)
 GLM3_INTERPRETER_SYSTEM = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
@@ -65,8 +65,9 @@ class GLM3Protocol:
             return Call(name, error=str(e))
 
 
-_TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-_PYTHON_FENCE = re.compile(r"```[ \t]*(?:python|py)[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_LANGS = ("python", "py")
+MAX_SCAN_CHARS = 100_000   # a call (tag or fence) must start within this much of a reply
 
 TAGGED_TOOLS_SYSTEM = (
     "You can call functions to help answer. The functions are listed below as JSON schemas.\n"
@@ -97,43 +98,61 @@ class TaggedProtocol:
         return {"role": "system", "content": "\n\n".join(parts)} if parts else None
 
     def find_call(self, segments: list[dict], runnable: set[str]) -> Call | None:
+        """The first <tool_call> block or ```python block of a reply.  Found with str.find, in
+        linear time, and only if it starts within MAX_SCAN_CHARS; one further on is refused."""
         text = "".join(s["content"] for s in segments)
         tools = runnable - {INTERPRETER}      # code comes only as a ```python block, never as a tag
-        tag = _TAGGED_CALL.search(text) if tools else None
-        fence = _PYTHON_FENCE.search(text) if INTERPRETER in runnable else None
-        if fence and (tag is None or fence.start() < tag.start()):
-            return Call(INTERPRETER, code=fence.group(1).strip())
-        if tag is None:
-            return None
-        return self.parse(tag.group(1), tools)
+        tag = text.find(TOOL_CALL_OPEN, 0, MAX_SCAN_CHARS + len(TOOL_CALL_OPEN) - 1) if tools else -1
+        fence = find_fence(text, PYTHON_LANGS, MAX_SCAN_CHARS) if INTERPRETER in runnable else None
+        if fence and (tag < 0 or fence[0] < tag):
+            try:
+                return Call(INTERPRETER, code=check_code(fence[1]))
+            except ToolCallError as e:
+                return Call(INTERPRETER, error=str(e))
+        if tag >= 0:
+            start = tag + len(TOOL_CALL_OPEN)
+            end = text.find(TOOL_CALL_CLOSE, start)     # an unclosed block runs to the end of the reply
+            return self.parse(text[start:] if end < 0 else text[start:end], tools)
+        if len(text) > MAX_SCAN_CHARS and ((tools and TOOL_CALL_OPEN in text[MAX_SCAN_CHARS:])
+                                           or (INTERPRETER in runnable and "```py" in text[MAX_SCAN_CHARS:])):
+            return Call("?", error=f"a tool call must start within the first {MAX_SCAN_CHARS} characters of a reply")
+        return None
 
     @staticmethod
     def parse(body: str, tools: set[str]) -> Call:
-        """The JSON inside <tool_call> tags, checked to name one of `tools` with object arguments."""
-        if len(body) > MAX_CALL_CHARS:
-            return Call("?", error=f"tool call is longer than {MAX_CALL_CHARS} characters")
+        """The JSON inside <tool_call> tags, checked to name one of `tools` with object arguments
+        that pass check_literal (the rule ChatGLM3's calls follow too)."""
         try:
-            call = json.loads(body)
-        except json.JSONDecodeError as e:
-            return Call("?", error=f"tool call is not valid JSON ({e.msg})")
-        except RecursionError:
-            return Call("?", error="tool call is nested too deeply")
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return Call("?", error='a tool call must be a JSON object {"name": ..., "arguments": {...}}')
-        name, args = call["name"], call.get("arguments", {})
-        if isinstance(args, str):      # some models send arguments as a JSON string, as OpenAI does
-            try:
-                args = json.loads(args)
-            except (json.JSONDecodeError, RecursionError):
-                return Call(name, error="arguments must be a JSON object")
-        if name not in tools:
-            return Call(name, error=f"there is no tool named {name!r}")
-        if not isinstance(args, dict):
-            return Call(name, error="arguments must be a JSON object")
-        return Call(name, arguments=args)
+            call = _load_json(body)
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise ToolCallError('a tool call must be a JSON object {"name": ..., "arguments": {...}}')
+            name = check_literal(call["name"])
+        except ToolCallError as e:
+            return Call("?", error=str(e))
+        try:
+            args = call.get("arguments", {})
+            if isinstance(args, str):      # some models send arguments as a JSON string, as OpenAI does
+                args = _load_json(args)
+            if name not in tools:
+                raise ToolCallError(f"there is no tool named {name!r}")
+            if not isinstance(args, dict):
+                raise ToolCallError("arguments must be a JSON object")
+            return Call(name, arguments=check_literal(args))
+        except ToolCallError as e:
+            return Call(name, error=str(e))
 
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+def _load_json(text: str):
+    """JSON text -> Python values, refusing (ToolCallError) what json.loads would raise on."""
+    if len(text) > MAX_CALL_CHARS:
+        raise ToolCallError(f"tool call is longer than {MAX_CALL_CHARS} characters")
+    try:
+        # NaN, Infinity and 1e999 load as floats; check_literal refuses them
+        return json.loads(text.strip(), parse_int=json_int)
+    except json.JSONDecodeError as e:
+        raise ToolCallError(f"tool call is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ToolCallError(DEPTH_ERROR) from None
 
 
 def tagged_call_text(name: str, arguments: dict) -> str:
@@ -150,6 +169,7 @@ class TaggedCallParser:
     def __init__(self, inner, tools: set[str]):
         self.inner, self.tools = inner, set(tools)
         self.buf, self.in_call = "", False
+        self.seen = 0        # in a call: how much of buf is known to hold no closing tag
 
     def feed(self, token_id: int) -> list[ReplyEvent]:
         return self.filter(self.inner.feed(token_id))
@@ -175,18 +195,21 @@ class TaggedCallParser:
                     out.append(ReplyEvent("text", self.buf[:i]))
                 self.buf, self.in_call = self.buf[i + len(TOOL_CALL_OPEN):], True
             else:
-                j = self.buf.find(TOOL_CALL_CLOSE)
-                if j < 0 and not final:
+                j = self.buf.find(TOOL_CALL_CLOSE, self.seen)   # from where the last search left off: linear
+                # a body that cannot end within MAX_CALL_CHARS is refused now, not held to the end
+                if j < 0 and not final and len(self.buf) < MAX_CALL_CHARS + len(TOOL_CALL_CLOSE):
+                    self.seen = max(0, len(self.buf) - len(TOOL_CALL_CLOSE) + 1)
                     return out
                 body = self.buf if j < 0 else self.buf[:j]
                 self.buf = "" if j < 0 else self.buf[j + len(TOOL_CALL_CLOSE):]
-                self.in_call = False
-                out += self._call(body.strip())
+                self.in_call, self.seen = False, 0
+                out += self._call(body, closed=j >= 0)
 
-    def _call(self, body: str) -> list[ReplyEvent]:
+    def _call(self, body: str, closed: bool) -> list[ReplyEvent]:
         call = TaggedProtocol.parse(body, self.tools)
         if call.error:   # shown, not run: the client sees what the model wrote and why
-            return [ReplyEvent("text", f"{TOOL_CALL_OPEN}{body}{TOOL_CALL_CLOSE}\n(tool call refused: {call.error})")]
+            close = TOOL_CALL_CLOSE if closed else ""
+            return [ReplyEvent("text", f"{TOOL_CALL_OPEN}{body.strip()}{close}\n(tool call refused: {call.error})")]
         return [ReplyEvent("segment", metadata=call.name), ReplyEvent("text", format_tool_call(call.arguments)),
                 ReplyEvent("segment", metadata="")]
 
