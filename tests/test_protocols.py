@@ -50,6 +50,17 @@ def test_python_fence_is_code_only_with_an_interpreter():
     assert TaggedProtocol().find_call([{"role": "assistant", "content": "```js\nx()\n```"}], {"interpreter"}) is None
 
 
+@pytest.mark.parametrize("text, code", [
+    ("```js\nx()\n```\nthen\n``` py \n  print(1)\n\t```", "print(1)"),   # the first python block
+    ("see ````python\nprint(2)\n```", "print(2)"),                        # an opener is the line's last ```
+    ("```python ```\nprint(3)\n```", None),                               # ...followed only by a language
+    ("```python\nprint(4)", None),                                        # an unclosed block is not code
+])
+def test_python_fences_are_found_by_a_linear_scan(text, code):
+    call = TaggedProtocol().find_call([{"role": "assistant", "content": text}], {"interpreter"})
+    assert (call and call.code) == code
+
+
 def test_default_model_tool_round_trip(smol):
     agent = Agent(smol, tools=CALC, max_steps=2)
     assert '"name": "calculator"' in agent.messages[0]["content"]   # the tools are listed as JSON
