@@ -176,10 +176,12 @@ def validate_arguments(arguments: dict, schema: dict | None) -> None:
     if not schema:
         return
     import jsonschema
+
+    from .json_schema import SchemaRefused, validate   # bounded, and never fetches a remote $ref
     try:
-        jsonschema.validate(arguments, schema)
+        validate(arguments, schema)
     except jsonschema.ValidationError as e:
         where = "/".join(map(str, e.absolute_path)) or "arguments"
         raise ToolCallError(f"invalid arguments at {where}: {e.message}") from None
-    except jsonschema.SchemaError as e:
-        raise ToolCallError(f"the tool's parameter schema is invalid: {e.message}") from None
+    except SchemaRefused as e:
+        raise ToolCallError(f"the tool's parameter schema is unusable: {e}") from None
