@@ -1,6 +1,24 @@
-"""Prometheus text exposition of the scheduler's counters (no client library needed for this)."""
+"""Prometheus text exposition of the scheduler's counters (no client library needed for this).
+
+HTTP requests are counted per route template (`/api/conversations/{cid}`), never per raw path:
+paths carry conversation ids and file names, and every distinct path would be a new series."""
 
 from __future__ import annotations
+
+from starlette.routing import Match
+
+
+def route_label(scope, routes) -> str:
+    """The template of the route that handled (or would handle) a request; 'other' if none."""
+    route = scope.get("route")
+    if route is None:      # answered before routing (401, 413): match it here
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return getattr(route, "path", None) or "other"
+
+
+def _label(value) -> str:
+    """A label value escaped as the text format requires."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _hist(name: str, help_: str, h) -> list[str]:
@@ -31,8 +49,8 @@ def render_metrics(scheduler, http_requests: dict) -> str:
     ]
     lines += _hist("glmkit_time_to_first_token_seconds", "From request to first token.", st.ttft)
     lines += _hist("glmkit_inter_token_latency_seconds", "Between consecutive tokens of a sequence.", st.token_latency)
-    lines += ["# HELP glmkit_http_requests_total HTTP requests by path and status.",
+    lines += ["# HELP glmkit_http_requests_total HTTP requests by route and status.",
               "# TYPE glmkit_http_requests_total counter"]
     for (path, status), n in sorted(http_requests.items()):
-        lines.append(f'glmkit_http_requests_total{{path="{path}",status="{status}"}} {n}')
+        lines.append(f'glmkit_http_requests_total{{path="{_label(path)}",status="{status}"}} {n}')
     return "\n".join(lines) + "\n"
