@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted API key (repeatable)")
     sv.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line")
+    sv.add_argument("--metrics-public", action="store_true",
+                    help="serve /metrics without an API key even when keys are set (e.g. for a scraper)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: CORS off)")
     sv.add_argument("--max-batch", type=_positive, default=8, help="sequences decoded together (default 8)")
@@ -344,7 +346,8 @@ def cmd_serve(args) -> int:
                                          max_seq_len=max_seq, model_id=args.model_id,
                                          scripted_replies=_scripted(args.scripted_replies),
                                          server_tools=server_tools, code_interpreter=interpreter_factory,
-                                         max_steps=args.max_steps, data_dir=_data_dir(args)), embedder=embedder)
+                                         max_steps=args.max_steps, data_dir=_data_dir(args),
+                                         metrics_public=args.metrics_public), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)

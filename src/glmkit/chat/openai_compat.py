@@ -8,10 +8,9 @@ flat `{name, description, parameters}` list that ChatGLM3 reads from its system 
 
 from __future__ import annotations
 
-import json
-
 from ..errors import GlmkitError
 from .glm3 import TOOLS_PREAMBLE
+from .json_schema import loads_bounded
 from .tool_calls import format_tool_call
 
 
@@ -19,9 +18,10 @@ def flat_tools(tools: list[dict] | None) -> list[dict]:
     out = []
     for i, t in enumerate(tools or []):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or t.get("type", "function") != "function" or not fn.get("name"):
+        if not isinstance(fn, dict) or t.get("type", "function") != "function" or not isinstance(fn.get("name"), str) \
+                or not fn["name"] or not isinstance(fn.get("parameters") or {}, dict):
             raise GlmkitError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name', ...}}}}")
-        out.append({"name": fn["name"], "description": fn.get("description", ""),
+        out.append({"name": fn["name"], "description": fn.get("description") or "",
                     "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
     return out
 
@@ -65,10 +65,12 @@ def to_template_messages(messages: list[dict], tools: list[dict] | None = None) 
 
 def _call(c: dict) -> tuple[str, dict]:
     """(name, arguments) of an assistant message's tool call."""
-    fn = c.get("function") or {}
+    fn = c.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments") or "", str):
+        raise GlmkitError("assistant tool_calls need function {name, arguments: JSON text of an object}")
     try:
-        args = json.loads(fn.get("arguments") or "{}")
-    except json.JSONDecodeError:
+        args = loads_bounded(fn.get("arguments") or "{}")
+    except ValueError:   # not JSON, too deep, a number past Python's digit limit, NaN
         raise GlmkitError("assistant tool_calls arguments must be a JSON object") from None
     if not isinstance(args, dict):
         raise GlmkitError("assistant tool_calls arguments must be a JSON object")

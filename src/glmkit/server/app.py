@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import math
+import re
 import secrets
 import time
 import uuid
 
+import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
+from ..chat.json_schema import MAX_CONTAINERS, SchemaRefused, check_schema, loads_bounded
+from ..chat.json_schema import validate as validate_json
 from ..chat.openai_compat import flat_tools, to_glm_messages, to_template_messages
 from ..chat.protocols import TOOL_CALL_OPEN, TaggedCallParser
+from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
 from ..engine import SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
 from ..errors import ContextLengthError, GlmkitError
 from .generation import ChoiceStream, events, step_view
-from .metrics import render_metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .metrics import render_metrics, route_label
+from .schemas import ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields
 
 log = logging.getLogger("glmkit.server")
 
@@ -40,11 +47,74 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` once a body is over its limit (FastAPI passes HTTPExceptions on
+    from body reading, so it becomes the 413 below wherever the body is read)."""
+    code = "body_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+def _not_a_number(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text):
+    if not math.isfinite(f := float(text)):
+        raise ValueError(f"{text[:20]} is out of range")
+    return f
+
+
+def strict_json(body: bytes):
+    """JSON as RFC 8259 has it: no NaN/Infinity, no number that overflows, no lone UTF-16
+    surrogate (text nothing downstream could encode).  JSONDecodeError otherwise: a 400."""
+    try:
+        value = json.loads(body, parse_constant=_not_a_number, parse_float=_finite)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except ValueError as e:     # ours, invalid UTF-8, or an integer past Python's 4300 digits
+        why = "a number has too many digits" if "integer string conversion" in str(e) else str(e)
+        raise json.JSONDecodeError(why, "", 0) from None
+    if re.search(rb"\\u[dD][89a-fA-F]", body):    # surrogate escapes: check that they all paired up
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                try:
+                    v.encode()
+                except UnicodeEncodeError:
+                    raise json.JSONDecodeError("text holds an unpaired UTF-16 surrogate", "", 0) from None
+            elif isinstance(v, (dict, list)):
+                stack += [*v.keys(), *v.values()] if isinstance(v, dict) else v
+    return value
+
+
+class _StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):   # for every route
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+        return strict
+
+
 class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
-                 server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20):
+                 server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
+                 metrics_public=False):
         self.api_keys = [k for k in api_keys if k]
+        self.metrics_public = metrics_public   # with API keys: serve /metrics without one
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
@@ -75,6 +145,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                           max_queue=config.max_queue)
     app = FastAPI(title="glmkit", version=__version__,
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
+    app.router.route_class = _StrictJSONRoute
     app.state.scheduler, app.state.chat_model, app.state.config = scheduler, chat_model, config
     app.state.started = int(time.time())
     app.state.http_requests = {}
@@ -92,33 +163,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        try:
-            size = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            size = 0
-        limit = config.max_upload_bytes if request.method == "PUT" and "/files/" in request.url.path \
-            else config.max_body_bytes
-        if size > limit:
-            resp = JSONResponse(error_body(f"request body is larger than {limit} bytes",
-                                           "invalid_request_error", code="body_too_large"), status_code=413)
-        elif config.api_keys and request.url.path.startswith(("/v1", "/api")) and \
-                not _authorized(request, config.api_keys):
-            resp = JSONResponse(error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                           "invalid_request_error", code="invalid_api_key"), status_code=401)
-        else:
-            try:
-                resp = await call_next(request)
-            except Exception:  # a real internal fault: logged with its request id
-                log.exception("internal error in request %s", rid)
-                resp = JSONResponse(error_body(f"internal error (request id {rid})", "server_error"), status_code=500)
-        resp.headers["X-Request-Id"] = rid
-        key = (request.url.path, resp.status_code)
-        app.state.http_requests[key] = app.state.http_requests.get(key, 0) + 1
-        return resp
+    app.add_middleware(_Guard, config=config, counts=app.state.http_requests, routes=app.router.routes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -140,16 +185,18 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     async def _validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = first.get("msg", "invalid request")
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in _field_path(first.get("loc", ()))).lstrip(".")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            msg, loc = "request body is not valid JSON", None
+            why = (first.get("ctx") or {}).get("error")
+            msg, loc = f"request body is not valid JSON{f' ({why})' if why else ''}", None
         return JSONResponse(error_body(f"{loc + ': ' if loc else ''}{msg}", "invalid_request_error", loc or None),
                             status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=getattr(exc, "code", None)),
+                            status_code=exc.status_code, headers=exc.headers)
 
     # -- endpoints --------------------------------------------------------------------------
     @app.get("/health")
@@ -173,16 +220,18 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, model_id)
+        json_check = _json_checker(body.response_format)
+        if body.tools or json_check:
+            await asyncio.to_thread(_check_schemas, body)     # jsonschema's meta-schema check is slow
         if body.glmkit_run_tools:
-            return await _run_tools(body)
+            return await _run_tools(body, json_check)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        tools = flat_tools(body.tools) if body.tools and body.tool_choice != "none" else []
+        tools = _flat_tools(body) if body.tool_choice != "none" else []
         forced = _forced_tool(body.tool_choice, tools)
         glm3 = chat_model.config.family == "chatglm"
-        json_check = _json_checker(body.response_format)
         try:
             glm = to_glm_messages(messages, tools) if glm3 else to_template_messages(messages, tools)
-            prompt = chat_model.encode_chat(glm)
+            prompt = await asyncio.to_thread(chat_model.encode_chat, glm)
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
         # a forced tool: the reply starts as that tool's call (ChatGLM3: its metadata line)
@@ -195,12 +244,13 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
                                logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
 
-    async def _run_tools(body: ChatCompletionRequest):
+    async def _run_tools(body: ChatCompletionRequest, json_check):
         """Extension: the server runs its own tools / interpreter between generations (non-streaming).
 
         The chat layer's Agent over the scheduler, as in the console.  A call to one of the
-        client's own tools ends the run and is returned as `tool_calls`, as without the extension."""
-        import asyncio
+        client's own tools ends the run and is returned as `tool_calls`, as without the extension.
+        Sampling fields are checked as for any request; stop strings end each generation, and
+        response_format is checked on the final answer."""
         import threading
 
         from ..chat.agent import Agent
@@ -213,12 +263,20 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             raise APIError(400, "glmkit_run_tools works with stream=false and n=1", param="glmkit_run_tools")
         if chat_model.config.family != "chatglm":
             raise APIError(400, f"model {model_id!r} has no tool-calling protocol", param="glmkit_run_tools")
-        client_tools = [Tool(t["name"], t["description"], t["parameters"]) for t in flat_tools(body.tools)]
+        if body.logprobs:
+            raise APIError(400, "logprobs are not available with glmkit_run_tools", param="logprobs")
+        if body.tool_choice not in (None, "auto"):
+            raise APIError(400, "glmkit_run_tools lets the model choose its tools (tool_choice 'auto')",
+                           param="tool_choice")
+        max_new, stop, base = _sampling(body)
+        client_tools = [Tool(t["name"], t["description"], t["parameters"]) for t in _flat_tools(body)]
         tools = client_tools + [t for t in config.server_tools.values() if t.name not in {c.name for c in client_tools}]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        history = to_glm_messages(messages, [t.spec() for t in tools])
-        model = ScheduledModel(chat_model, scheduler, threading.Event(), body.max_completion_tokens or body.max_tokens
-                               or config.max_tokens_limit, seed=body.seed)
+        try:
+            history = to_glm_messages(messages, [t.spec() for t in tools])
+        except GlmkitError as e:
+            raise APIError(400, str(e), param="messages") from None
+        model = ScheduledModel(chat_model, scheduler, threading.Event(), max_new, seed=body.seed, stop=stop)
         kernel = _RequestKernel(config.code_interpreter) if config.code_interpreter is not None else None
         agent = Agent(model, tools, max_steps=config.max_steps, interpreter=kernel)
         if tools or any(m["role"] == "system" for m in history):
@@ -227,8 +285,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             agent.messages += history   # after the interpreter's system prompt
         last = history[-1]["content"] if history and history[-1]["role"] == "user" else None
         script = config.script_for(chat_model, last)
-        gen = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                   repetition_penalty=body.repetition_penalty)
+        gen = dict(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
+                   repetition_penalty=base.repetition_penalty)
 
         def work():
             try:
@@ -263,6 +321,11 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             msg["tool_calls"] = [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": {
                 "name": agent.pending.name, "arguments": json.dumps(agent.pending.arguments, ensure_ascii=False)}}]
             finish = "tool_calls"
+        elif json_check:
+            problem = await asyncio.to_thread(json_check, content)
+            if problem:
+                raise APIError(422, problem, "invalid_response_error", param="response_format",
+                               code="json_validation_failed")
         usage = {"prompt_tokens": model.prompt_tokens, "completion_tokens": model.completion_tokens,
                  "total_tokens": model.prompt_tokens + model.completion_tokens}
         return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
@@ -278,7 +341,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             text = body.prompt[0]
         else:
             text = body.prompt
-        prompt = chat_model.tokenizer.encode(text)
+        prompt = await asyncio.to_thread(chat_model.tokenizer.encode, text)
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         return await _complete(request, body, prompt, [], [], "text_completion", logprobs=body.logprobs, raw=True)
@@ -296,22 +359,24 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         add_console_routes(app, app.state.store, chat_model, scheduler, config, APIError, request_key)
 
     # -- shared completion path -------------------------------------------------------------
-    async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
-                        forced=None, json_check=None):
+    def _sampling(body: SamplingFields):
+        """(max new tokens, stop strings, SamplingParams) of a request: the same checks for all."""
         if body.presence_penalty or body.frequency_penalty:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
                                 "use repetition_penalty", param="presence_penalty")
         max_new = body.max_completion_tokens or body.max_tokens or config.max_tokens_limit
         if max_new > config.max_tokens_limit:
             raise APIError(400, f"max_tokens is limited to {config.max_tokens_limit} on this server", param="max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, "at most 4 stop sequences", param="stop")
         try:
             base = chat_model.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                      repetition_penalty=body.repetition_penalty)
         except GlmkitError as e:
             raise APIError(400, str(e)) from None
+        return max_new, body.stops(), base
+
+    async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
+                        forced=None, json_check=None):
+        max_new, stop, base = _sampling(body)
         tools_by_name = {t["name"]: t for t in tools}
         stop_ids = chat_model.format.stop_ids if not raw else frozenset({chat_model.tokenizer.eos_id})
         handles, streams = [], []
@@ -350,7 +415,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                     st.finish("stop")
                     break
         for i, st in enumerate(streams):
-            problem = json_check(st.content) if json_check and not st.tool_calls else None
+            problem = await asyncio.to_thread(json_check, st.content) if json_check and not st.tool_calls else None
             if problem:
                 raise APIError(422, f"choice {i}: {problem}", "invalid_response_error", param="response_format",
                                code="json_validation_failed")
@@ -395,7 +460,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                     if st.finish_reason:
                         break
                 yield chunk(i, {}, finish=st.finish_reason) if kind == "chat.completion" else chunk(i, finish=st.finish_reason)
-                problem = json_check(st.content) if json_check and not st.tool_calls else None
+                problem = await asyncio.to_thread(json_check, st.content) \
+                    if json_check and not st.tool_calls else None
                 if problem:  # validated, not constrained: say so in the stream, as OpenAI streams errors
                     yield "data: " + json.dumps(error_body(f"choice {i}: {problem}", "invalid_response_error",
                                                            "response_format", "json_validation_failed")) + "\n\n"
@@ -478,6 +544,82 @@ def _authorized(request: Request, keys: list[str]) -> bool:
     return ok
 
 
+class _Guard:
+    """Pure ASGI middleware around every request: request id, API keys, the body limit on the
+    bytes actually received (chunked bodies too, not just a declared Content-Length), per-route
+    counts for /metrics, and a logged JSON 500 for any fault a handler did not turn into an error."""
+
+    def __init__(self, app, config: ServerConfig, counts: dict, routes: list):
+        self.app, self.config, self.counts, self.routes = app, config, counts, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cfg, request = self.config, Request(scope)
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path, status, received, started = scope["path"], 500, 0, False
+        limit = cfg.max_upload_bytes if scope["method"] == "PUT" and "/files/" in path else cfg.max_body_bytes
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tagged_send(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            declared = 0
+        guarded = path.startswith(("/v1", "/api")) or path == "/metrics" and not cfg.metrics_public
+        resp = None
+        if declared > limit:
+            resp = _error(413, f"request body is larger than {limit} bytes", code="body_too_large")
+        elif cfg.api_keys and guarded and not _authorized(request, cfg.api_keys):
+            resp = _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+        try:
+            if resp is None:
+                try:
+                    await self.app(scope, counted_receive, tagged_send)
+                except BodyTooLarge as e:   # read outside FastAPI's body handling
+                    resp = _error(413, e.detail, code=e.code)
+                except Exception:
+                    log.exception("internal error in request %s", rid)
+                    resp = _error(500, f"internal error (request id {rid})", "server_error")
+                if started:
+                    return                  # a response already began: nothing more can be said
+            if resp is not None:
+                await resp(scope, receive, tagged_send)
+        finally:
+            key = (route_label(scope, self.routes), status)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, code=code), status_code=status)
+
+
+def _field_path(loc) -> list:
+    """A pydantic error location as the request's field path (body and union member tags dropped)."""
+    out = []
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(p, str) and not p.isidentifier() or p in ("str", "int", "float", "bool", "list", "dict") \
+                or isinstance(p, str) and p[:1].isupper():
+            break
+        out.append(p)
+    return out
+
+
 def _check_model(requested: str | None, model_id: str):
     # clients must send some model name; accept ours, and the generic names SDK examples use
     if requested and requested != model_id and requested not in ("default", "glmkit"):
@@ -490,34 +632,46 @@ def _json_checker(fmt):
     what is wrong with a reply (None when it is acceptable), or None for plain text."""
     if fmt is None or fmt.type == "text":
         return None
-    schema = None
-    if fmt.type == "json_schema":
-        schema = (fmt.json_schema or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise APIError(400, "response_format json_schema needs json_schema.schema (an object)",
-                           param="response_format")
-        import jsonschema
-        try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise APIError(400, f"response_format schema is invalid: {e.message}", param="response_format") from None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(400, "response_format json_schema needs json_schema.schema (an object)",
+                       param="response_format.json_schema")
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None   # checked by _check_schemas
 
     def check(content: str) -> str | None:
         try:
-            value = json.loads(content)
-        except json.JSONDecodeError as e:
-            return f"the model's reply is not valid JSON ({e.msg} at position {e.pos}); glmkit validates " \
+            value = loads_bounded(content)
+        except ValueError as e:
+            return f"the model's reply is not valid JSON ({e}); glmkit validates " \
                    "response_format but does not constrain decoding, so ask for JSON in the prompt too"
         if fmt.type == "json_object" and not isinstance(value, dict):
             return "the model's reply is JSON but not an object"
         if schema is not None:
-            import jsonschema
             try:
-                jsonschema.validate(value, schema)
+                validate_json(value, schema)
             except jsonschema.ValidationError as e:
                 return f"the model's reply does not match the schema: {e.message}"
         return None
     return check
+
+
+def _flat_tools(body) -> list[dict]:
+    return flat_tools([t.model_dump() for t in body.tools or []])
+
+
+def _check_schemas(body) -> None:
+    """Every client schema of a request, before any use: bounded (one budget for all of them),
+    well-formed, and with local references only (chat.json_schema).  Runs in a worker thread."""
+    items = [(f"tools[{i}].function.parameters", t.function.parameters) for i, t in enumerate(body.tools or [])
+             if t.function.parameters is not None]
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        items.append(("response_format.json_schema.schema", fmt.json_schema.schema_))
+    budget = MAX_CONTAINERS
+    for param, schema in items:
+        try:
+            budget -= check_schema(schema, budget)
+        except SchemaRefused as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
 
 def _forced_tool(choice, tools: list[dict]) -> str | None:
@@ -529,8 +683,8 @@ def _forced_tool(choice, tools: list[dict]) -> str | None:
             return names[0]
         raise APIError(400, "tool_choice 'required' needs exactly one tool here; name the function instead",
                        param="tool_choice")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
         if name not in names:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
         return name

@@ -9,7 +9,9 @@ from __future__ import annotations
 import queue
 import threading
 
+from ..chat.formats import ReplyEvent
 from ..chat_model import Reply
+from ..engine import StopStrings
 from ..engine.scheduler import SeqRequest
 
 
@@ -18,13 +20,15 @@ class Cancelled(Exception):
 
 
 class ScheduledModel:
-    def __init__(self, chat_model, scheduler, cancel: threading.Event, max_new_tokens: int, seed: int | None = None):
+    def __init__(self, chat_model, scheduler, cancel: threading.Event, max_new_tokens: int, seed: int | None = None,
+                 stop: list[str] | None = None):
         self.chat_model = chat_model
         self.format = chat_model.format
         self.scheduler = scheduler
         self.cancel = cancel
         self.max_new_tokens = max_new_tokens
         self.seed = seed
+        self.stop = stop or []    # a request's stop strings: each generation ends at one, as in the API
         # totals over every generation of a run (API usage), and how the last one ended
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -40,6 +44,21 @@ class ScheduledModel:
                                                   self.format.stop_ids, forced=forced))
         self.prompt_tokens += len(prompt)
         parser = self.format.reply_parser()
+        stops, in_call = StopStrings(self.stop), False
+
+        def shown(events):    # stop strings apply to answer text, not to a call being written
+            nonlocal in_call
+            for e in events:
+                if e.kind == "segment":
+                    held = stops.flush()     # text held for a possible stop string ends with its segment
+                    if held:
+                        yield ReplyEvent("text", held)
+                    in_call = bool(e.metadata)
+                elif e.kind == "text" and not in_call:
+                    e = ReplyEvent("text", stops.feed(e.text))
+                    if not e.text:
+                        continue
+                yield e
         try:
             while True:
                 if self.cancel.is_set():
@@ -52,11 +71,18 @@ class ScheduledModel:
                 self.completion_tokens += 1
                 reply.token_ids.append(ev.token)
                 if ev.finish != "stop":          # the stop token itself is never text
-                    yield from parser.feed(ev.token)
-                if ev.finish:
-                    reply.finish_reason = self.finish_reason = ev.finish
+                    yield from shown(parser.feed(ev.token))
+                if stops.hit or ev.finish:
+                    reply.finish_reason = self.finish_reason = "stop" if stops.hit else ev.finish
                     break
         finally:
             handle.cancel()                      # no-op once finished; frees the slot otherwise
-        yield from parser.finish()
+        yield from shown(parser.finish())
+        tail = stops.flush()
+        if tail:
+            yield ReplyEvent("text", tail)
         reply.messages = parser.messages()
+        for m in reply.messages if stops.hit else ():   # the history keeps what the client saw
+            if not m.get("metadata"):
+                cut = min((i for i in (m["content"].find(s) for s in stops.stops) if i >= 0), default=-1)
+                m["content"] = m["content"][:cut] if cut >= 0 else m["content"]
