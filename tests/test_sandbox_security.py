@@ -209,6 +209,14 @@ def test_cpu_budget_across_processes(sandbox):
     assert r.restarted and "CPU time (3 s for all its processes together)" in r.text, r.text
     assert time.monotonic() - t0 < 12
     assert it.run("print('fresh budget')").text == "fresh budget\n"
+    # a thread left behind by a cell spends the budget between cells: the next cell gets a new kernel
+    it.run("import threading\ndef spin():\n    while True:\n        pass\nthreading.Thread(target=spin, daemon=True).start()")
+    deadline = time.monotonic() + 30                  # the machine may be busy: wait for the CPU time itself
+    while it._cg.cpu_seconds() - it._cpu_base <= 3.2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    r = it.run("print('next')")
+    assert r.restarted and r.text == "(The kernel used up its CPU time (3 s) and was restarted; earlier variables " \
+        "are gone.)\nnext\n", r.text
 
 
 # -- D13: hardening -------------------------------------------------------------------------

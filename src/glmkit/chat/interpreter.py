@@ -335,8 +335,11 @@ class Interpreter:
     # -- process ---------------------------------------------------------------------------
     def _command(self, reply_fd: int) -> list[str]:
         lim = self.limits
+        # per process, CPU time stops at the budget; where the cgroup counts all processes together,
+        # a little later, so that the budget for the whole kernel is what stops it, with its message
+        cpu = lim.cpu_seconds + (5 if "cpu" in self._cg.dirs else 0)
         cfg = {"reply_fd": reply_fd, "memory_mb": lim.memory_mb, "max_procs": lim.max_procs,
-               "max_file_mb": lim.max_file_mb, "cpu_seconds": lim.cpu_seconds, "max_output": lim.max_output,
+               "max_file_mb": lim.max_file_mb, "cpu_seconds": cpu, "max_output": lim.max_output,
                "reply_cap": REPLY_CAP - 4096, "workdir": MOUNT if self.sandboxed else str(self.workspace)}
         py = [sys.executable, "-I", "-c", RUNNER.read_text(encoding="utf-8"), json.dumps(cfg)]
         if not self.sandboxed:
@@ -410,12 +413,13 @@ class Interpreter:
 
     def run(self, code: str) -> CellResult:
         # a kernel that died while idle, or spent its CPU budget (a cell's leftover thread), is replaced
-        stale = self._proc is not None and (self._proc.poll() is not None or self._cpu_spent())
-        if stale:
+        why = None if self._proc is None else f"used up its CPU time ({self.limits.cpu_seconds} s)" \
+            if self._cpu_spent() else "had stopped" if self._proc.poll() is not None else None
+        if why:
             self.close()
         result = self._run(code)
-        if stale and not result.restarted:   # e.g. interrupted while idle: say so, variables are gone
-            result.text = "(The kernel had stopped and was restarted; earlier variables are gone.)\n" + result.text
+        if why and not result.restarted:   # e.g. interrupted while idle: say so, variables are gone
+            result.text = f"(The kernel {why} and was restarted; earlier variables are gone.)\n" + result.text
             result.restarted = True
         return result
 
