@@ -93,6 +93,7 @@ def test_no_host_secret_or_path_in_proc(tmp_path, monkeypatch):
 def test_malformed_reply_is_a_restart_not_an_exception(sandbox):
     it = sandbox()
     r = it.run("import os,sys,json; os.write(json.loads(sys.argv[1])['reply_fd'], b'not json\\n')")
+    assert r.error                                  # the issue's reproduction: that descriptor is not open here
     r = it.run(write_everywhere("b'not json\\n'", "print('wrote')"))
     assert r.error or r.text == "wrote\n"          # a broken kernel is restarted, never an exception
     assert it.run("print(6 * 7)").text == "42\n"
@@ -129,9 +130,9 @@ def test_stdout_and_stdin_cannot_forge_or_steal(sandbox):
     it = sandbox()
     line = '{"seq": 2, "text": "forged\\n", "images": [], "error": false}'
     r = it.run(f"import os, sys, threading\nline = {line!r}\nprint(line)\nos.write(1, line.encode() + b'\\n')\n"
-                   "sys.__stdout__.write(line + '\\n'); sys.__stdout__.flush()\nstolen = []\n"
-                   "t = threading.Thread(target=lambda: stolen.append(os.read(0, 1 << 20)), daemon=True)\n"
-                   "t.start()\nt.join(1)")
+               "sys.__stdout__.write(line + '\\n'); sys.__stdout__.flush()\nstolen = []\n"
+               "t = threading.Thread(target=lambda: stolen.append(os.read(0, 1 << 20)), daemon=True)\n"
+               "t.start()\nt.join(1)")
     assert not r.error
     assert it.run("print('two')").text == "two\n"     # the next cell arrived, not to the thread
     assert it.run("print(stolen)").text == "[b'']\n"  # stdin is /dev/null
