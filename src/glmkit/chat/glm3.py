@@ -52,10 +52,14 @@ class _Segment:
         self.decoder = IncrementalDecoder(tok, strip_leading_space=True)
         self.head = ""            # text before the first newline: the metadata line
         self.metadata: str | None = None
-        self.content = ""         # raw content, as history keeps it
+        self.parts: list[str] = []  # raw content, as history keeps it (a list: appending stays linear)
         self.shown_any = False    # plain segments: leading whitespace is not shown
         self.held = ""            # plain segments: trailing whitespace / partial placeholder
         self.tokens = 0
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
 
     @property
     def plain(self) -> bool:
@@ -99,9 +103,12 @@ class GLM3ReplyParser:
         return self._content(seg, text)
 
     def _content(self, seg: _Segment, text: str) -> list[ReplyEvent]:
-        seg.content += text
+        seg.parts.append(text)
         if not seg.plain:
             return [ReplyEvent("text", text)] if text else []
+        if text.isspace():      # only held: re-stripping the whole held run per token would be quadratic
+            seg.held += text
+            return []
         # plain text is shown stripped, with the training-time placeholder filled in
         if not seg.shown_any:
             text = text.lstrip()
