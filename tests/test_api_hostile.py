@@ -285,3 +285,14 @@ def test_fuzzed_requests_never_get_a_server_error(server, tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "generated" in out and "Server error" not in out, out[-4000:]
+
+
+def test_developer_role_is_the_system_message(api):
+    """OpenAI's newer clients send the system prompt as role "developer": the same prompt ids."""
+    def usage(role):
+        body = {"model": "default", "max_tokens": 1, "temperature": 0,
+                "messages": [{"role": role, "content": "Be brief."}, *user()]}
+        r = api.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+    assert usage("developer") == usage("system")
