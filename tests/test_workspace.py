@@ -98,3 +98,15 @@ def test_listing_is_bounded_and_errors_are_plain(ws):
         ws.save(CID, "adir", b"x")                                  # a directory of that name: a clear error
     with pytest.raises(FileNotFoundError):
         ws.open(CID, "top.txt\0")
+
+
+def test_uploads_respect_the_workspace_quota(tmp_path):
+    """The sandbox stops code that fills the workspace past its quota; uploads obey the same one."""
+    from glmkit.errors import GlmkitError
+    w = Workspaces(tmp_path / "workspaces", quota_bytes=64 * 1024)
+    w.save(CID, "a.bin", b"x" * 40_000)
+    w.save(CID, "a.bin", b"y" * 50_000)                 # replacing a file counts only the new bytes
+    with pytest.raises(GlmkitError, match="workspace is full"):
+        w.save(CID, "b.bin", b"z" * 30_000)
+    assert sorted(f["name"] for f in w.list(CID)) == ["a.bin"]
+    assert read(w, "a.bin")[1] == 50_000

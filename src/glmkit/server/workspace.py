@@ -26,8 +26,11 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK   # NONBLOCK: a FIFO mu
 
 
 class Workspaces:
-    def __init__(self, root: Path, interpreter_factory=None, max_kernels: int = 4):
+    def __init__(self, root: Path, interpreter_factory=None, max_kernels: int = 4, quota_bytes: int | None = None):
+        from ..chat.interpreter import Limits
         self.root = Path(root)
+        # the same quota the sandbox enforces on code, so an upload cannot fill what code may not
+        self.quota_bytes = quota_bytes if quota_bytes is not None else Limits().workspace_mb << 20
         self.factory = interpreter_factory    # workspace path -> chat.interpreter.Interpreter
         self.max_kernels = max_kernels
         self._kernels: OrderedDict[str, object] = OrderedDict()
@@ -67,6 +70,7 @@ class Workspaces:
             raise GlmkitError("a file name must be a plain name, without '/' and not starting with '.'")
         base = self.path(cid)
         base.mkdir(parents=True, exist_ok=True)
+        self._check_quota(base, name, len(data))
         fd, tmp = tempfile.mkstemp(dir=base, prefix=".upload-")    # O_EXCL: never an existing path
         try:
             with os.fdopen(fd, "wb") as f:
@@ -80,6 +84,17 @@ class Workspaces:
             except OSError:
                 pass
         return {"name": name, "size": len(data)}
+
+    def _check_quota(self, base: Path, name: str, size: int):
+        from ..chat.interpreter import WORKSPACE_ENTRIES, workspace_usage
+        used, entries = workspace_usage(base)
+        try:
+            used -= os.stat(base / name, follow_symlinks=False).st_size     # a file being replaced
+        except OSError:
+            pass
+        if used + size > self.quota_bytes or entries >= WORKSPACE_ENTRIES:
+            raise GlmkitError(f"the workspace is full: {used + size} bytes would exceed its quota of "
+                              f"{self.quota_bytes} bytes ({WORKSPACE_ENTRIES} files); delete files first")
 
     def open(self, cid: str, name: str) -> tuple[int, int]:
         """(descriptor, size) of a regular file inside the workspace, opened without following
