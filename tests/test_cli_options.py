@@ -30,7 +30,7 @@ def test_workspace_must_exist(clean_env, tmp_path):
 
 
 def test_code_chat_removes_its_temporary_workspace(clean_env, tmp_path):
-    from glmkit.chat.interpreter import sandbox_available
+    from glmkit.sandbox import sandbox_available
     if sandbox_available():
         pytest.skip(sandbox_available())
     env = dict(clean_env, TMPDIR=str(tmp_path))
@@ -41,7 +41,7 @@ def test_code_chat_removes_its_temporary_workspace(clean_env, tmp_path):
 
 
 def test_serve_code_leaves_no_probe_directory(clean_env, tmp_path):
-    from glmkit.chat.interpreter import sandbox_available
+    from glmkit.sandbox import sandbox_available
     if sandbox_available():
         pytest.skip(sandbox_available())
     env = dict(clean_env, TMPDIR=str(tmp_path))

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from glmkit.chat.interpreter import CellResult, Interpreter, Limits, sandbox_available
+from glmkit.sandbox import CellResult, Interpreter, Limits, sandbox_available
 from glmkit.chat.tool_calls import extract_code
 from glmkit.errors import GlmkitError
 
@@ -139,7 +139,7 @@ def test_interrupt_stops_only_a_running_cell(tmp_path):
 
 
 def test_refuses_without_sandbox_unless_unsafe(monkeypatch, tmp_path):
-    import glmkit.chat.interpreter as interp
+    import glmkit.sandbox.interpreter as interp
     monkeypatch.setattr(interp, "sandbox_available", lambda: "bubblewrap is not installed")
     with pytest.raises(GlmkitError, match="unsafe-interpreter"):
         Interpreter(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 
 from glmkit.chat.agent import Agent
 from glmkit.chat.builtin_tools import calculator
-from glmkit.chat.interpreter import Interpreter, Limits
+from glmkit.sandbox import Interpreter, Limits
 from glmkit.chat.protocols import TaggedProtocol
 from glmkit.chat.scripted import scripted_reply_ids
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from glmkit.chat.interpreter import Interpreter, Limits, sandbox_available
+from glmkit.sandbox import Interpreter, Limits, sandbox_available
 
 REASON = sandbox_available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no sandbox here: {REASON}")

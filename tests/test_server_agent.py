@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from conftest import TINY_32K
-from glmkit.chat.interpreter import sandbox_available
+from glmkit.sandbox import sandbox_available
 from server_helpers import running_server
 
 SCRIPT = {

@@ -58,32 +58,6 @@ def test_upload_names_are_plain(ws, name):
         ws.save(CID, name, b"x")
 
 
-def test_kernels_in_use_are_never_evicted(tmp_path):
-    closed = []
-
-    class FakeKernel:
-        def __init__(self, path):
-            self.path = path
-
-        def close(self, final=False):
-            closed.append(self.path.name)
-
-    w = Workspaces(tmp_path, FakeKernel, max_kernels=2)
-    cids = [f"{i:032x}" for i in range(4)]
-    busy = w.acquire(cids[0])                   # a long cell is running here
-    for c in cids[1:]:                           # three more conversations each run a cell
-        w.acquire(c)
-        w.release(c)
-    # at most 2 stay up: the idle ones go, oldest first; the busy one stays although oldest
-    assert closed == [cids[1], cids[2]] and list(w._kernels) == [cids[0], cids[3]]
-    w.release(cids[0])
-    assert w.acquire(cids[0]) is busy            # same kernel, variables kept
-    w.close_kernel(cids[0])                      # e.g. the conversation is deleted: not under the turn...
-    assert cids[0] not in closed
-    w.release(cids[0])                           # ...but as soon as the turn lets go
-    assert closed[-1] == cids[0] and w.acquire(cids[0]) is not busy
-
-
 def test_listing_is_bounded_and_errors_are_plain(ws):
     from glmkit.errors import GlmkitError
     deep = ws.path(CID)

@@ -195,19 +195,18 @@ def cmd_chat(args) -> int:
     return interactive(model, base, gen, max_new)
 
 
-def _make_agent(model, args, workspace: str | None):
+def _kernel_pool(args):
+    from functools import partial
+
+    from .sandbox import Interpreter, KernelPool
+    return KernelPool(partial(Interpreter, unsafe=args.unsafe_interpreter))
+
+
+def _make_agent(model, args, interpreter):
     import json
 
     from .chat.agent import Agent
     from .chat.tools import ToolResult, load_tools
-    interpreter = None
-    if args.code:
-        from .chat.interpreter import Interpreter
-        interpreter = Interpreter(workspace, unsafe=args.unsafe_interpreter)
-        interpreter.start()
-        print(f"[code interpreter: workspace {workspace} is /mnt/data"
-              f"{'' if interpreter.sandboxed else ', NOT SANDBOXED'}"
-              f"{'' if args.workspace else '; removed on exit'}]", file=sys.stderr)
     tools = load_tools(args.tools)
     if model.config.family != "chatglm" and (tools or interpreter):
         asked = " and ".join(x for x, on in (("<tool_call> JSON", tools), ("```python blocks", interpreter)) if on)
@@ -242,19 +241,23 @@ def _show_agent(events, out=sys.stdout, log=sys.stderr):
 
 def tools_chat(model, args, gen) -> int:
     import contextlib
-    import tempfile
     gen = {k: v for k, v in gen.items() if k != "stop"}
     with contextlib.ExitStack() as cleanup:
-        workspace = args.workspace
-        if args.code and workspace is None:   # a temporary workspace lives as long as this chat
-            workspace = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="glmkit-workspace-"))
-        agents = [_make_agent(model, args, workspace)]
-        cleanup.callback(lambda: agents[-1].interpreter and agents[-1].interpreter.close(final=True))
-        return _tools_session(model, args, gen, agents, workspace)
+        kernel = None
+        if args.code:
+            kernels = _kernel_pool(args)
+            cleanup.callback(kernels.close_all)
+            # held for the whole chat; without --workspace, in a temporary one removed with it
+            kernel = kernels.acquire("chat", args.workspace)
+            kernel.start()
+            print(f"[code interpreter: workspace {kernel.workspace} is /mnt/data"
+                  f"{'' if kernel.sandboxed else ', NOT SANDBOXED'}"
+                  f"{'' if args.workspace else '; removed on exit'}]", file=sys.stderr)
+        return _tools_session(model, args, gen, kernel)
 
 
-def _tools_session(model, args, gen, agents, workspace) -> int:
-    agent = agents[-1]
+def _tools_session(model, args, gen, kernel) -> int:
+    agent = _make_agent(model, args, kernel)
     if args.prompt is not None:
         _show_agent(agent.run(args.prompt, **gen))
         sys.stdout.write("\n")
@@ -264,10 +267,9 @@ def _tools_session(model, args, gen, agents, workspace) -> int:
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
     for text in _user_lines():
         if text == "clear":
-            if agent.interpreter is not None:
-                agent.interpreter.close(final=True)     # a new conversation gets a new kernel
-            agent = _make_agent(model, args, workspace)
-            agents.append(agent)
+            if kernel is not None:
+                kernel.restart()      # a new conversation gets a fresh kernel; the workspace's files stay
+            agent = _make_agent(model, args, kernel)
             print("[conversation cleared]\n")
             continue
         sys.stdout.write(f"{model.name}: ")
@@ -331,27 +333,25 @@ def cmd_serve(args) -> int:
         from .server.embeddings import load_embedder
         embedder = load_embedder(args.embedding_model)
     from .chat.tools import load_tools
-    server_tools, interpreter_factory = load_tools(args.tools), None
+    server_tools, kernels = load_tools(args.tools), None
     if args.code:
-        import tempfile
-
-        from .chat.interpreter import Interpreter
-        with tempfile.TemporaryDirectory(prefix="glmkit-probe-") as probe:   # refuse to start without a sandbox
-            Interpreter(probe, unsafe=args.unsafe_interpreter).close(final=True)
-
-        def interpreter_factory(workspace=None):
-            return Interpreter(workspace or tempfile.mkdtemp(prefix="glmkit-workspace-"), unsafe=args.unsafe_interpreter)
+        kernels = _kernel_pool(args)
+        kernels.check()       # refuse to start without a sandbox
     app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
                                          max_seq_len=max_seq, model_id=args.model_id,
                                          scripted_replies=_scripted(args.scripted_replies),
-                                         server_tools=server_tools, code_interpreter=interpreter_factory,
+                                         server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=_data_dir(args),
                                          metrics_public=args.metrics_public), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if kernels is not None:
+            kernels.close_all()     # the console's idle kernels (a request closes its own)
     return 0
 
 

@@ -122,8 +122,8 @@ class ServerConfig:
         self.max_seq_len, self.model_id = max_seq_len, model_id
         # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
         self.scripted_replies = scripted_replies or {}
-        # tools the server itself runs (glmkit_run_tools requests, the console's Tool mode), and a
-        # factory `(workspace dir or None) -> Interpreter` of sandboxed kernels (None: no code runs)
+        # tools the server itself runs (glmkit_run_tools requests, the console's Tool mode), and the
+        # sandbox.KernelPool that its code runs in (None: no code runs)
         self.server_tools = {t.name: t for t in server_tools}
         self.code_interpreter = code_interpreter
         self.max_steps = max_steps
@@ -277,7 +277,9 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
         model = ScheduledModel(chat_model, scheduler, threading.Event(), max_new, seed=body.seed, stop=stop)
-        kernel = _RequestKernel(config.code_interpreter) if config.code_interpreter is not None else None
+        # the request's own kernel, in a temporary workspace, made only if the model writes code
+        kernel = (config.code_interpreter.lease(f"request-{uuid.uuid4().hex}")
+                  if config.code_interpreter is not None else None)
         agent = Agent(model, tools, max_steps=config.max_steps, interpreter=kernel)
         if tools or any(m["role"] == "system" for m in history):
             agent.messages = history    # the request's own system message (to_glm_messages put the tools in it)
@@ -293,7 +295,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 return list(agent.run(None, script=[script] if script else None, **gen))
             finally:
                 if kernel is not None:
-                    kernel.close()
+                    kernel.close()      # with its workspace
         try:
             evs = await asyncio.to_thread(work)
         except asyncio.CancelledError:    # e.g. the server shutting down: stop generating and running code
@@ -501,33 +503,6 @@ def _completion_logprobs(entries: list[dict] | None):
         return None
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
-
-
-class _RequestKernel:
-    """The interpreter for one glmkit_run_tools request: started on the first cell only (a
-    tools-only request never makes one), in the worker thread, and removed with its workspace."""
-
-    def __init__(self, factory):
-        self.factory, self.kernel, self.cancelled = factory, None, False
-
-    def run(self, code: str):
-        from ..chat.interpreter import CellResult
-        if self.cancelled:
-            return CellResult("Stopped: the client went away.", error=True)
-        if self.kernel is None:
-            self.kernel = self.factory(None)
-        return self.kernel.run(code)
-
-    def interrupt(self):
-        self.cancelled = True
-        if self.kernel is not None:
-            self.kernel.interrupt()
-
-    def close(self):
-        if self.kernel is not None:
-            import shutil
-            self.kernel.close(final=True)
-            shutil.rmtree(self.kernel.workspace, ignore_errors=True)   # the factory's temporary directory
 
 
 def request_key(request: Request) -> str:

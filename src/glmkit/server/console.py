@@ -180,7 +180,6 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
     defaults = dict(chat_model.default_sampling, max_new_tokens=min(1024, limit), system="")
     workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
     app.state.workspaces = workspaces
-    app.router.on_shutdown.append(workspaces.close_all)
     router = APIRouter(route_class=_strict_route(APIError, config.max_body_bytes))
     active: dict[str, Turn] = {}       # conversation id -> its turn in progress
     modes = {"chat": None,
@@ -410,12 +409,12 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                    for m in store.get(who, cid)["messages"]]
         mode = conv["mode"]
         script = config.script_for(chat_model, history[-1]["content"] if history[-1]["role"] == "user" else None)
-        kernel = workspaces.acquire(cid) if mode == "code" else None
+        kernel = workspaces.lease(cid) if mode == "code" else None
 
         def finished():
             active.pop(cid, None)
             if kernel is not None:
-                workspaces.release(cid)
+                kernel.release()
         try:
             turn = Turn(store, who, cid, {
                 "max_steps": config.max_steps,

@@ -1,4 +1,4 @@
-"""Each code-interpreter conversation's files and its kernel.
+"""Each code-interpreter conversation's files, and its kernel from the server's kernel pool.
 
 A conversation's workspace is a directory under the data dir; its sandboxed kernel sees it as
 /mnt/data.  The browser uploads into it and downloads what the code wrote.  Code in the sandbox
@@ -14,11 +14,11 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import GlmkitError
+from ..sandbox.limits import WORKSPACE_ENTRIES, Limits, workspace_usage
+from ..sandbox.pool import KernelPool, Lease
 
 _NAME = re.compile(r"^[^/\\\x00-\x1f]{1,200}$")
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -26,17 +26,11 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK   # NONBLOCK: a FIFO mu
 
 
 class Workspaces:
-    def __init__(self, root: Path, interpreter_factory=None, max_kernels: int = 4, quota_bytes: int | None = None):
-        from ..chat.interpreter import Limits
+    def __init__(self, root: Path, kernels: KernelPool | None = None, quota_bytes: int | None = None):
         self.root = Path(root)
         # the same quota the sandbox enforces on code, so an upload cannot fill what code may not
         self.quota_bytes = quota_bytes if quota_bytes is not None else Limits().workspace_mb << 20
-        self.factory = interpreter_factory    # workspace path -> chat.interpreter.Interpreter
-        self.max_kernels = max_kernels
-        self._kernels: OrderedDict[str, object] = OrderedDict()
-        self._in_use: dict[str, int] = {}
-        self._closing: set[str] = set()
-        self._lock = threading.Lock()
+        self.kernels = kernels        # None: this server runs no code
 
     def path(self, cid: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{32}", cid):
@@ -86,7 +80,6 @@ class Workspaces:
         return {"name": name, "size": len(data)}
 
     def _check_quota(self, base: Path, name: str, size: int):
-        from ..chat.interpreter import WORKSPACE_ENTRIES, workspace_usage
         used, entries = workspace_usage(base)
         try:
             used -= os.stat(base / name, follow_symlinks=False).st_size     # a file being replaced
@@ -124,55 +117,18 @@ class Workspaces:
         return f, st.st_size
 
     def remove(self, cid: str) -> None:
-        self.close_kernel(cid)
+        self.close_kernel(cid)        # first: its kernel works in the directory
         shutil.rmtree(self.path(cid), ignore_errors=True)
 
     # -- kernels ---------------------------------------------------------------------------
-    def acquire(self, cid: str):
-        """The conversation's kernel (variables persist between its turns), held until release().
-        At most `max_kernels` idle kernels stay up; the least recently used idle one is shut
-        down first, and a kernel in use is never shut down."""
-        if self.factory is None:
+    def lease(self, cid: str) -> Lease:
+        """The conversation's kernel for one turn (variables persist between turns), made at its
+        first cell; the caller releases it when the turn ends."""
+        if self.kernels is None:
             raise GlmkitError("this server does not run code (start it with --code)")
-        evicted = []
-        with self._lock:
-            k = self._kernels.pop(cid, None)
-            if k is None:
-                self.path(cid).mkdir(parents=True, exist_ok=True)
-                k = self.factory(self.path(cid))
-            self._kernels[cid] = k
-            self._in_use[cid] = self._in_use.get(cid, 0) + 1
-            idle = [c for c in self._kernels if not self._in_use.get(c)]
-            while len(self._kernels) > self.max_kernels and idle:
-                evicted.append(self._kernels.pop(idle.pop(0)))
-        for old in evicted:
-            old.close(final=True)
-        return k
-
-    def release(self, cid: str) -> None:
-        k = None
-        with self._lock:
-            self._in_use[cid] = self._in_use.get(cid, 1) - 1
-            if self._in_use[cid] <= 0:
-                del self._in_use[cid]
-                if cid in self._closing:        # closed while in use: closed now
-                    self._closing.discard(cid)
-                    k = self._kernels.pop(cid, None)
-        if k is not None:
-            k.close(final=True)
+        return self.kernels.lease(cid, self.path(cid))
 
     def close_kernel(self, cid: str) -> None:
-        """Shut the kernel down now, or when its turn releases it."""
-        with self._lock:
-            if self._in_use.get(cid):
-                self._closing.add(cid)
-                return
-            k = self._kernels.pop(cid, None)
-        if k is not None:
-            k.close(final=True)
-
-    def close_all(self) -> None:
-        with self._lock:
-            kernels, self._kernels = list(self._kernels.values()), OrderedDict()
-        for k in kernels:
-            k.close(final=True)
+        """Shut the kernel down (its variables go, its files stay) now, or when its turn ends."""
+        if self.kernels is not None:
+            self.kernels.close(cid)

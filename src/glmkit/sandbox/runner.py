@@ -1,4 +1,4 @@
-"""The code interpreter's kernel.  THIS FILE RUNS ONLY INSIDE THE SANDBOX (chat/interpreter.py
+"""The code interpreter's kernel.  THIS FILE RUNS ONLY INSIDE THE SANDBOX (sandbox/interpreter.py
 starts it under bubblewrap with `python -c <this source>`); glmkit never imports it.
 
 Two processes, so that no cell can reach the host's pipes (a descriptor of the process running the
