@@ -11,7 +11,8 @@ import glmkit
 from glmkit.chat.agent import Agent
 from glmkit.chat.builtin_tools import BUILTIN, calculator, convert_units
 from glmkit.chat.tool_calls import ToolCallError, format_tool_call, parse_tool_call
-from glmkit.chat.tools import Tool, as_tool, load_tool_file, run_tool, tool
+from glmkit.chat.tool_definitions import Tool, as_tool, tool
+from glmkit.chat.tools import load_tool_file, run_tool
 
 
 # -- parser -----------------------------------------------------------------------------------

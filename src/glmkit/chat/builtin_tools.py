@@ -9,7 +9,7 @@ import random
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from .tools import tool
+from .tool_definitions import tool
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
