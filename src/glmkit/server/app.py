@@ -254,7 +254,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         import threading
 
         from ..chat.agent import Agent
-        from ..chat.tools import Tool
+        from ..chat.tool_definitions import Tool
         from .scheduled_model import ScheduledModel
         if not config.server_tools and config.code_interpreter is None:
             raise APIError(400, "this server runs no tools itself (start it with --tools and/or --code)",
