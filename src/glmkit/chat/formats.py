@@ -1,4 +1,5 @@
-"""What every chat format provides, and how a checkpoint picks its format."""
+"""What every chat format provides: prompt ids for a conversation, and a parser that turns the
+reply's ids into ReplyEvents (format_choice.py picks a checkpoint's format)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,3 @@ class ChatFormat(Protocol):
 
     def reply_parser(self) -> ReplyParser: ...
 
-
-def chat_format_for(checkpoint) -> ChatFormat:
-    family = checkpoint.config.family
-    if family == "chatglm":
-        from .glm3 import GLM3Format
-        return GLM3Format(checkpoint.tokenizer)
-    if checkpoint.chat_template:
-        from .template import TemplateFormat
-        return TemplateFormat(checkpoint.tokenizer, checkpoint.chat_template)
-    from ..errors import CheckpointError
-    raise CheckpointError(f"{checkpoint.source}: the model has no chat template")
