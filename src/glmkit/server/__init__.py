@@ -1,1 +1,2 @@
-"""The HTTP server: OpenAI-compatible API (and, later, the web console) over one scheduler."""
+"""The HTTP server: the OpenAI-compatible API and the web console (conversations, their
+workspaces and code), over one engine."""
