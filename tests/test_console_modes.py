@@ -22,6 +22,8 @@ SCRIPTS = {
     "escape": "```python\nimport os\nos.symlink('/etc/passwd', '/mnt/data/pw')\nprint('linked')\n```",
     "multiply": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>',
     "bad tool": '<tool_call>\n{"name": "calculator", "arguments": {"expression": 7}}\n</tool_call>',
+    "two sums": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>\n'
+                '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+2"}}\n</tool_call>',
 }
 
 
@@ -111,6 +113,20 @@ def test_tool_mode_runs_the_tool_and_shows_each_step(base):
     bad = say(base, cid, "bad tool")
     result = next(e for e in bad if e["type"] == "tool_result")
     assert not result["ok"] and "expression" in result["output"]
+
+
+def test_tool_mode_runs_every_call_of_a_reply(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "tool"}).json()["id"]
+    events = say(base, cid, "two sums")
+    steps = [e for e in events if e["type"] in ("tool_call", "tool_result", "error")]
+    assert [e["type"] for e in steps] == ["tool_call", "tool_result", "tool_call", "tool_result"]
+    assert [e["arguments"] for e in steps[::2]] == [{"expression": "6*7"}, {"expression": "1+2"}]
+    assert [json.loads(e["output"])["result"] for e in steps[1::2]] == [42, 3]
+    # each observation is stored with its own run
+    stored = messages(base, cid)
+    assert [m["role"] for m in stored] == ["user", "assistant", "observation", "observation", "assistant"]
+    assert [json.loads(m["extras"]["output"])["result"] for m in stored[2:4]] == [42, 3]
+    assert all(m["extras"]["name"] == "calculator" for m in stored[2:4])
 
 
 def test_stop_mid_answer_keeps_the_text_and_frees_the_conversation(base):

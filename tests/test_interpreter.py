@@ -154,7 +154,7 @@ def test_extract_code():
 
 def test_agent_runs_interpreter_segments(tiny32k, tmp_path):
     """interpreter segment -> sandboxed run -> ```result observation -> answer (decoding scripted)."""
-    from glmkit.chat.agent import Agent
+    from glmkit.chat.agent import Agent, CodeStep, Observation, TextDelta
 
     from glmkit.chat.scripted import scripted_reply_ids
 
@@ -166,7 +166,9 @@ def test_agent_runs_interpreter_segments(tiny32k, tmp_path):
         steps = [script("interpreter\n```python\nprint(sum(range(1, 101)))\n```"), script("\n结果是5050。")]
         events = list(agent.run("计算1到100的和", script=steps, temperature=0, max_new_tokens=60))
     assert agent.messages[0]["content"].startswith("你是一位智能AI助手")
-    code = next(e for e in events if e.kind == "code")
-    assert code.text == "print(sum(range(1, 101)))"
+    code = next(e for e in events if isinstance(e, CodeStep))
+    assert code.call.code == "print(sum(range(1, 101)))"
+    result = next(e for e in events if isinstance(e, Observation))
+    assert result.call == code.call and result.result.ok and result.result.value.text == "5050\n"
     assert agent.messages[3] == {"role": "observation", "content": "```result\n5050\n```"}
-    assert "".join(e.text for e in events if e.kind == "text") == "结果是5050。"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "结果是5050。"

@@ -1,8 +1,8 @@
 """Both tool-call parsers (ChatGLM3's `tool_call(...)` and the template models' `<tool_call>{json}`)
 against hostile model output: huge numbers, lone surrogates, non-finite floats, deep nesting, and
 inputs built to make a backtracking scanner quadratic.  A parser either returns plain data that
-encodes as strict UTF-8 JSON or refuses with ToolCallError (a Call.error for the tagged parser),
-in time linear in the input."""
+encodes as strict UTF-8 JSON or refuses with ToolCallError (a RefusedCall from the protocols'
+parsers), in time linear in the input."""
 
 import json
 import time
@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from glmkit.chat.formats import ReplyEvent
-from glmkit.chat.protocols import MAX_SCAN_CHARS, INTERPRETER, GLM3Protocol, TaggedCallParser, TaggedProtocol
-from glmkit.chat.tool_calls import MAX_DEPTH, MAX_INT, ToolCallError, check_literal, extract_code, parse_tool_call
+from glmkit.chat.protocols import (INTERPRETER, MAX_CALLS_PER_REPLY, MAX_SCAN_CHARS, GLM3Protocol, TaggedCallParser,
+                                   TaggedProtocol)
+from glmkit.chat.tool_calls import (MAX_DEPTH, MAX_INT, CodeCall, RefusedCall, ToolCall, ToolCallError, check_literal,
+                                   extract_code, parse_tool_call)
 
 TOOLS = {"t", INTERPRETER}
 
@@ -45,22 +47,27 @@ def timed(fn, text):
 
 
 def check_call(call):
-    """A Call is either refused with a readable reason or carries plain data."""
-    if call is None:
-        return
-    strict_json(call.name)
-    if call.error:
-        strict_json(call.error)
-        assert call.arguments is None and call.code is None
+    """A call is either refused with a readable reason or carries plain data."""
+    strict_json([call.id, call.name])
+    if isinstance(call, RefusedCall):     # (`written` is the model's text, shown like any other)
+        strict_json(call.reason)
+    elif isinstance(call, CodeCall):
+        strict_json(call.code)
     else:
-        strict_json(call.arguments if call.code is None else call.code)
+        assert isinstance(call, ToolCall)
+        strict_json(call.arguments)
+
+
+def check_calls(calls):
+    for call in calls:
+        check_call(call)
 
 
 # -- the reproductions from the issue (D8, D12) ----------------------------------------------
 
 def test_tagged_huge_decimal_integer_is_refused():
     call = TaggedProtocol.parse('{"name":"t","arguments":{"a":' + "1" * 4301 + "}}", {"t"})
-    assert call.arguments is None and "integer" in call.error
+    assert isinstance(call, RefusedCall) and "integer" in call.reason
 
 
 def test_glm3_huge_hex_integer_is_refused():
@@ -81,7 +88,7 @@ def test_glm3_lone_surrogates_are_refused(text):
                                   '{"name":"\\ud800","arguments":{}}'])
 def test_tagged_lone_surrogates_are_refused(body):
     call = TaggedProtocol.parse(body, {"t"})
-    assert call.arguments is None and "surrogate" in call.error
+    assert isinstance(call, RefusedCall) and "surrogate" in call.reason
     strict_json(call.name)
 
 
@@ -92,7 +99,7 @@ def test_tagged_surrogate_pair_escape_is_one_character():
 @pytest.mark.parametrize("lit", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
 def test_tagged_non_finite_numbers_are_refused(lit):
     call = TaggedProtocol.parse('{"name":"t","arguments":{"a":' + lit + "}}", {"t"})
-    assert call.arguments is None and "finite" in call.error
+    assert isinstance(call, RefusedCall) and "finite" in call.reason
 
 
 @pytest.mark.parametrize("make", [
@@ -104,9 +111,22 @@ def test_tagged_non_finite_numbers_are_refused(lit):
     lambda: "`" * 60000,
     lambda: "```" + " \t" * 20000,
 ])
-def test_tagged_find_call_is_linear(make):
+def test_tagged_find_calls_is_linear(make):
     text = make()
-    check_call(timed(lambda t: TaggedProtocol().find_call([{"content": t}], TOOLS), text)[1])
+    check_calls(timed(lambda t: TaggedProtocol().find_calls([{"content": t}], TOOLS), text)[1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: '<tool_call>{"name": "t"}</tool_call>' * 4000,        # far more calls than a reply may make
+    lambda: "```python\nx\n```\n" * 8000,
+    lambda: ("<tool_call></tool_call>```python\n" + " " * 3000) * 30,   # each kind found past the other's blocks
+    lambda: "```python\n<tool_call>" * 8000,
+])
+def test_tagged_find_calls_is_linear_with_many_calls(make):
+    text = make()
+    calls = timed(lambda t: TaggedProtocol().find_calls([{"content": t}], TOOLS), text)[1]
+    check_calls(calls)
+    assert len(calls) <= MAX_CALLS_PER_REPLY + 1
 
 
 @pytest.mark.parametrize("make", [
@@ -118,19 +138,20 @@ def test_tagged_find_call_is_linear(make):
 ])
 def test_glm3_fence_scan_is_linear(make):
     timed(extract_code, make())
-    check_call(timed(lambda t: GLM3Protocol().find_call([{"metadata": "t", "content": t}], TOOLS), make())[1])
+    check_calls(timed(lambda t: GLM3Protocol().find_calls([{"metadata": "t", "content": t}], TOOLS), make())[1])
 
 
 def test_streamed_call_without_closer_is_refused_at_the_cap():
     """The streaming filter searches only new text for the closer, and a call that can no longer
     close within MAX_CALL_CHARS is refused while streaming, not held to the end of the reply."""
-    p = TaggedCallParser(None, {"t"})
+    p = TaggedCallParser(None, {"t": None})
     chunks = ["<tool_call>"] + ["  \n "] * 20_000
     t0 = time.perf_counter()
     out = [e for c in chunks for e in p.filter([ReplyEvent("text", c)])]
     assert time.perf_counter() - t0 < budget("".join(chunks))
-    shown = "".join(e.text for e in out if e.kind == "text")
-    assert "refused" in shown and "longer than" in shown and not [e for e in out if e.kind == "segment"]
+    [refused] = [item for item in out if not isinstance(item, str)]
+    assert isinstance(refused, RefusedCall) and "longer than" in refused.reason
+    assert refused.written == "<tool_call>"        # what the model wrote (blanks stripped), without a closer
 
 
 def test_one_rule_for_both_parsers():
@@ -143,8 +164,8 @@ def test_one_rule_for_both_parsers():
             glm3, why = parse_tool_call(f"tool_call(a={lit})"), None
         except ToolCallError as e:
             glm3, why = None, str(e)
-        assert (call.error is None) == (why is None) == ok, lit
-        assert call.error == why and (glm3 is None or glm3 == call.arguments), lit
+        assert isinstance(call, ToolCall) == (why is None) == ok, lit
+        assert getattr(call, "reason", None) == why and (glm3 is None or glm3 == call.arguments), lit
     assert check_literal((1, [2.5, {"k": None}])) == [1, [2.5, {"k": None}]]
     for bad in [{1: 2}, {"a": {1, 2}}, b"x", 1j, ..., float("nan"), 2**53, "\udc00", {"\ud800": 1}]:
         with pytest.raises(ToolCallError):
@@ -152,12 +173,18 @@ def test_one_rule_for_both_parsers():
 
 
 def test_a_call_past_the_scan_cap_is_refused():
-    call = TaggedProtocol().find_call([{"content": "x" * MAX_SCAN_CHARS + '<tool_call>{"name": "t"}'}], TOOLS)
-    assert call.error and "first" in call.error
+    [call] = TaggedProtocol().find_calls([{"content": "x" * MAX_SCAN_CHARS + '<tool_call>{"name": "t"}'}], TOOLS)
+    assert isinstance(call, RefusedCall) and "first" in call.reason
     tail = "```python\nprint(1)\n```"
-    assert "first" in TaggedProtocol().find_call([{"content": "x" * MAX_SCAN_CHARS + tail}], TOOLS).error
-    assert TaggedProtocol().find_call([{"content": "x" * MAX_SCAN_CHARS + tail}], {"t"}) is None
-    assert TaggedProtocol().find_call([{"content": "x" * (MAX_SCAN_CHARS - 20) + tail}], TOOLS).code == "print(1)"
+    [call] = TaggedProtocol().find_calls([{"content": "x" * MAX_SCAN_CHARS + tail}], TOOLS)
+    assert isinstance(call, RefusedCall) and "first" in call.reason
+    assert TaggedProtocol().find_calls([{"content": "x" * MAX_SCAN_CHARS + tail}], {"t"}) == []
+    [call] = TaggedProtocol().find_calls([{"content": "x" * (MAX_SCAN_CHARS - 20) + tail}], TOOLS)
+    assert call.code == "print(1)"
+    # calls before the cap are kept; the one past it is refused after them
+    both = '<tool_call>{"name": "t", "arguments": {}}</tool_call>' + "x" * MAX_SCAN_CHARS + tail
+    first, late = TaggedProtocol().find_calls([{"content": both}], TOOLS)
+    assert first.name == "t" and first.arguments == {} and "first" in late.reason
 
 
 # -- generated hostile inputs, both parsers ---------------------------------------------------
@@ -202,7 +229,7 @@ HOSTILE_TEXT = st.one_of(st.tuples(NOISE, CALLS, NOISE).map("".join),
 
 
 def _streamed(text, size):
-    p = TaggedCallParser(None, {"t"})
+    p = TaggedCallParser(None, {"t": None})
     out = [e for i in range(0, len(text), size) for e in p.filter([ReplyEvent("text", text[i:i + size])])]
     return out + p.filter([], final=True)
 
@@ -215,12 +242,19 @@ def test_hostile_text_is_refused_or_plain_data_in_linear_time(text, chunk):
     if kind == "ok":
         strict_json(args)
     for name in ("t", INTERPRETER):
-        check_call(timed(lambda t: GLM3Protocol().find_call([{"metadata": name, "content": t}], TOOLS), text)[1])
-    check_call(timed(lambda t: TaggedProtocol().find_call([{"content": t}], TOOLS), text)[1])
+        check_calls(timed(lambda t: GLM3Protocol().find_calls([{"metadata": name, "content": t}], TOOLS), text)[1])
+    check_calls(timed(lambda t: TaggedProtocol().find_calls([{"content": t}], TOOLS), text)[1])
     check_call(timed(lambda t: TaggedProtocol.parse(t, {"t"}), text)[1])
-    events = timed(lambda t: _streamed(t, chunk), text)[1]
-    # a block the stream turned into a call segment is one the ChatGLM3 parser accepts as the same data
-    for seg, body in zip(events, events[1:]):
-        if seg.kind == "segment" and seg.metadata == "t":
-            assert body.kind == "text"
-            strict_json(parse_tool_call(body.text))
+    items = timed(lambda t: _streamed(t, chunk), text)[1]
+    # what the stream takes out of the text is a call: plain data, or refused with what was written
+    for item in items:
+        if not isinstance(item, str):
+            check_call(item)
+            assert item.name == "t" if isinstance(item, ToolCall) else item.written.startswith("<tool_call>")
+    # and the calls it finds are those that reading the whole reply finds, with the same data,
+    # unless a cap applied (the stream cuts an over-long block where a chunk ends, not at its closer)
+    whole = TaggedProtocol().find_calls([{"content": text}], {"t"})
+    capped = any("longer than" in c.reason for c in items + whole if isinstance(c, RefusedCall))
+    if not capped and len(text) < MAX_SCAN_CHARS and len(whole) <= MAX_CALLS_PER_REPLY:
+        assert [(c.name, c.arguments) for c in items if isinstance(c, ToolCall)] == \
+            [(c.name, c.arguments) for c in whole if isinstance(c, ToolCall)]

@@ -25,6 +25,10 @@ SCRIPT = {
     "schema": 'weather\n ```python\ntool_call(city=42)\n```',
     "json please": '\n{"answer": 42, "unit": "km"}',
     "bad json": "\n{\"answer\": 4",
+    # two calls in one reply: ChatGLM3 writes each as its own assistant segment
+    "两只股票": '\n我查两只。<|assistant|>track\n ```python\ntool_call(symbol="10111")\n```'
+            '<|assistant|>track\n ```python\ntool_call(symbol="20222")\n```',
+    "forced": ' ```python\ntool_call(symbol="30333")\n```',     # continues the forced metadata line
 }
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -60,6 +64,37 @@ def test_tool_call_stream(client):
     assert len(calls) == 1 and calls[0].function.name == "track"
     assert json.loads(calls[0].function.arguments) == {"symbol": "10111"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_two_calls_in_one_reply_non_stream(client):
+    r = client.chat.completions.create(model="default", messages=ask("两只股票"), tools=[TRACK])
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "我查两只。"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == \
+        [("track", {"symbol": "10111"}), ("track", {"symbol": "20222"})]
+    assert all(t.id.startswith("call_") and t.type == "function" for t in c.message.tool_calls)
+    assert len({t.id for t in c.message.tool_calls}) == 2
+
+
+def test_two_calls_in_one_reply_stream(client):
+    chunks = list(client.chat.completions.create(model="default", messages=ask("两只股票"), tools=[TRACK],
+                                                 stream=True))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "我查两只。"
+    assert [tc.index for tc in calls] == [0, 1] and len({tc.id for tc in calls}) == 2
+    assert [json.loads(tc.function.arguments) for tc in calls] == [{"symbol": "10111"}, {"symbol": "20222"}]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_named_tool_choice_forces_the_call(client):
+    """The reply starts as the named tool's segment (its metadata line is the forced prefix):
+    what the model writes after it is that tool's call."""
+    r = client.chat.completions.create(model="default", messages=ask("forced"), tools=[TRACK],
+                                       tool_choice={"type": "function", "function": {"name": "track"}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and not c.message.content
+    [call] = c.message.tool_calls
+    assert call.function.name == "track" and json.loads(call.function.arguments) == {"symbol": "30333"}
 
 
 def test_hostile_tool_call_is_refused_not_run(client):

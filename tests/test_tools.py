@@ -8,9 +8,10 @@ from typing import Annotated, Literal
 import pytest
 
 import glmkit
-from glmkit.chat.agent import Agent
+from glmkit.chat.agent import Agent, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
 from glmkit.chat.builtin_tools import BUILTIN, calculator, convert_units
-from glmkit.chat.tool_calls import ToolCallError, format_tool_call, parse_tool_call
+from glmkit.chat.glm3 import tool_call_message
+from glmkit.chat.tool_calls import RefusedCall, ToolCall, ToolCallError, parse_tool_call
 from glmkit.chat.tool_definitions import Tool, as_tool, tool
 from glmkit.chat.tools import load_tool_file, run_tool
 
@@ -23,8 +24,10 @@ def test_official_forms():
     assert parse_tool_call("tool_call(a=1, b=-2.5, c=True, d=None, e=[1, (2, 3)], f={'k': 'v'})") == \
         {"a": 1, "b": -2.5, "c": True, "d": None, "e": [1, [2, 3]], "f": {"k": "v"}}
     assert parse_tool_call("```\ntool_call()\n```") == {}
-    args = {"city": "北京", "n": 3, "tags": ["a", "b"], "opt": None}
-    assert parse_tool_call(format_tool_call(args)) == args
+    args = {"city": "北京", "n": 3, "tags": ["a", "b"], "opt": None, "ok": True, "x": -2.5, "d": {"k": [1]}}
+    message = tool_call_message(ToolCall("call_1", "lookup", args))   # how ChatGLM3 is shown an API client's call
+    assert message["role"] == "assistant" and message["metadata"] == "lookup"
+    assert parse_tool_call(message["content"]) == args
 
 
 HOSTILE = [
@@ -199,13 +202,38 @@ def test_agent_call_observation_answer(tiny32k):
     script = [_script(tiny, 'get_weather\n ```python\ntool_call(city="Paris")\n```'),
               _script(tiny, "\n巴黎现在21度。")]
     events = list(agent.run("巴黎天气怎么样？", script=script, temperature=0, max_new_tokens=60))
-    kinds = [k for i, k in enumerate(e.kind for e in events) if i == 0 or events[i - 1].kind != k]
-    assert kinds == ["tool_call", "tool_result", "text", "done"]
-    assert events[0].arguments == {"city": "Paris"} and events[1].result.ok
-    assert "".join(e.text for e in events if e.kind == "text") == "巴黎现在21度。"
+    kinds = [k for i, k in enumerate(type(e) for e in events) if i == 0 or type(events[i - 1]) is not k]
+    assert kinds == [ToolCallStep, Observation, TextDelta, Finished]
+    call = events[0].call
+    assert call.name == "get_weather" and call.arguments == {"city": "Paris"} and call.id.startswith("call_")
+    assert events[1].call == call and events[1].result.ok
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "巴黎现在21度。"
+    assert events[-1] == Finished("answered")
     roles = [(m["role"], m.get("metadata", "")) for m in agent.messages]
     assert roles == [("system", ""), ("user", ""), ("assistant", "get_weather"), ("observation", ""), ("assistant", "")]
     assert json.loads(agent.messages[3]["content"])["city"] == "Paris"
+
+
+def test_agent_runs_every_call_of_a_reply_in_order(tiny32k):
+    """ChatGLM3 writes two calls as two assistant segments of one reply: both run, in the order
+    written, each followed by its observation, before the model answers."""
+    agent = Agent(tiny32k, tools=[get_weather], max_steps=3)
+    script = [_script(tiny32k, 'get_weather\n ```python\ntool_call(city="Paris")\n```',
+                      'get_weather\n ```python\ntool_call(city="Oslo", unit="fahrenheit")\n```'),
+              _script(tiny32k, "\n两个城市都查到了。")]
+    events = list(agent.run("巴黎和奥斯陆？", script=script, temperature=0, max_new_tokens=60))
+    steps = [e for e in events if not isinstance(e, TextDelta)]
+    assert [type(e) for e in steps] == [ToolCallStep, Observation, ToolCallStep, Observation, Finished]
+    paris, oslo = steps[0].call, steps[2].call
+    assert paris.arguments == {"city": "Paris"} and oslo.arguments == {"city": "Oslo", "unit": "fahrenheit"}
+    assert paris.id != oslo.id and steps[1].call == paris and steps[3].call == oslo
+    assert [json.loads(e.result.observation)["city"] for e in steps[1:4:2]] == ["Paris", "Oslo"]
+    assert steps[-1] == Finished("answered")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "两个城市都查到了。"
+    roles = [(m["role"], m.get("metadata", "")) for m in agent.messages]
+    assert roles == [("system", ""), ("user", ""), ("assistant", "get_weather"), ("assistant", "get_weather"),
+                     ("observation", ""), ("observation", ""), ("assistant", "")]
+    assert [json.loads(m["content"])["unit"] for m in agent.messages[4:6]] == ["celsius", "fahrenheit"]
 
 
 def test_agent_max_steps_and_failing_tools(tiny32k):
@@ -218,15 +246,18 @@ def test_agent_max_steps_and_failing_tools(tiny32k):
     agent = Agent(tiny, tools=[flaky], max_steps=2)
     call = _script(tiny, "flaky\n ```python\ntool_call(x=1)\n```")
     events = list(agent.run("go", script=[call, call, call], temperature=0, max_new_tokens=40))
-    results = [e for e in events if e.kind == "tool_result"]
+    results = [e for e in events if isinstance(e, Observation)]
     assert len(results) == 2 and all(not r.result.ok for r in results)
     assert "nope" in results[0].result.observation
-    assert any(e.kind == "error" and "max_steps" in e.text for e in events)
+    assert events[-1] == Finished("max_steps")
     # a refused call (code, not literals) is an error observation, not an exception
     agent2 = Agent(tiny, tools=[flaky], max_steps=1)
     evil = _script(tiny, "flaky\n ```python\ntool_call(x=__import__('os').getpid())\n```")
     ev2 = list(agent2.run("go", script=[evil], temperature=0, max_new_tokens=60))
-    assert any(e.kind == "error" and "literal" in e.text for e in ev2)
+    [refused] = [e for e in ev2 if isinstance(e, RefusedStep)]
+    assert isinstance(refused.call, RefusedCall) and refused.call.name == "flaky" and "literal" in refused.call.reason
+    [result] = [e for e in ev2 if isinstance(e, Observation)]
+    assert result.call == refused.call and not result.result.ok
     observations = [m["content"] for m in agent2.messages if m["role"] == "observation"]
     assert len(observations) == 1 and "refused" in observations[0]
     assert agent2.messages[-1]["role"] == "assistant"     # the model answers after the refusal
@@ -277,4 +308,26 @@ def test_agent_manual_observer_supplies_observations(tiny32k):
     events = list(agent.run("查股票", script=script, temperature=0, max_new_tokens=60))
     assert seen == [("track", {"symbol": "10111"})]
     assert agent.messages[3] == {"role": "observation", "content": '{"price": 12412}'}
-    assert "".join(e.text for e in events if e.kind == "text") == "12412元。"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "12412元。"
+    assert events[-1] == Finished("answered")
+
+
+def test_agent_hands_over_calls_it_cannot_run(tiny32k):
+    """A tool given only as a schema (an API client's own function) is not run: its calls end the
+    run, handed over in Finished; a call of a tool with a function in the same reply still runs."""
+    schema_only = Tool("track", "stock price", {"type": "object", "properties": {"symbol": {"type": "string"}},
+                                                "required": ["symbol"]})
+    agent = Agent(tiny32k, tools=[schema_only, get_weather], max_steps=2)
+    script = [_script(tiny32k, 'track\n ```python\ntool_call(symbol="10111")\n```',
+                      'get_weather\n ```python\ntool_call(city="Paris")\n```',
+                      'track\n ```python\ntool_call(symbol="20222")\n```',
+                      'track\n ```python\ntool_call(code=1)\n```')]       # fails the schema: refused here
+    events = list(agent.run("查股票和天气", script=script, temperature=0, max_new_tokens=200))
+    steps = [e for e in events if not isinstance(e, TextDelta)]
+    assert [type(e) for e in steps] == [ToolCallStep, Observation, RefusedStep, Observation, Finished]
+    assert steps[0].call.name == "get_weather" and steps[1].result.ok
+    assert "symbol" in steps[2].call.reason and not steps[3].result.ok
+    finished = steps[-1]
+    assert finished.reason == "tool_calls"
+    assert [(c.name, c.arguments) for c in finished.handed_over] == [("track", {"symbol": "10111"}),
+                                                                     ("track", {"symbol": "20222"})]

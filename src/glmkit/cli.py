@@ -223,20 +223,32 @@ def _make_agent(model, args, interpreter):
 
 
 def _show_agent(events, out=sys.stdout, log=sys.stderr):
+    """The answer on `out`; each step (call, code, result, refusal, why it stopped) on `log`."""
     import json
+
+    from .chat.agent import CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
+
+    def call_line(call):
+        return f"\n[tool] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})"
     for ev in events:
-        if ev.kind == "text":
+        if isinstance(ev, TextDelta):
             out.write(ev.text)
             out.flush()
-        elif ev.kind == "tool_call":
-            print(f"\n[tool] {ev.name}({json.dumps(ev.arguments, ensure_ascii=False)})", file=log, flush=True)
-        elif ev.kind == "code":
-            print(f"\n[running code]\n{ev.text}", file=log, flush=True)
-        elif ev.kind == "tool_result":
+        elif isinstance(ev, ToolCallStep):
+            print(call_line(ev.call), file=log, flush=True)
+        elif isinstance(ev, CodeStep):
+            print(f"\n[running code]\n{ev.call.code}", file=log, flush=True)
+        elif isinstance(ev, Observation):
             status = "result" if ev.result.ok else "failed"
             print(f"[{status}] {ev.result.observation}", file=log, flush=True)
-        elif ev.kind == "error":
-            print(f"[error] {ev.text}", file=log, flush=True)
+        elif isinstance(ev, RefusedStep):
+            print(f"[error] {ev.call.name}: {ev.call.reason}", file=log, flush=True)
+        elif isinstance(ev, Finished) and ev.reason == "max_steps":
+            print("[error] stopped: the model asked for more tool calls than --max-steps allows", file=log, flush=True)
+        elif isinstance(ev, Finished) and ev.reason == "tool_calls":
+            for call in ev.handed_over:     # a tool given only as a schema, without --manual
+                print(call_line(call) + " [not run: no implementation; --manual asks you for its result]",
+                      file=log, flush=True)
 
 
 def tools_chat(model, args, gen) -> int:

@@ -1,29 +1,65 @@
-"""The agent loop: generate -> tool call -> run the tool -> observation -> generate again.
+"""The agent loop: generate -> tool calls -> run each -> observations -> generate again.
 
-Every step is reported as an AgentEvent so the terminal, the API and the console can show which
-tool was called with which arguments and what came back.  How a call is written depends on the
-model (chat.protocols); the loop does not.  A refused or failing call is an error observation the
-model can react to.  After `max_steps` calls the model answers once more with what it has; a
-further call is not run."""
+Every step is reported as an event (a small union of dataclasses, below) so the terminal, the API
+and the console can show which tool was called with which arguments and what came back.  How a
+call is written depends on the model (chat.protocols); the loop does not.  Every call of a reply
+is run, in the order written, each followed by its observation.  A refused or failing call is an
+error observation the model can react to.  After `max_steps` rounds of calls the model answers
+once more with what it has; a further call is not run."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from .protocols import INTERPRETER, protocol_for
-from .tool_calls import ToolCallError, validate_arguments
-from .tools import Tool, ToolResult, as_tool, run_tool
+from .protocols import protocol_for
+from .tool_calls import INTERPRETER, Call, CodeCall, RefusedCall, ToolCall, ToolCallError, validate_arguments
+from .tool_definitions import Tool, as_tool
+from .tools import ToolResult, run_tool
 
 
-@dataclass
-class AgentEvent:
-    kind: str                  # "text", "tool_call", "code", "tool_result", "error", "done"
-    text: str = ""
-    name: str = ""
-    arguments: dict = field(default_factory=dict)
-    result: ToolResult | None = None
+@dataclass(frozen=True)
+class TextDelta:
+    """Answer text, as it streams."""
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStep:
+    """A tool is about to run with these arguments."""
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class CodeStep:
+    """The interpreter is about to run this code."""
+    call: CodeCall
+
+
+@dataclass(frozen=True)
+class RefusedStep:
+    """A call that will not run; its reason is the observation the model gets."""
+    call: RefusedCall
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a call gave back (to the model: `result.observation`)."""
+    call: Call
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The run is over: the model answered; or it asked for calls after `max_steps` rounds (not
+    run); or it called tools that the caller runs itself (`handed_over`, never run here)."""
+    reason: Literal["answered", "max_steps", "tool_calls"]
+    handed_over: tuple[ToolCall, ...] = ()
+
+
+AgentEvent = TextDelta | ToolCallStep | CodeStep | RefusedStep | Observation | Finished
 
 
 class Agent:
@@ -32,8 +68,8 @@ class Agent:
         """`model` is anything with ChatModel's `reply()` and `format` (the server passes one that
         generates through its scheduler).  `observer(name, arguments) -> ToolResult`, if given,
         replaces running the tool (manual mode: a person types the observation).  Without one, a
-        call to a tool that has no function ends the run with the call in `pending`.  `interpreter`
-        (chat.interpreter.Interpreter) runs the model's code in the sandbox."""
+        call to a tool that has no function ends the run, handed over in its Finished event.
+        `interpreter` (glmkit.sandbox's Interpreter) runs the model's code in the sandbox."""
         self.model = model
         self.observer = observer
         self.interpreter = interpreter
@@ -43,7 +79,6 @@ class Agent:
         system_message = self.protocol.system_message([t.spec() for t in self.tools.values()],
                                                       interpreter is not None, system)
         self.messages: list[dict] = [system_message] if system_message else []
-        self.pending = None    # a call to a tool without an implementation, left for the caller
 
     def run(self, user_text: str | None, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
         """Answer one user message (None: answer the history as it stands), calling tools as the
@@ -51,62 +86,62 @@ class Agent:
         from ..chat_model import Reply
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
-        self.pending = None
         runnable = set(self.tools) | ({INTERPRETER} if self.interpreter is not None else set())
-        steps = 0
+        rounds = 0
         while True:
             reply = Reply()
-            forced = script[steps] if script and steps < len(script) else None
-            in_call = False
-            hide_calls = self.protocol.reply_filter(set(self.tools))
+            forced = script[rounds] if script and rounds < len(script) else None
             events = self.model.reply(self.messages, reply=reply, forced=forced, **gen)
-            if hide_calls is not None:
-                events = _filtered(events, hide_calls)
-            for ev in events:
-                if ev.kind == "segment":
-                    in_call = bool(ev.metadata)
-                elif ev.kind == "text" and not in_call:
-                    yield AgentEvent("text", ev.text)       # answer text, streamed
-            segments = reply.messages
-            call = self.protocol.find_call(segments, runnable)
-            self.messages += segments
-            if call is None:
-                yield AgentEvent("done")
+            for text in self.protocol.visible_text(events, set(self.tools)):
+                yield TextDelta(text)
+            calls = self.protocol.find_calls(reply.messages, runnable)
+            self.messages += reply.messages
+            if not calls:
+                yield Finished("answered")
                 return
-            if steps >= self.max_steps:       # the model had its answer turn after the last call
-                yield AgentEvent("error", text=f"stopped after {self.max_steps} tool calls (max_steps)")
-                yield AgentEvent("done")
+            if rounds >= self.max_steps:       # the model had its answer turn after the last round
+                yield Finished("max_steps")
                 return
-            if not call.error and call.name != INTERPRETER and self.tools[call.name].function is None \
-                    and self.observer is None:
-                # a tool the caller runs (an API client's own function): hand the call over
-                try:
-                    validate_arguments(call.arguments, self.tools[call.name].parameters)
-                except ToolCallError as e:
-                    call.error = str(e)
-                else:
-                    self.pending = call
-                    yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
-                    yield AgentEvent("done")
-                    return
-            if call.error:
-                result = ToolResult(False, json.dumps({"error": f"tool call refused: {call.error}"},
-                                                      ensure_ascii=False), error=call.error)
-                yield AgentEvent("error", text=call.error, name=call.name)
-            elif call.name == INTERPRETER:
-                yield AgentEvent("code", text=call.code, name=call.name)
-                cell = self.interpreter.run(call.code)
-                result = ToolResult(not cell.error, cell.observation(), value=cell)
-            else:
-                yield AgentEvent("tool_call", name=call.name, arguments=call.arguments)
-                result = self.observer(call.name, call.arguments) if self.observer else \
-                    run_tool(self.tools[call.name], call.arguments)
-            yield AgentEvent("tool_result", name=call.name, result=result)
-            self.messages.append({"role": self.protocol.observation_role, "content": result.observation})
-            steps += 1
+            handed_over = []
+            for call in map(self._checked, calls):
+                if self._handed_over(call):
+                    handed_over.append(call)
+                    continue
+                yield self._step(call)
+                result = self._result(call)
+                self.messages.append({"role": self.protocol.observation_role, "content": result.observation})
+                yield Observation(call, result)
+            if handed_over:
+                yield Finished("tool_calls", tuple(handed_over))
+                return
+            rounds += 1
 
+    def _handed_over(self, call: Call) -> bool:
+        """A call of a tool the caller runs (an API client's own function)."""
+        return isinstance(call, ToolCall) and self.tools[call.name].function is None and self.observer is None
 
-def _filtered(events, f):
-    for ev in events:
-        yield from f.filter([ev])
-    yield from f.filter([], final=True)
+    def _checked(self, call: Call) -> Call:
+        """A handed-over call meets its schema here: no run_tool will check it."""
+        if self._handed_over(call):
+            try:
+                validate_arguments(call.arguments, self.tools[call.name].parameters)
+            except ToolCallError as e:
+                return RefusedCall(call.id, call.name, str(e))
+        return call
+
+    @staticmethod
+    def _step(call: Call) -> ToolCallStep | CodeStep | RefusedStep:
+        if isinstance(call, ToolCall):
+            return ToolCallStep(call)
+        return CodeStep(call) if isinstance(call, CodeCall) else RefusedStep(call)
+
+    def _result(self, call: Call) -> ToolResult:
+        if isinstance(call, RefusedCall):
+            return ToolResult(False, json.dumps({"error": f"tool call refused: {call.reason}"}, ensure_ascii=False),
+                              error=call.reason)
+        if isinstance(call, CodeCall):
+            cell = self.interpreter.run(call.code)
+            return ToolResult(not cell.error, cell.observation(), value=cell)
+        if self.observer is not None:
+            return self.observer(call.name, call.arguments)
+        return run_tool(self.tools[call.name], call.arguments)

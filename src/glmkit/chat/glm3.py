@@ -12,6 +12,7 @@ import json
 from ..tokenizers.streaming import IncrementalDecoder
 from .formats import ReplyEvent
 from .messages import validate_messages
+from .tool_calls import ToolCall
 
 TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
 TRAINING_TIME = ("[[训练时间]]", "2023年")  # placeholder the model was trained to emit
@@ -20,6 +21,28 @@ _MAX_METADATA_CHARS = 200  # a "metadata" line longer than this is treated as pl
 
 def tools_text(tools: list) -> str:
     return json.dumps(tools, indent=4, ensure_ascii=False)
+
+
+def tool_call_message(call: ToolCall) -> dict:
+    """A call as ChatGLM3 writes it in its history (for an API client's assistant `tool_calls`):
+    a segment named after the tool, holding a fenced `tool_call(...)` of Python literals."""
+    parts = ", ".join(f"{k}={_py_literal(v)}" for k, v in call.arguments.items())
+    # the leading space is how the official examples write it
+    return {"role": "assistant", "metadata": call.name, "content": f" ```python\ntool_call({parts})\n```"}
+
+
+def _py_literal(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_py_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_py_literal(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v, ensure_ascii=False)
 
 
 class GLM3Format:

@@ -1,17 +1,21 @@
 """OpenAI chat messages and tools <-> ChatGLM3 history messages.
 
 Roles: system/user/assistant map one to one; `tool` becomes ChatGLM3's `observation`; an
-assistant message carrying `tool_calls` becomes one assistant segment per call, with the tool
-name as metadata and the call written the way the model writes it.  OpenAI `tools` become the
-flat `{name, description, parameters}` list that ChatGLM3 reads from its system message.
+assistant message carrying `tool_calls` becomes a ToolCall per call, which the model's format
+writes the way the model writes it (chat.glm3, chat.template).  OpenAI `tools` become the flat
+`{name, description, parameters}` list that ChatGLM3 reads from its system message.  The way
+back: `openai_tool_call` is a ToolCall as the API returns it.
 """
 
 from __future__ import annotations
 
+import json
+
 from ..errors import GlmkitError
-from .glm3 import TOOLS_PREAMBLE
+from .glm3 import TOOLS_PREAMBLE, tool_call_message
 from .json_schema import loads_bounded
-from .tool_calls import format_tool_call
+from .template import tool_call_text
+from .tool_calls import ToolCall, new_call_id
 
 
 def flat_tools(tools: list[dict] | None) -> list[dict]:
@@ -46,7 +50,7 @@ def _text(content) -> str:
 def to_template_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
     """OpenAI request messages (+ flat tools) -> plain {role, content} messages for a model with a
     chat template; tools and earlier calls in the tagged convention (chat.protocols)."""
-    from .protocols import TaggedProtocol, tagged_call_text
+    from .protocols import TaggedProtocol
     out: list[dict] = []
     if tools:
         system = next((m for m in messages if m.get("role") == "system"), None)
@@ -57,14 +61,21 @@ def to_template_messages(messages: list[dict], tools: list[dict] | None = None) 
             continue
         content = _text(m.get("content"))
         if role == "assistant" and m.get("tool_calls"):
-            calls = [tagged_call_text(name, args) for name, args in map(_call, m["tool_calls"])]
+            calls = [tool_call_text(_call(c)) for c in m["tool_calls"]]
             content = "\n".join(([content] if content else []) + calls)
         out.append({"role": "observation" if role in ("tool", "function") else role, "content": content})
     return out
 
 
-def _call(c: dict) -> tuple[str, dict]:
-    """(name, arguments) of an assistant message's tool call."""
+def openai_tool_call(call: ToolCall, index: int | None = None) -> dict:
+    """A call as `tool_calls` lists it (a streamed delta's entries carry their `index` too)."""
+    out = {"index": index} if index is not None else {}
+    return {**out, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+
+
+def _call(c: dict) -> ToolCall:
+    """An assistant message's tool call, as data."""
     fn = c.get("function")
     if not isinstance(fn, dict) or not isinstance(fn.get("arguments") or "", str):
         raise GlmkitError("assistant tool_calls need function {name, arguments: JSON text of an object}")
@@ -74,7 +85,7 @@ def _call(c: dict) -> tuple[str, dict]:
         raise GlmkitError("assistant tool_calls arguments must be a JSON object") from None
     if not isinstance(args, dict):
         raise GlmkitError("assistant tool_calls arguments must be a JSON object")
-    return fn.get("name", ""), args
+    return ToolCall(c.get("id") or new_call_id(), fn.get("name", ""), args)
 
 
 def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
@@ -96,9 +107,7 @@ def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict
             calls = m.get("tool_calls") or []
             if text or not calls:
                 out.append({"role": "assistant", "content": text})
-            for c in calls:
-                name, args = _call(c)
-                out.append({"role": "assistant", "metadata": name, "content": format_tool_call(args)})
+            out += [tool_call_message(_call(c)) for c in calls]
         elif role in ("tool", "function"):
             out.append({"role": "observation", "content": _text(m.get("content"))})
         else:

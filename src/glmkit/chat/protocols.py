@@ -9,41 +9,39 @@ the convention most open chat models are tuned on: the system prompt lists the t
 model answers `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, and for code it writes a
 ```python block.  Results come back in the template's `tool` role.
 
-Either way a call is parsed as data (JSON, or ast literals only) and never executed; running it
-is the agent's job, after validation."""
+Either way a call is parsed as data (JSON, or ast literals only) straight into a ToolCall,
+CodeCall or RefusedCall (chat.tool_calls), and never executed; running it is the agent's job,
+after validation.  A reply may hold several calls; all are returned, in the order written, up to
+MAX_CALLS_PER_REPLY.
+
+Two ways in: `find_calls` reads a finished reply (the agent), and `call_parser` wraps a reply
+parser so that calls come out of the token stream as they close (the API's `tool_calls` deltas),
+the text around them streamed as it comes."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from .formats import ReplyEvent
 from .glm3 import TOOLS_PREAMBLE
-from .tool_calls import (DEPTH_ERROR, MAX_CALL_CHARS, ToolCallError, check_code, check_literal, extract_code,
-                         find_fence, format_tool_call, json_int, parse_tool_call)
+from .template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .tool_calls import (DEPTH_ERROR, INTERPRETER, MAX_CALL_CHARS, Call, CodeCall, RefusedCall, ToolCall,
+                         ToolCallError, check_code, check_literal, extract_code, find_fence, json_int, new_call_id,
+                         parse_tool_call, validate_arguments)
 
 # ChatGLM3's own code-interpreter system prompt (what the model was trained with)
 GLM3_INTERPRETER_SYSTEM = ("你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，"
                            "你可以运行代码并得到结果，如果运行结果有错误，你需要尽可能对代码进行改进。"
                            "你可以处理用户上传到电脑上的文件，文件默认存储路径是/mnt/data/。")
 
-INTERPRETER = "interpreter"
+MAX_CALLS_PER_REPLY = 16   # more are refused: each costs a tool run, and a reply is cheap to fill with them
+TOO_MANY_CALLS = f"a reply may make at most {MAX_CALLS_PER_REPLY} calls; the rest were not run"
 
-
-@dataclass
-class Call:
-    """One request from the model: a tool with arguments, or code for the interpreter."""
-    name: str                    # tool name, or "interpreter"
-    arguments: dict | None = None
-    code: str | None = None
-    error: str | None = None     # why the call cannot be accepted (shown to the model)
+StreamItem = str | ToolCall | RefusedCall   # what a call parser makes of a reply: text to show, or a call
 
 
 class GLM3Protocol:
     observation_role = "observation"
-
-    def reply_filter(self, tools: set[str]):
-        return None        # calls are already segments
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         if tools:
@@ -52,20 +50,87 @@ class GLM3Protocol:
             return {"role": "system", "content": system or GLM3_INTERPRETER_SYSTEM}
         return {"role": "system", "content": system} if system else None
 
-    def find_call(self, segments: list[dict], runnable: set[str]) -> Call | None:
-        seg = next((s for s in segments if s.get("metadata", "").strip() in runnable), None)
-        if seg is None:
-            return None
-        name = seg["metadata"].strip()
+    def visible_text(self, events, tools: set[str]):
+        """The reply's answer text: plain segments only (a named segment is a call being written)."""
+        in_call = False
+        for ev in events:
+            if ev.kind == "segment":
+                in_call = bool(ev.metadata)
+            elif ev.kind == "text" and not in_call:
+                yield ev.text
+
+    def find_calls(self, segments: list[dict], runnable: set[str]) -> list[Call]:
+        """One call per segment named after a runnable tool (or the interpreter), in order."""
+        named = [s for s in segments if s.get("metadata", "").strip() in runnable]
+        calls = [self._call(s["metadata"].strip(), s["content"]) for s in named[:MAX_CALLS_PER_REPLY]]
+        if len(named) > MAX_CALLS_PER_REPLY:
+            calls.append(RefusedCall(new_call_id(), "?", TOO_MANY_CALLS))
+        return calls
+
+    @staticmethod
+    def _call(name: str, content: str) -> Call:
         try:
             if name == INTERPRETER:
-                return Call(name, code=extract_code(seg["content"]))
-            return Call(name, arguments=parse_tool_call(seg["content"]))
+                return CodeCall(new_call_id(), extract_code(content))
+            return ToolCall(new_call_id(), name, parse_tool_call(content))
         except ToolCallError as e:
-            return Call(name, error=str(e))
+            return RefusedCall(new_call_id(), name, str(e))
+
+    def call_parser(self, reply_parser, tools: dict[str, dict | None]) -> "GLM3CallParser":
+        return GLM3CallParser(reply_parser, tools)
 
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+class GLM3CallParser:
+    """ChatGLM3 reply parser events -> text, and a ToolCall (or RefusedCall) for each segment
+    named after one of `tools` ({name: parameters schema}) once it ends.  A segment with another
+    name is shown as text under a `[name]` heading: the client has no such tool to call."""
+
+    def __init__(self, inner, tools: dict[str, dict | None]):
+        self.inner, self.tools = inner, tools
+        self.tool: str | None = None      # the tool whose call is being written
+        self.parts: list[str] = []
+        self.shown_any = False
+
+    def feed(self, token_id: int) -> list[StreamItem]:
+        return self._items(self.inner.feed(token_id))
+
+    def finish(self) -> list[StreamItem]:
+        return self._items(self.inner.finish()) + self._close()
+
+    def messages(self) -> list[dict]:
+        return self.inner.messages()
+
+    def _items(self, events: list[ReplyEvent]) -> list[StreamItem]:
+        out: list[StreamItem] = []
+        for e in events:
+            if e.kind == "segment":
+                out += self._close()
+                self.tool = e.metadata if e.metadata in self.tools else None
+                if e.metadata and self.tool is None:
+                    out.append(self._text(f"\n[{e.metadata}]\n" if self.shown_any else f"[{e.metadata}]\n"))
+            elif self.tool is not None:
+                self.parts.append(e.text)
+            elif e.text:
+                out.append(self._text(e.text))
+        return out
+
+    def _text(self, text: str) -> str:
+        self.shown_any = True
+        return text
+
+    def _close(self) -> list[StreamItem]:
+        name, text = self.tool, "".join(self.parts)
+        self.tool, self.parts = None, []
+        if name is None:
+            return []
+        try:
+            call = ToolCall(new_call_id(), name, parse_tool_call(text))
+            validate_arguments(call.arguments, self.tools[name])
+            return [call]
+        except ToolCallError as e:
+            return [RefusedCall(new_call_id(), name, str(e), written=self._text(f"[{name}] {text.strip()}"))]
+
+
 PYTHON_LANGS = ("python", "py")
 MAX_SCAN_CHARS = 100_000   # a call (tag or fence) must start within this much of a reply
 
@@ -84,10 +149,6 @@ TAGGED_INTERPRETER_SYSTEM = (
 class TaggedProtocol:
     observation_role = "observation"   # the template format renders it as its `tool` role
 
-    def reply_filter(self, tools: set[str]):
-        """Hides <tool_call> blocks from the streamed text (they become call segments)."""
-        return TaggedCallParser(None, tools) if tools else None
-
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         parts = [system] if system else []
         if tools:
@@ -97,29 +158,58 @@ class TaggedProtocol:
             parts.append(TAGGED_INTERPRETER_SYSTEM)
         return {"role": "system", "content": "\n\n".join(parts)} if parts else None
 
-    def find_call(self, segments: list[dict], runnable: set[str]) -> Call | None:
-        """The first <tool_call> block or ```python block of a reply.  Found with str.find, in
-        linear time, and only if it starts within MAX_SCAN_CHARS; one further on is refused."""
+    def visible_text(self, events, tools: set[str]):
+        """The reply's text with its <tool_call> blocks taken out (they are steps, not answer text).
+        ```python blocks stay: for these models code is part of the answer."""
+        hide = TaggedCallParser(None, dict.fromkeys(tools))
+        for ev in events:
+            yield from (item for item in hide.filter([ev]) if isinstance(item, str))
+        yield from (item for item in hide.filter([], final=True) if isinstance(item, str))
+
+    def find_calls(self, segments: list[dict], runnable: set[str]) -> list[Call]:
+        """Every <tool_call> block and ```python block of a reply, in order, if it starts within
+        MAX_SCAN_CHARS (one further on is refused).  Linear time: each kind is searched for again
+        only once the scan has passed the last one found, from there."""
         text = "".join(s["content"] for s in segments)
         tools = runnable - {INTERPRETER}      # code comes only as a ```python block, never as a tag
-        tag = text.find(TOOL_CALL_OPEN, 0, MAX_SCAN_CHARS + len(TOOL_CALL_OPEN) - 1) if tools else -1
-        fence = find_fence(text, PYTHON_LANGS, MAX_SCAN_CHARS) if INTERPRETER in runnable else None
-        if fence and (tag < 0 or fence[0] < tag):
-            try:
-                return Call(INTERPRETER, code=check_code(fence[1]))
-            except ToolCallError as e:
-                return Call(INTERPRETER, error=str(e))
-        if tag >= 0:
-            start = tag + len(TOOL_CALL_OPEN)
-            end = text.find(TOOL_CALL_CLOSE, start)     # an unclosed block runs to the end of the reply
-            return self.parse(text[start:] if end < 0 else text[start:end], tools)
-        if len(text) > MAX_SCAN_CHARS and ((tools and TOOL_CALL_OPEN in text[MAX_SCAN_CHARS:])
-                                           or (INTERPRETER in runnable and "```py" in text[MAX_SCAN_CHARS:])):
-            return Call("?", error=f"a tool call must start within the first {MAX_SCAN_CHARS} characters of a reply")
-        return None
+        code = INTERPRETER in runnable
+
+        def next_tag(pos):
+            return text.find(TOOL_CALL_OPEN, pos, MAX_SCAN_CHARS + len(TOOL_CALL_OPEN) - 1) if tools else -1
+
+        def next_fence(pos):
+            return find_fence(text, PYTHON_LANGS, MAX_SCAN_CHARS, start=pos) if code else None
+
+        calls: list[Call] = []
+        pos, tag, fence = 0, next_tag(0), next_fence(0)
+        while tag >= 0 or fence:
+            if len(calls) == MAX_CALLS_PER_REPLY:
+                calls.append(RefusedCall(new_call_id(), "?", TOO_MANY_CALLS))
+                return calls
+            if fence and (tag < 0 or fence[0] < tag):
+                # the block runs to the next ``` (find_fence's rule; none is left on the opener's line)
+                pos = text.find("```", fence[0] + 3) + 3
+                try:
+                    calls.append(CodeCall(new_call_id(), check_code(fence[1])))
+                except ToolCallError as e:
+                    calls.append(RefusedCall(new_call_id(), INTERPRETER, str(e)))
+            else:
+                start = tag + len(TOOL_CALL_OPEN)
+                end = text.find(TOOL_CALL_CLOSE, start)     # an unclosed block runs to the end of the reply
+                pos = len(text) if end < 0 else end + len(TOOL_CALL_CLOSE)
+                calls.append(self.parse(text[start:] if end < 0 else text[start:end], tools))
+            if 0 <= tag < pos:        # found, but used up or inside the block just read
+                tag = next_tag(pos)
+            if fence and fence[0] < pos:
+                fence = next_fence(pos)
+        rest = max(pos, MAX_SCAN_CHARS)
+        if (tools and text.find(TOOL_CALL_OPEN, rest) >= 0) or (code and text.find("```py", rest) >= 0):
+            calls.append(RefusedCall(new_call_id(), "?", f"a tool call must start within the first "
+                                                         f"{MAX_SCAN_CHARS} characters of a reply"))
+        return calls
 
     @staticmethod
-    def parse(body: str, tools: set[str]) -> Call:
+    def parse(body: str, tools) -> ToolCall | RefusedCall:
         """The JSON inside <tool_call> tags, checked to name one of `tools` with object arguments
         that pass check_literal (the rule ChatGLM3's calls follow too)."""
         try:
@@ -128,7 +218,7 @@ class TaggedProtocol:
                 raise ToolCallError('a tool call must be a JSON object {"name": ..., "arguments": {...}}')
             name = check_literal(call["name"])
         except ToolCallError as e:
-            return Call("?", error=str(e))
+            return RefusedCall(new_call_id(), "?", str(e))
         try:
             args = call.get("arguments", {})
             if isinstance(args, str):      # some models send arguments as a JSON string, as OpenAI does
@@ -137,9 +227,12 @@ class TaggedProtocol:
                 raise ToolCallError(f"there is no tool named {name!r}")
             if not isinstance(args, dict):
                 raise ToolCallError("arguments must be a JSON object")
-            return Call(name, arguments=check_literal(args))
+            return ToolCall(new_call_id(), name, check_literal(args))
         except ToolCallError as e:
-            return Call(name, error=str(e))
+            return RefusedCall(new_call_id(), name, str(e))
+
+    def call_parser(self, reply_parser, tools: dict[str, dict | None]) -> "TaggedCallParser":
+        return TaggedCallParser(reply_parser, tools)
 
 
 def _load_json(text: str):
@@ -155,44 +248,42 @@ def _load_json(text: str):
         raise ToolCallError(DEPTH_ERROR) from None
 
 
-def tagged_call_text(name: str, arguments: dict) -> str:
-    """How a template model is shown its own earlier call (an API client's assistant tool_calls)."""
-    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
-
-
 class TaggedCallParser:
-    """A template model's reply parser for API tool calls: each <tool_call> block becomes a
-    segment named after the tool, its arguments rewritten as ChatGLM3's `tool_call(...)` text,
-    so the server's one tool-call path (literal parse, schema check, `tool_calls` deltas) serves
-    both protocols.  Text that might be the start of a tag is held back until it is not."""
+    """A template model's reply parser with its <tool_call> blocks taken out of the text: each
+    becomes a ToolCall, checked against its tool's schema ({name: parameters} in `tools`), or a
+    RefusedCall holding what the model wrote.  Text that might be the start of a tag is held
+    back until it is not.  Without tools a reply is all text."""
 
-    def __init__(self, inner, tools: set[str]):
-        self.inner, self.tools = inner, set(tools)
+    def __init__(self, inner, tools: dict[str, dict | None]):
+        self.inner, self.tools = inner, tools
         self.buf, self.in_call = "", False
         self.seen = 0        # in a call: how much of buf is known to hold no closing tag
 
-    def feed(self, token_id: int) -> list[ReplyEvent]:
+    def feed(self, token_id: int) -> list[StreamItem]:
         return self.filter(self.inner.feed(token_id))
 
-    def finish(self) -> list[ReplyEvent]:
+    def finish(self) -> list[StreamItem]:
         return self.filter(self.inner.finish(), final=True)
 
     def messages(self) -> list[dict]:
         return self.inner.messages()
 
-    def filter(self, events, final: bool = False) -> list[ReplyEvent]:
-        """Reply events in, the same with <tool_call> blocks turned into call segments."""
-        out = [e for e in events if e.kind != "text"]
-        self.buf += "".join(e.text for e in events if e.kind == "text")
+    def filter(self, events: list[ReplyEvent], final: bool = False) -> list[StreamItem]:
+        """Reply events in; the text, with each <tool_call> block replaced by its call, out."""
+        text = "".join(e.text for e in events if e.kind == "text")
+        if not self.tools:
+            return [text] if text else []
+        self.buf += text
+        out: list[StreamItem] = []
         while True:
             if not self.in_call:
                 i = self.buf.find(TOOL_CALL_OPEN)
                 if i < 0:
                     keep = 0 if final else _prefix_overlap(self.buf, TOOL_CALL_OPEN)
                     text, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-                    return out + ([ReplyEvent("text", text)] if text else [])
+                    return out + ([text] if text else [])
                 if i:
-                    out.append(ReplyEvent("text", self.buf[:i]))
+                    out.append(self.buf[:i])
                 self.buf, self.in_call = self.buf[i + len(TOOL_CALL_OPEN):], True
             else:
                 j = self.buf.find(TOOL_CALL_CLOSE, self.seen)   # from where the last search left off: linear
@@ -203,15 +294,19 @@ class TaggedCallParser:
                 body = self.buf if j < 0 else self.buf[:j]
                 self.buf = "" if j < 0 else self.buf[j + len(TOOL_CALL_CLOSE):]
                 self.in_call, self.seen = False, 0
-                out += self._call(body, closed=j >= 0)
+                out.append(self._call(body, closed=j >= 0))
 
-    def _call(self, body: str, closed: bool) -> list[ReplyEvent]:
+    def _call(self, body: str, closed: bool) -> ToolCall | RefusedCall:
         call = TaggedProtocol.parse(body, self.tools)
-        if call.error:   # shown, not run: the client sees what the model wrote and why
-            close = TOOL_CALL_CLOSE if closed else ""
-            return [ReplyEvent("text", f"{TOOL_CALL_OPEN}{body.strip()}{close}\n(tool call refused: {call.error})")]
-        return [ReplyEvent("segment", metadata=call.name), ReplyEvent("text", format_tool_call(call.arguments)),
-                ReplyEvent("segment", metadata="")]
+        if isinstance(call, ToolCall):
+            try:
+                validate_arguments(call.arguments, self.tools[call.name])
+                return call
+            except ToolCallError as e:
+                call = RefusedCall(call.id, call.name, str(e))
+        # shown, not run: the client sees what the model wrote and why
+        written = f"{TOOL_CALL_OPEN}{body.strip()}{TOOL_CALL_CLOSE if closed else ''}"
+        return RefusedCall(call.id, call.name, call.reason, written=written)
 
 
 def _prefix_overlap(text: str, tag: str) -> int:

@@ -10,6 +10,7 @@ pieces.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
@@ -20,8 +21,17 @@ from ..errors import CheckpointError, GlmkitError
 from ..tokenizers.streaming import IncrementalDecoder
 from .formats import ReplyEvent
 from .messages import validate_messages
+from .tool_calls import ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
+# how a template model is asked to write a call (chat.protocols' tagged convention)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tool_call_text(call: ToolCall) -> str:
+    """A call as a template model writes it (for an API client's assistant `tool_calls`)."""
+    body = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
 
 class TemplateFormat:

@@ -1,6 +1,12 @@
-"""ChatGLM3 tool calls, parsed as data.
+"""Tool calls as data: the types every parser produces, the one rule for what a call may hold,
+and ChatGLM3's `tool_call(...)` parser.
 
-The model writes a call as a fenced block holding `tool_call(name=value, ...)` under a segment
+A parser (here, and the protocols' in chat.protocols) turns what the model wrote into a ToolCall,
+a CodeCall or a RefusedCall; nothing downstream (the agent, the API, the console) reads a call's
+text again.  How a call is written back into a prompt is each chat format's business (chat.glm3,
+chat.template).
+
+ChatGLM3 writes a call as a fenced block holding `tool_call(name=value, ...)` under a segment
 whose metadata line names the tool.  The official code hands that text to the `eval` builtin,
 so anyone who can steer the model can run Python on the host.  Here it is parsed with `ast`: only keyword arguments
 whose values are literals (strings, numbers, booleans, None, lists, tuples, dicts) are accepted;
@@ -15,9 +21,10 @@ as strict UTF-8 JSON.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
+import secrets
+from dataclasses import dataclass
 
 MAX_CALL_CHARS = 20_000    # a call's text (so everything it can hold) is at most this long
 MAX_DEPTH = 32             # containers nested in a call's arguments, the arguments object included
@@ -28,8 +35,47 @@ DEPTH_ERROR = f"tool call arguments are nested too deeply (more than {MAX_DEPTH}
 _SURROGATE = re.compile("[\ud800-\udfff]")   # a str holding one cannot be encoded as UTF-8
 
 
+INTERPRETER = "interpreter"   # the name code runs under, in ChatGLM3's protocol and in every event
+
+
 class ToolCallError(ValueError):
     """A tool call that cannot be accepted; the message is safe to show to the model and user."""
+
+
+def new_call_id() -> str:
+    """An id in OpenAI's form, by which a result is matched to its call."""
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call to a named tool, its arguments plain JSON data that passed check_literal."""
+    id: str
+    name: str
+    arguments: dict
+
+
+@dataclass(frozen=True)
+class CodeCall:
+    """Code the model wants the interpreter to run (checked by check_code)."""
+    id: str
+    code: str
+
+    @property
+    def name(self) -> str:
+        return INTERPRETER
+
+
+@dataclass(frozen=True)
+class RefusedCall:
+    """A call that is not accepted: never run; the reason goes to the model and the user."""
+    id: str
+    name: str             # the tool it named, or "?" when not even that could be read
+    reason: str
+    written: str = ""     # what the model wrote, where a client is shown it instead of a call
+
+
+Call = ToolCall | CodeCall | RefusedCall
 
 
 def check_literal(value, depth: int = 0):
@@ -80,14 +126,15 @@ def check_code(code: str) -> str:
 _LANG = re.compile(r"[A-Za-z0-9_+-]*")
 
 
-def find_fence(text: str, langs=None, limit: int | None = None):
-    """(where its ``` starts, the code inside) for the first fenced block opened before `limit`, or None.
+def find_fence(text: str, langs=None, limit: int | None = None, start: int = 0):
+    """(where its ``` starts, the code inside) for the first fenced block opened at or after
+    `start` and before `limit`, or None.
 
     A linear scan: backtracking regexes took quadratic time on long blank runs and many unclosed
     fences.  An opener is the last ``` on a line, followed by nothing but a language name (one of
     `langs` if given) and blanks; the block runs to the next ```, as the regex it replaces did."""
     limit = len(text) if limit is None else limit
-    line = 0
+    line = start
     while line < limit:
         nl = text.find("\n", line)
         if nl < 0:
@@ -150,25 +197,6 @@ def parse_tool_call(content: str) -> dict:
             raise ToolCallError(f"argument {kw.arg!r} is not a literal value "
                                 f"(only strings, numbers, booleans, None, lists and dicts)") from None
     return check_literal(args)
-
-
-def format_tool_call(arguments: dict) -> str:
-    """The text ChatGLM3 writes for a call: used when an API client sends back an assistant
-    message with tool_calls, so the prompt shows the model its own convention."""
-    parts = ", ".join(f"{k}={_py_literal(v)}" for k, v in arguments.items())
-    return f" ```python\ntool_call({parts})\n```"  # the leading space is how the official examples write it
-
-
-def _py_literal(v) -> str:
-    if isinstance(v, bool) or v is None:
-        return repr(v)
-    if isinstance(v, (int, float, str)):
-        return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_py_literal(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_py_literal(x)}" for k, x in v.items()) + "}"
-    return json.dumps(v, ensure_ascii=False)
 
 
 def validate_arguments(arguments: dict, schema: dict | None) -> None:

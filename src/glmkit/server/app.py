@@ -22,8 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..chat.json_schema import MAX_CONTAINERS, SchemaRefused, check_schema, loads_bounded
 from ..chat.json_schema import validate as validate_json
-from ..chat.openai_compat import flat_tools, to_glm_messages, to_template_messages
-from ..chat.protocols import TOOL_CALL_OPEN, TaggedCallParser
+from ..chat.openai_compat import flat_tools, openai_tool_call, to_glm_messages, to_template_messages
+from ..chat.protocols import TaggedCallParser, protocol_for
+from ..chat.template import TOOL_CALL_OPEN
+from ..chat.tool_calls import INTERPRETER, CodeCall, ToolCall
 from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
 from ..engine import SamplingParams
 from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
@@ -147,6 +149,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
     app.router.route_class = _StrictJSONRoute
     app.state.scheduler, app.state.chat_model, app.state.config = scheduler, chat_model, config
+    protocol = protocol_for(chat_model.format)     # how this model writes tool calls
     app.state.started = int(time.time())
     app.state.http_requests = {}
 
@@ -253,7 +256,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         response_format is checked on the final answer."""
         import threading
 
-        from ..chat.agent import Agent
+        from ..chat.agent import Agent, Finished, Observation, TextDelta
         from ..chat.tool_definitions import Tool
         from .scheduled_model import ScheduledModel
         if not config.server_tools and config.code_interpreter is None:
@@ -303,25 +306,24 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             if kernel is not None:
                 kernel.interrupt()
             raise
-        steps, content, finish, call, before_call = [], "", model.finish_reason, None, ""
+        steps, content, finish, generation_over = [], "", model.finish_reason, False
         for ev in evs:
-            if ev.kind == "text":
-                content += ev.text
-            elif ev.kind in ("code", "tool_call") or ev.kind == "error" and ev.name:   # a step begins
-                before_call, content, call = content, "", ev   # the answer is the last generation's text
-            elif ev.kind == "tool_result" and ev.name == "interpreter":
-                steps.append({"type": "code", "code": call.text if call.kind == "code" else None,
-                              **step_view(ev.name, ev.result)})
-            elif ev.kind == "tool_result":
-                steps.append({"type": "tool", "name": ev.name, "arguments": call.arguments,
-                              "ok": ev.result.ok, "observation": ev.result.observation})
-            elif ev.kind == "error" and "max_steps" in ev.text:
-                finish = "length"
+            if isinstance(ev, TextDelta):     # the answer is the last generation's text
+                content = (content if not generation_over else "") + ev.text
+                generation_over = False
+            elif isinstance(ev, Observation):
+                steps.append(_step(ev))
+                generation_over = True
+            elif isinstance(ev, Finished):
+                finished = ev
+        if generation_over:                   # the last generation wrote no text
+            content = ""
         msg = {"role": "assistant", "content": content}
-        if agent.pending is not None:
-            msg["content"] = before_call or None      # what the model wrote before the call
-            msg["tool_calls"] = [{"id": "call_" + secrets.token_hex(12), "type": "function", "function": {
-                "name": agent.pending.name, "arguments": json.dumps(agent.pending.arguments, ensure_ascii=False)}}]
+        if finished.reason == "max_steps":
+            finish = "length"
+        elif finished.reason == "tool_calls":
+            msg["content"] = content or None      # what the model wrote before its calls
+            msg["tool_calls"] = [openai_tool_call(c) for c in finished.handed_over]
             finish = "tool_calls"
         elif json_check:
             problem = await asyncio.to_thread(json_check, content)
@@ -379,7 +381,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
                         forced=None, json_check=None):
         max_new, stop, base = _sampling(body)
-        tools_by_name = {t["name"]: t for t in tools}
+        schemas = {t["name"]: t.get("parameters") for t in tools}
         stop_ids = chat_model.format.stop_ids if not raw else frozenset({chat_model.tokenizer.eos_id})
         handles, streams = [], []
         try:
@@ -388,12 +390,11 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
                 handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids,
                                                            logprobs=logprobs, forced=forced)))
-                parser = chat_model.format.reply_parser() if not raw else PlainReplyParser(chat_model.tokenizer)
-                if tools and chat_model.config.family != "chatglm":   # <tool_call> blocks -> tool calls
-                    parser = TaggedCallParser(parser, set(tools_by_name))
-                for t in prefix:
-                    parser.feed(t)
-                streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, tools_by_name, logprobs is not None))
+                if raw:     # all visible text is the reply: a call parser without tools calls nothing
+                    parser = TaggedCallParser(PlainReplyParser(chat_model.tokenizer), {})
+                else:
+                    parser = protocol.call_parser(chat_model.format.reply_parser(), schemas)
+                streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, logprobs is not None, prefix))
         except QueueFull:
             for h in handles:  # choices already admitted for this request give their slots back
                 h.cancel()
@@ -503,6 +504,16 @@ def _completion_logprobs(entries: list[dict] | None):
         return None
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+
+
+def _step(ev) -> dict:
+    """One entry of glmkit_steps from an agent's Observation: a tool or code run, or a refused
+    call (its code or arguments null), and what it gave back."""
+    call = ev.call
+    if call.name == INTERPRETER:
+        return {"type": "code", "code": call.code if isinstance(call, CodeCall) else None, **step_view(call, ev.result)}
+    return {"type": "tool", "name": call.name, "arguments": call.arguments if isinstance(call, ToolCall) else None,
+            "ok": ev.result.ok, "observation": ev.result.observation}
 
 
 def request_key(request: Request) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 
-from ..chat.agent import Agent
+from ..chat.agent import Agent, CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
 from ..errors import GlmkitError
 from .generation import step_view
 from .scheduled_model import Cancelled, ScheduledModel
@@ -33,7 +33,8 @@ class Turn:
         self._loop = asyncio.get_running_loop()
         self._saved = len(self.agent.messages)
         self._text = ""                      # shown but not yet stored
-        self._result_extras: dict = {}
+        self._generation_text = ""           # shown by the generation in progress (or the last one)
+        self._generation_over = False        # its calls have begun running
 
     def start(self, on_finish=None):
         """Run in a worker thread; `on_finish()` is called from it once everything is stored."""
@@ -58,31 +59,33 @@ class Turn:
     def _emit(self, ev: dict):
         self._loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
-    def _sync(self):
-        """Store the agent's new messages (each one is complete when it reaches agent.messages)."""
+    def _sync(self, observation_extras: dict | None = None):
+        """Store the agent's new messages (each one is complete when it reaches agent.messages);
+        an observation among them is stored with what the browser was shown of its run."""
         for m in self.agent.messages[self._saved:]:
-            extras = self._result_extras if m["role"] == "observation" else {}
+            extras = (observation_extras or {}) if m["role"] == "observation" else {}
             self.store.append(self.who, self.cid, m["role"], m["content"], m.get("metadata", ""), extras)
         self._saved = len(self.agent.messages)
 
     def _run(self):
         try:
             for ev in self.agent.run(None, script=self.script, **self.gen):
-                if ev.kind == "text":
+                if isinstance(ev, TextDelta):
+                    if self._generation_over:
+                        self._generation_text, self._generation_over = "", False
                     self._text += ev.text
+                    self._generation_text += ev.text
                     self._emit({"type": "text", "text": ev.text})
                     continue
+                if isinstance(ev, Observation):    # its message is the one new since the call's step
+                    extras = {"name": ev.call.name, **step_view(ev.call, ev.result)}
+                    self._sync(extras)
+                    self._emit({"type": "tool_result", **extras})
+                    continue
                 self._sync()
-                shown, self._text = self._text, ""   # that text is part of the messages just stored
-                if ev.kind == "code":                # `shown`: the model wrote it as visible text
-                    self._emit({"type": "code", "code": ev.text, "shown": ev.text in shown})
-                elif ev.kind == "tool_call":
-                    self._emit({"type": "tool_call", "name": ev.name, "arguments": ev.arguments})
-                elif ev.kind == "tool_result":
-                    self._result_extras = {"name": ev.name, **step_view(ev.name, ev.result)}
-                    self._emit({"type": "tool_result", **self._result_extras})
-                elif ev.kind == "error":
-                    self._emit({"type": "error", "text": ev.text})
+                self._text = ""                     # that text is part of the messages just stored
+                self._generation_over = True
+                self._step(ev)
             self._sync()
         except Cancelled:
             self._sync_partial()
@@ -96,6 +99,23 @@ class Turn:
         finally:
             self.done = True
             self._emit({"type": "done"})   # always: the browser's stream must end
+
+    def _step(self, ev):
+        """A call about to run, or the end of the run, as the browser is told of it."""
+        if isinstance(ev, CodeStep):        # `shown`: the model wrote it as visible text
+            self._emit({"type": "code", "code": ev.call.code, "shown": ev.call.code in self._generation_text})
+        elif isinstance(ev, ToolCallStep):
+            self._emit({"type": "tool_call", "name": ev.call.name, "arguments": ev.call.arguments})
+        elif isinstance(ev, RefusedStep):
+            self._emit({"type": "error", "text": ev.call.reason})
+        elif isinstance(ev, Finished) and ev.reason == "max_steps":
+            self._emit({"type": "error", "text": f"stopped after {self.agent.max_steps} rounds of tool calls "
+                                                 f"(max_steps)"})
+        elif isinstance(ev, Finished) and ev.reason == "tool_calls":
+            for call in ev.handed_over:     # a tool the server has only a schema for: shown, not run
+                self._emit({"type": "tool_call", "name": call.name, "arguments": call.arguments})
+                self._emit({"type": "error", "text": f"{call.name} has no implementation on this server; "
+                                                     "it was not run"})
 
     def _sync_partial(self):
         """Stopped or failed mid-reply: keep the complete messages and, marked, the text shown."""

@@ -1,18 +1,17 @@
 """One choice of a completion: scheduler token events -> OpenAI-shaped deltas.
 
-Wires the chat layer (reply parser, tool-call parser, stop strings) to the engine's token
-stream; knows nothing of HTTP."""
+Wires the chat layer (a protocol's call parser around the format's reply parser, stop strings)
+to the engine's token stream; knows nothing of HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import queue
-import secrets
 from dataclasses import dataclass, field
 
-from ..chat.tool_calls import ToolCallError, parse_tool_call, validate_arguments
+from ..chat.openai_compat import openai_tool_call
+from ..chat.tool_calls import Call, CodeCall, RefusedCall
 from ..engine import StopStrings
 from ..engine.scheduler import Handle, TokenEvent
 
@@ -45,22 +44,25 @@ class Delta:
 
 
 class ChoiceStream:
-    """Turns the token events of one choice into deltas; `result` holds the totals."""
+    """Turns the token events of one choice into deltas; `result` holds the totals.
 
-    def __init__(self, tokenizer, parser, stop: list[str] | None, tools: dict[str, dict] | None,
-                 want_logprobs: bool):
+    `parser` is a protocol's call parser (chat.protocols): it gives text, ToolCalls (each becomes
+    a `tool_calls` entry, several in one reply included) and RefusedCalls (shown as what the model
+    wrote, with the reason).  `prefix` is the start of the reply that the request forced (a named
+    tool_choice): the parser reads it, the client is not sent it."""
+
+    def __init__(self, tokenizer, parser, stop: list[str] | None, want_logprobs: bool, prefix=()):
         self.tok = tokenizer
         self.parser = parser
         self.stops = StopStrings(stop)
-        self.tools = tools or {}
         self.want_logprobs = want_logprobs
         self.content = ""
         self.tool_calls: list[dict] = []
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.all_logprobs: list[dict] = []
-        self._segment_tool: str | None = None   # name of the tool whose call is being written
-        self._segment_text = ""
+        for t in prefix:
+            parser.feed(t)        # a forced call's start: no text or call is complete within it
 
     def feed(self, ev: TokenEvent) -> Delta:
         d = Delta()
@@ -69,17 +71,16 @@ class ChoiceStream:
             d.logprobs.append(self._logprob_entry(ev))
             self.all_logprobs.append(d.logprobs[-1])
         if ev.finish != "stop":          # the stop token itself is never text
-            for e in self.parser.feed(ev.token):
-                self._event(e, d)
+            for item in self.parser.feed(ev.token):
+                self._item(item, d)
         if ev.finish:
             self.finish(ev.finish, d)
         return d
 
     def finish(self, reason: str, d: Delta | None = None) -> Delta:
         d = d or Delta()
-        for e in self.parser.finish():
-            self._event(e, d)
-        self._close_segment(d)
+        for item in self.parser.finish():
+            self._item(item, d)
         tail = self.stops.flush()
         if tail:
             self._say(tail, d)
@@ -90,39 +91,20 @@ class ChoiceStream:
     def stopped_by_string(self) -> bool:
         return self.stops.hit
 
-    def _event(self, e, d: Delta):
-        if e.kind == "segment":
-            self._close_segment(d)
-            self._segment_tool = e.metadata if e.metadata in self.tools else None
-            if e.metadata and self._segment_tool is None:
-                self._say(f"\n[{e.metadata}]\n" if self.content else f"[{e.metadata}]\n", d)
-        elif e.kind == "text":
-            if self._segment_tool is not None:
-                self._segment_text += e.text
-            else:
-                self._say(e.text, d)
+    def _item(self, item, d: Delta):
+        if isinstance(item, str):
+            self._say(item, d)
+        elif isinstance(item, RefusedCall):    # not a tool call: the client sees what the model wrote and why
+            self._say(f"{item.written}\n(tool call refused: {item.reason})", d)
+        else:
+            call = openai_tool_call(item, index=len(self.tool_calls))
+            self.tool_calls.append(call)
+            d.tool_calls.append(call)
 
     def _say(self, text: str, d: Delta):
         shown = self.stops.feed(text)
         self.content += shown
         d.content += shown
-
-    def _close_segment(self, d: Delta):
-        name, text = self._segment_tool, self._segment_text
-        self._segment_tool, self._segment_text = None, ""
-        if name is None:
-            return
-        try:
-            args = parse_tool_call(text)
-            validate_arguments(args, self.tools[name].get("parameters"))
-        except ToolCallError as err:
-            # not executed, not a tool call: the client sees what the model wrote and why
-            self._say(f"[{name}] {text.strip()}\n(tool call refused: {err})", d)
-            return
-        call = {"index": len(self.tool_calls), "id": "call_" + secrets.token_hex(12), "type": "function",
-                "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
-        self.tool_calls.append(call)
-        d.tool_calls.append(call)
 
     def _logprob_entry(self, ev: TokenEvent) -> dict:
         def entry(tok, lp):
@@ -133,9 +115,9 @@ class ChoiceStream:
         return out
 
 
-def step_view(name: str, result) -> dict:
+def step_view(call: Call, result) -> dict:
     """What a client is shown of one tool or code run (chat.tools.ToolResult): code runs give the
-    cell's own output and its plots as base64 PNG, tool runs their observation."""
-    cell = result.value if name == "interpreter" else None      # None too if the code was refused
+    cell's own output and its plots as base64 PNG, tool runs (and refused calls) their observation."""
+    cell = result.value if isinstance(call, CodeCall) else None
     return {"ok": result.ok, "output": cell.text if cell else result.observation,
             "images": [base64.b64encode(i).decode() for i in cell.images] if cell else []}
