@@ -1,4 +1,4 @@
-"""ChatGLM3's chat protocol, at the level of token ids (see shared VISION.md §3).
+"""ChatGLM3's chat protocol, at the level of token ids (as the original tokenizer and chat() build it).
 
 Prompt: [gMASK] sop, then per message: role id, sp(metadata + "\\n"), sp(content); then a bare
 <|assistant|>.  Reply: one or more segments separated by the <|assistant|> *id*; the first line

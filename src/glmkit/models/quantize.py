@@ -2,7 +2,7 @@
 
 The matmuls are PyTorch's own kernels (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu` on CPU, `aten._weight_int4pack_mm` on CUDA), the ones gpt-fast
-and torchao use underneath; torchao adds nothing on CPU over them (see shared VISION notes), so we
+and torchao use underneath; torchao adds nothing on CPU over them (docs/BENCHMARKS.md), so we
 call them directly and keep one dependency fewer.
 
 int4 follows gpt-fast's asymmetric scheme: per group of `group_size` input columns,
