@@ -2,8 +2,8 @@
 
 The matmuls are PyTorch's own kernels (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu` on CPU, `aten._weight_int4pack_mm` on CUDA), the ones gpt-fast
-and torchao use underneath; torchao adds nothing on CPU over them (docs/BENCHMARKS.md), so we
-call them directly and keep one dependency fewer.
+and torchao use underneath; on CPU torchao's weight-only int8/int4 paths end in these same kernels, so
+we call them directly and keep one dependency fewer.
 
 int4 follows gpt-fast's asymmetric scheme: per group of `group_size` input columns,
 scale = (max - min) / 15 and zero = min + 8 * scale, so w ≈ (q - 8) * scale + zero with q in 0..15.
