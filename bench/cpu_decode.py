@@ -1,6 +1,6 @@
 """CPU decode and prefill speed of the embedded default model for each precision choice:
-float32, bfloat16, int8 and int4 weights (bf16 activations), measured with glmkit's own engine in
-one run.  Float32 is the baseline for the ratios.
+float32, bfloat16, int8 and int4 weights (bf16 activations), measured with glmkit's own engine (its
+scheduler, as the server runs it) in one run.  Float32 is the baseline for the ratios.
 
     .venv/bin/python bench/cpu_decode.py [--threads N] [--tokens 128]
 """
@@ -8,27 +8,16 @@ one run.  Float32 is the baseline for the ratios.
 import argparse
 import json
 import platform
-import time
 
 import torch
 
 import glmkit
-from glmkit.engine import GenerationRequest, SamplingParams, generate_batch
+from glmkit.benchmark import decode_speed
 
 
 def measure(model, prompt_len: int, new_tokens: int, batch: int = 1) -> dict:
     prompt = (model.tokenizer.encode("The quick brown fox jumps over the lazy dog. ") * 200)[:prompt_len]
-    reqs = [GenerationRequest(prompt, SamplingParams(temperature=0), new_tokens, frozenset()) for _ in range(batch)]
-    t0 = time.perf_counter()
-    steps = generate_batch(model.model, reqs)
-    next(steps)                      # prefill + first token
-    t1 = time.perf_counter()
-    n = 0
-    for _ in steps:
-        n += 1
-    t2 = time.perf_counter()
-    return {"prefill_tok_s": batch * prompt_len / (t1 - t0), "decode_ms_per_step": 1000 * (t2 - t1) / max(n, 1),
-            "decode_tok_s": batch * n / (t2 - t1)}
+    return decode_speed(model.model, [prompt] * batch, new_tokens)
 
 
 def main():

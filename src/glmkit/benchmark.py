@@ -1,7 +1,7 @@
 """`glmkit bench`: load time, memory, prefill and decode speed, and perplexity.
 
-Measures the engine exactly as the chat and the server use it (generate_batch with greedy
-sampling), so the figures include per-token Python overhead.  `--random-like chatglm3-6b` builds a
+Measures the engine as the chat and the server use it (the continuous-batching Scheduler's steps,
+greedy sampling, events read through a Handle), so the figures include per-token Python overhead.  `--random-like chatglm3-6b` builds a
 model with the real shapes and random weights, tensor by tensor through the same loader (and
 quantizer), so anyone can reproduce the figures without the 12 GB download.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import GenerationRequest, SamplingParams, generate_batch
+from .engine import GenerationRequest, SamplingParams, Scheduler
 from .errors import GlmkitError
 from .models.config import ModelConfig
 from .models.loader import build, pick_dtype
@@ -66,18 +66,29 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
+def decode_speed(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Time to the first token of every row (prefill), then per decode step, through a Scheduler
+    with one slot per prompt.  Its steps run in this thread, as for the Python API (the server's
+    engine thread runs the same steps; see engine/scheduler.py on what a thread costs on CPU)."""
+    sched = Scheduler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens)
+    try:
+        t0 = time.perf_counter()
+        handles = [sched.submit(GenerationRequest(p, SamplingParams(temperature=0), new_tokens)) for p in prompts]
+        firsts = [h.get() for h in handles]           # prefill and the first token of every row
+        t1 = time.perf_counter()
+        rest = [sum(1 for _ in h) for h, ev in zip(handles, firsts) if not ev.finish]
+        t2 = time.perf_counter()
+    finally:
+        sched.stop()
+    steps, n = max(rest, default=0), sum(rest)
+    return {"batch": len(prompts), "ttft_s": t1 - t0, "prefill_tok_s": sum(map(len, prompts)) / (t1 - t0),
+            "decode_ms_per_step": 1000 * (t2 - t1) / max(steps, 1), "decode_tok_s": n / max(t2 - t1, 1e-9)}
+
+
 def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int) -> dict:
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(100, min(vocab, 30000), (prompt_tokens,), generator=g).tolist() for _ in range(batch)]
-    reqs = [GenerationRequest(p, SamplingParams(temperature=0), new_tokens, frozenset()) for p in prompts]
-    t0 = time.perf_counter()
-    steps = generate_batch(model, reqs)
-    next(steps)                                   # prefill and the first token of every row
-    t1 = time.perf_counter()
-    n = sum(1 for _ in steps)
-    t2 = time.perf_counter()
-    return {"batch": batch, "ttft_s": t1 - t0, "prefill_tok_s": batch * prompt_tokens / (t1 - t0),
-            "decode_ms_per_step": 1000 * (t2 - t1) / max(n, 1), "decode_tok_s": batch * n / max(t2 - t1, 1e-9)}
+    return decode_speed(model, prompts, new_tokens)
 
 
 @torch.inference_mode()

@@ -3,32 +3,24 @@ engine.  This is the Python API; the CLI and the server are thin layers over it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from .chat import chat_format_for
 from .chat.formats import ReplyEvent
-from .engine import GenerationRequest, SamplingParams, StopStrings, generate_batch
-from .engine.generate import budget
+from .chat.reply_stream import Reply, ReplyStream
+from .engine import LocalBackend, SamplingParams, Scheduler, budget
 from .errors import ContextLengthError
 from .models import Checkpoint, load_checkpoint
 from .models.quantize import QuantConfig
+
+__all__ = ["ChatModel", "Reply", "load"]
 
 # Sampling defaults per family: ChatGLM3's official chat() values; SmolLM2's model card.
 DEFAULT_SAMPLING = {
     "chatglm": dict(temperature=0.8, top_p=0.8, top_k=0, repetition_penalty=1.0),
     "llama": dict(temperature=0.2, top_p=0.9, top_k=0, repetition_penalty=1.1),
 }
-
-
-@dataclass
-class Reply:
-    """Filled in while a reply streams; complete once iteration ends."""
-    messages: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None      # "stop" or "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
 
 
 class ChatModel:
@@ -41,30 +33,55 @@ class ChatModel:
         self.name = checkpoint.config.name
         self.context_length = checkpoint.config.context_length
         self.default_sampling = dict(DEFAULT_SAMPLING.get(checkpoint.config.family, DEFAULT_SAMPLING["llama"]))
+        self._backend: LocalBackend | None = None
+        self._lock = threading.Lock()
+
+    # -- the engine ------------------------------------------------------------------------
+    @property
+    def backend(self) -> LocalBackend:
+        """Everything this model generates goes through here: a continuous-batching Scheduler,
+        made on first use (its KV cache grows with use; without a thread of its own, the threads
+        waiting for tokens run its steps), or the one given to serve_with()."""
+        with self._lock:
+            if self._backend is None:
+                self._use(Scheduler(self.model, max_queue=None))
+            return self._backend
+
+    def serve_with(self, scheduler: Scheduler) -> LocalBackend:
+        """Generate through `scheduler` (the server's, sized for its load) from now on; the
+        previous one stops.  The KV cache lives in the model, so it has one scheduler at a time."""
+        with self._lock:
+            return self._use(scheduler)
+
+    def _use(self, scheduler: Scheduler) -> LocalBackend:
+        if self._backend is not None and self._backend.scheduler is not scheduler:
+            self._backend.scheduler.stop()
+        self._backend = LocalBackend(scheduler, self.tokenizer, self.format, self.name)
+        return self._backend
 
     # -- token level -----------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.format.encode(messages)
 
-    def _requests(self, prompts, max_new_tokens, max_length, stop_ids, params) -> list[GenerationRequest]:
-        stops = self.format.stop_ids if stop_ids is None else frozenset(stop_ids)
-        return [GenerationRequest(list(p), params, budget(len(p), max_new_tokens, max_length, self.context_length), stops)
-                for p in prompts]
-
     def params(self, **overrides) -> SamplingParams:
         merged = {**self.default_sampling, **{k: v for k, v in overrides.items() if v is not None}}
-        return SamplingParams(**merged).validate()
+        return SamplingParams(**merged)
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = 256,
                        max_length: int | None = None, stop_ids=None, **sampling) -> list[list[int]]:
-        """New ids for each prompt (stop id excluded), all rows decoded together."""
-        reqs = self._requests(prompts, max_new_tokens, max_length, stop_ids, self.params(**sampling))
-        out: list[list[int]] = [[] for _ in prompts]
-        for step in generate_batch(self.model, reqs):
-            for row, tok, done in step:
-                if not (done and done.reason == "stop"):
-                    out[row].append(tok)
-        return out
+        """New ids for each prompt (stop id excluded), decoded together by the scheduler."""
+        params, backend = self.params(**sampling), self.backend
+        stops = self.format.stop_ids if stop_ids is None else frozenset(stop_ids)
+        limit = backend.context_length if max_length is None else min(max_length, backend.context_length)
+        budgets = [budget(len(p), max_new_tokens, limit) for p in prompts]   # every prompt checked before any runs
+        handles = []
+        try:
+            for p, n in zip(prompts, budgets):
+                handles.append(backend.submit(p, params, stops, n))
+            return [[ev.token for ev in h if ev.finish != "stop"] for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()
 
     def generate(self, ids: list[int], max_new_tokens: int | None = 256, max_length: int | None = None,
                  stop_ids=None, **sampling) -> list[int]:
@@ -73,49 +90,13 @@ class ChatModel:
     # -- chat level ------------------------------------------------------------------------
     def reply(self, messages: list[dict], max_new_tokens: int | None = None, max_length: int | None = None,
               stop: list[str] | None = None, reply: Reply | None = None, forced: list[int] | None = None,
-              **sampling) -> Iterator[ReplyEvent]:
+              cancel: threading.Event | None = None, **sampling) -> Iterator[ReplyEvent]:
         """Stream the assistant's reply to `messages` as ReplyEvents; `reply` is filled in.
 
-        `forced` constrains decoding to begin with these token ids (the model still runs)."""
-        reply = reply if reply is not None else Reply()
-        prompt = self.encode_chat(messages)
-        [req] = self._requests([prompt], max_new_tokens, max_length, None, self.params(**sampling))
-        req.forced = forced
-        reply.prompt_tokens = len(prompt)
-        parser = self.format.reply_parser()
-        stops = StopStrings(stop)
-        for step in generate_batch(self.model, [req]):
-            for _, tok, done in step:
-                reply.completion_tokens += 1
-                reply.token_ids.append(tok)
-                if not (done and done.reason == "stop"):
-                    for ev in parser.feed(tok):
-                        yield from self._filter(ev, stops)
-                if done:
-                    reply.finish_reason = done.reason
-            if stops.hit:
-                reply.finish_reason = "stop"
-                break
-        for ev in parser.finish():
-            yield from self._filter(ev, stops)
-        tail = stops.flush()
-        if tail:
-            yield ReplyEvent("text", tail)
-        reply.messages = parser.messages()
-        if stops.stops:
-            for m in reply.messages:  # history keeps what the user saw
-                cut = min((i for i in (m["content"].find(s) for s in stops.stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    m["content"] = m["content"][:cut]
-
-    @staticmethod
-    def _filter(ev: ReplyEvent, stops: StopStrings):
-        if ev.kind != "text":
-            yield ev
-            return
-        text = stops.feed(ev.text)
-        if text:
-            yield ReplyEvent("text", text)
+        `forced` constrains decoding to begin with these token ids (the model still runs);
+        `cancel`, once set, stops generation and raises chat.reply_stream.Cancelled."""
+        yield from ReplyStream(self.backend, messages, self.params(**sampling), max_new_tokens, max_length, stop,
+                               forced or (), reply, cancel)
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Visible text of the reply, piece by piece."""

@@ -336,9 +336,6 @@ def cmd_serve(args) -> int:
 
     from .server.app import ServerConfig, create_app
     model = _load(args, progress=sys.stderr.isatty())
-    cfg = model.config
-    kv_bytes_per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * model.model.dtype.itemsize
-    max_seq = max(256, min(cfg.context_length, args.kv_cache_mb * 2**20 // (args.max_batch * kv_bytes_per_token)))
     keys = api_keys(args)
     embedder = None
     if not args.no_embeddings:
@@ -351,13 +348,13 @@ def cmd_serve(args) -> int:
         kernels.check()       # refuse to start without a sandbox
     app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
-                                         max_seq_len=max_seq, model_id=args.model_id,
+                                         kv_cache_mb=args.kv_cache_mb, model_id=args.model_id,
                                          scripted_replies=_scripted(args.scripted_replies),
                                          server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=_data_dir(args),
                                          metrics_public=args.metrics_public), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch}, {max_seq} tokens per sequence, "
+          f"(batch {args.max_batch}, {app.state.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

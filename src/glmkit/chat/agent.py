@@ -83,7 +83,7 @@ class Agent:
     def run(self, user_text: str | None, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
         """Answer one user message (None: answer the history as it stands), calling tools as the
         model asks.  `script` (testing aid): per generation step, token ids decoding is constrained to."""
-        from ..chat_model import Reply
+        from .reply_stream import Reply
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
         runnable = set(self.tools) | ({INTERPRETER} if self.interpreter is not None else set())

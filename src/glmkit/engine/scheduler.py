@@ -1,59 +1,94 @@
-"""Continuous batching: many sequences share one model and one KV-cache pool.
+"""The decode loop: continuous batching, the one way glmkit generates tokens.
 
-One background thread owns the model.  Each step it (1) drops cancelled sequences, (2) admits
-waiting ones into free cache slots, first come first served, (3) prefills at most `prefill_chunk`
-prompt tokens of one sequence, so that a long prompt delays running streams by one chunk at a time,
-and (4) advances every running sequence by one token in a single batched forward pass.  Sequences
-join and leave at any step.  Results flow back through a thread-safe queue per sequence.
+Many sequences share one model and its KV cache.  Each step (1) drops cancelled sequences,
+(2) admits waiting ones into free cache slots, first come first served, (3) advances every
+running sequence by one token in a single batched forward pass, and (4) prefills at most
+`prefill_chunk` prompt tokens of one sequence, so that a long prompt delays running streams by one
+chunk at a time.  Sequences join and leave at any step.  Results flow back through a queue per sequence.
+
+Who runs the steps: after start(), a background thread (the server, whose callers are async);
+without one, the synchronous callers themselves: a caller waiting for its next event runs one
+step at a time under a lock, each step advancing every sequence (the Python API and the terminal
+iterate a Handle and need no thread).  The caller's own thread matters on CPU: libgomp, PyTorch's
+OpenMP, stops spinning between parallel regions as soon as two threads own thread pools (here the
+one that loaded the model and an engine thread), which costs ~40% of a small model's decode speed.
 
 Cache slots are rows of the model's KV cache (see models/transformer.py); sequences are placed in
 the lowest free slot so the running rows stay packed at the front and the decode step can use a
-view of the cache instead of a gather.
+view of the cache instead of a gather.  The cache lives in the model, so a model has one
+scheduler.  It grows (doubling, contents kept) to what admitted sequences need, up to
+max_batch x max_seq_len; `from_memory` allocates it whole up front instead.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import ContextLengthError, GlmkitError
 from ..models.transformer import Transformer
-from .generate import GenerationRequest
-from .sampling import remember, sample_row
+from .sampling import SamplingParams, remember, sample_row
+
+log = logging.getLogger("glmkit")
 
 
 class QueueFull(GlmkitError):
-    """More requests are waiting than the server accepts (HTTP 429)."""
+    """More requests are waiting than the scheduler accepts (HTTP 429)."""
 
 
-SeqRequest = GenerationRequest  # one request type for the batch loop and the scheduler
+@dataclass
+class GenerationRequest:
+    """One sequence to generate: token ids in, token ids out."""
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None     # None: as many as the context leaves
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None           # None, or report the chosen token's logprob and the top k (0: none)
+    # The one constrained-decoding seam: the first generated tokens are these (the model still
+    # runs on them).  Tests use it to make a tiny random model write tool calls.
+    forced_prefix: Sequence[int] = ()
 
 
 @dataclass
 class TokenEvent:
     token: int
-    finish: str | None = None          # "stop" or "length" on the last event
+    finish: str | None = None          # "stop" (a stop id) or "length" on the last event
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+def budget(prompt_tokens: int, max_new_tokens: int | None, limit: int) -> int:
+    """The one budget rule: prompt and reply together fit in `limit` tokens.  How many tokens may
+    be generated (at most `max_new_tokens`), or ContextLengthError when the prompt leaves no room."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise GlmkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_tokens >= limit:
+        raise ContextLengthError(f"the prompt is {prompt_tokens} tokens but the context limit is {limit} tokens "
+                                 "(prompt and reply together); shorten the prompt or drop earlier turns",
+                                 prompt_tokens, limit)
+    room = limit - prompt_tokens
+    return room if max_new_tokens is None else min(max_new_tokens, room)
 
 
 @dataclass
 class _Seq:
     id: int
-    req: SeqRequest
+    req: GenerationRequest             # max_new_tokens already within budget
     events: "queue.Queue[TokenEvent | BaseException]"
     slot: int = -1
     prefilled: int = 0                 # prompt tokens already in the cache
     generated: int = 0
     next_token: int | None = None      # sampled, not yet fed to the model
     generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None
+    seen: torch.Tensor | None = None   # token ids the repetition penalty applies to
     cancelled: bool = False
     notify: object = None              # called (from the scheduler thread) after each event
     submitted: float = field(default_factory=time.perf_counter)
@@ -66,29 +101,46 @@ class _Seq:
 
 
 class Handle:
-    """The caller's side of one sequence: get() TokenEvents; cancel() to stop early."""
+    """The caller's side of one sequence: iterate (or get()) its TokenEvents; cancel() to stop early."""
 
-    def __init__(self, seq: _Seq, scheduler: "Scheduler"):
+    def __init__(self, seq: _Seq, scheduler: Scheduler):
         self._seq = seq
         self._scheduler = scheduler
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        """Every event, blocking, through the one with `finish`; leaving early cancels."""
+        try:
+            while True:
+                ev = self.get()
+                yield ev
+                if ev.finish:
+                    return
+        finally:
+            self.cancel()
 
     def on_event(self, callback):
         """Call `callback()` from the scheduler thread whenever an event is queued."""
         self._seq.notify = callback
 
     def get_nowait(self) -> TokenEvent:
-        ev = self._seq.events.get_nowait()
-        if isinstance(ev, BaseException):
-            raise ev
-        return ev
+        return self._unwrap(self._seq.events.get_nowait())
 
     def get(self, timeout: float | None = None) -> TokenEvent:
-        ev = self._seq.events.get(timeout=timeout)
+        """The next event (running steps in this thread if the scheduler has no thread of its own);
+        queue.Empty after `timeout` seconds without one."""
+        if self._scheduler._thread is None:
+            self._scheduler._drive(self._seq, timeout)
+            return self.get_nowait()
+        return self._unwrap(self._seq.events.get(timeout=timeout))
+
+    @staticmethod
+    def _unwrap(ev):
         if isinstance(ev, BaseException):
             raise ev
         return ev
 
     def cancel(self):
+        """Stop generating and free the slot (no-op once finished)."""
         self._seq.cancelled = True
         self._scheduler._wake()
 
@@ -123,7 +175,8 @@ class Stats:
 
 class Scheduler:
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, prefill_chunk: int = 256):
+                 max_queue: int | None = 64, prefill_chunk: int = 256):
+        """`max_queue`: most sequences waiting for a slot (None: no limit) before submit raises QueueFull."""
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.cfg.context_length, model.cfg.context_length)
@@ -133,27 +186,34 @@ class Scheduler:
         self._ids = itertools.count()
         self._waiting: deque[_Seq] = deque()
         self._slots: list[_Seq | None] = [None] * max_batch
-        self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
-        self._stop = False
+        self._cv = threading.Condition(threading.Lock())   # guards the queue and the slots
+        self._step_lock = threading.Lock()                   # one step at a time, whoever runs it
         self._thread: threading.Thread | None = None
-        model.setup_caches(max_batch, self.max_seq_len)
+
+    @classmethod
+    def from_memory(cls, model: Transformer, kv_cache_mb: int, max_batch: int, **kwargs) -> Scheduler:
+        """A scheduler whose KV cache takes `kv_cache_mb` MiB: `max_batch` rows of as many tokens as
+        fit (at least 256, at most the model's context).  Allocated now, so that a cache the device
+        cannot hold fails at startup rather than under load."""
+        cfg = model.cfg
+        per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * model.dtype.itemsize   # keys + values
+        max_seq = max(256, min(cfg.context_length, kv_cache_mb * 2**20 // (max_batch * per_token)))
+        s = cls(model, max_batch, max_seq, **kwargs)
+        s._reserve(max_batch, s.max_seq_len)
+        return s
 
     # -- caller side ---------------------------------------------------------------------
-    def submit(self, req: SeqRequest) -> Handle:
+    def submit(self, req: GenerationRequest) -> Handle:
+        """Queue a sequence; its events arrive on the Handle."""
         if not req.prompt:
             raise GlmkitError("the prompt is empty")
-        if len(req.prompt) + 1 > self.max_seq_len:
-            raise ContextLengthError(f"the prompt is {len(req.prompt)} tokens but this server's context is "
-                                     f"{self.max_seq_len} tokens (prompt + reply)", len(req.prompt), self.max_seq_len)
-        req.params.validate()
-        req.max_new_tokens = max(1, min(req.max_new_tokens, self.max_seq_len - len(req.prompt)))
+        req = replace(req, max_new_tokens=budget(len(req.prompt), req.max_new_tokens, self.max_seq_len))
         seq = _Seq(next(self._ids), req, queue.Queue())
         if req.params.seed is not None:
             seq.generator = torch.Generator().manual_seed(req.params.seed)
         seq.seen = torch.tensor(sorted(set(req.prompt)), dtype=torch.long)
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
             self._waiting.append(seq)
             self.stats.requests += 1
@@ -169,57 +229,104 @@ class Scheduler:
     def running(self) -> int:
         return sum(s is not None for s in self._slots)
 
-    def start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="glmkit-scheduler", daemon=True)
-            self._thread.start()
+    def start(self) -> Scheduler:
+        """Run the steps in a background thread from now on (a daemon: a program that never calls
+        stop() still exits)."""
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="glmkit-scheduler", daemon=True)
+                self._thread.start()
         return self
 
     def stop(self):
+        """End the background thread, if any, after its current step; sequences still queued or
+        running get an error.  The scheduler stays usable (driven by its callers, or start() again)."""
         with self._cv:
-            self._stop = True
+            thread, self._thread = self._thread, None
             self._cv.notify()
-        if self._thread:
-            self._thread.join(timeout=10)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+        with self._step_lock, self._cv:
+            self._fail_all(GlmkitError("the engine stopped before this generation finished"))
 
     def _wake(self):
         with self._cv:
             self._cv.notify()
 
-    # -- scheduler thread -----------------------------------------------------------------
+    # -- stepping -------------------------------------------------------------------------
     def _loop(self):
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._stop and not self._waiting and self.running == 0:
-                        self._cv.wait()
-                    if self._stop:
-                        return
-                    self._admit()
-                try:
-                    self._step()
-                except Exception as e:  # a bug: fail the running sequences, keep serving
-                    import logging
-                    logging.getLogger("glmkit").exception("scheduler step failed")
-                    for i, s in enumerate(self._slots):
-                        if s is not None:
-                            self._put(s, e)
-                            self._slots[i] = None
+        me = threading.current_thread()
+        while True:
+            with self._cv:
+                while self._thread is me and not self._waiting and self.running == 0:
+                    self._cv.wait()
+                if self._thread is not me:
+                    return
+            with self._step_lock:
+                self._tick()
+
+    def _drive(self, seq: _Seq, timeout: float | None):
+        """Without a background thread: run steps in the caller's thread until `seq` has an event
+        or `timeout` has passed.  Concurrent callers take turns, one step each."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while seq.events.empty():
+            left = -1 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and left <= 0 or not self._step_lock.acquire(timeout=left):
+                return
+            try:
+                if seq.events.empty():
+                    self._tick()
+            finally:
+                self._step_lock.release()
+
+    def _tick(self):
+        with self._cv:
+            self._admit()
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception as e:  # a bug: fail the running sequences, keep serving
+            log.exception("scheduler step failed")
+            for i, s in enumerate(self._slots):
+                if s is not None:
+                    self._put(s, e)
+                    self._slots[i] = None
+
+    def _fail_all(self, e: BaseException):
+        for s in [*self._waiting, *self._slots]:
+            if s is not None and not s.cancelled:
+                self._put(s, e)
+        self._waiting.clear()
+        self._slots = [None] * self.max_batch
 
     def _admit(self):
         for i in range(self.max_batch):
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft()
+                self.stats.cancelled += 1
             if not self._waiting:
                 return
             if self._slots[i] is None:
                 seq = self._waiting.popleft()
-                while seq.cancelled and self._waiting:
-                    self.stats.cancelled += 1
-                    seq = self._waiting.popleft()
-                if seq.cancelled:
-                    self.stats.cancelled += 1
-                    return
+                self._reserve(i + 1, len(seq.req.prompt) + seq.req.max_new_tokens)
                 seq.slot = i
                 self._slots[i] = seq
+
+    def _reserve(self, rows: int, length: int):
+        """Make the model's KV cache at least rows x length, keeping what it holds: rows and
+        length at least double when they grow (up to max_batch x max_seq_len), so a long
+        generation reallocates a few times only; it never shrinks.  Checked against the model
+        itself: its cache may have been resized (by direct use of the model) while we were idle."""
+        m = self.model
+        if m.cache_batch >= rows and m.cache_length >= length:
+            return
+        old = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in m.layers] if m.cache_batch else []
+        with torch.inference_mode(False):   # plain tensors: the model may also be run outside inference mode
+            m.setup_caches(max(m.cache_batch, min(self.max_batch, max(rows, 2 * m.cache_batch))),
+                           max(m.cache_length, min(self.max_seq_len, max(length, 2 * m.cache_length, 256))))
+        for layer, (k, v) in zip(m.layers, old):
+            new, n, t = layer.attention.kv_cache, k.shape[0], k.shape[2] - 1    # the last slot is scratch
+            new.k[:n, :, :t], new.v[:n, :, :t] = k[:, :, :t], v[:, :, :t]
 
     def _finish(self, seq: _Seq):
         self._slots[seq.slot] = None
@@ -230,7 +337,21 @@ class Scheduler:
                 self.stats.cancelled += 1
                 self._finish(s)
         dev = self.model.device
-        # (3) one prefill chunk for the oldest sequence that still needs it
+        # (3) one decode step for every sequence with a token to feed: running streams get their
+        # token before a newcomer's prefill chunk runs
+        ready = [s for s in self._slots if s is not None and s.next_token is not None]
+        if ready:
+            hi = max(s.slot for s in ready) + 1
+            tokens = torch.zeros((hi, 1), dtype=torch.long)
+            start = torch.zeros(hi, dtype=torch.long)
+            lengths = torch.zeros(hi, dtype=torch.long)    # free slots below `hi` ride along as padding
+            for s in ready:
+                tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
+            logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev)).float().cpu()   # one copy per step
+            for s in ready:
+                self._emit(s, logits[s.slot])
+        # (4) one prefill chunk for the oldest sequence that still needs it; its first token ends
+        # the step (so a caller driving the steps sees it after the prefill alone)
         pending = [s for s in self._slots if s is not None and s.prefilled < len(s.req.prompt)]
         if pending:
             s = min(pending, key=lambda q: q.id)
@@ -239,27 +360,13 @@ class Scheduler:
                                 rows=torch.tensor([s.slot], device=dev))
             s.prefilled += len(chunk)
             if s.prefilled == len(s.req.prompt):
-                self._emit(s, logits[0])
-        # (4) one decode step for every sequence with a token to feed
-        ready = [s for s in self._slots if s is not None and s.next_token is not None]
-        if not ready:
-            return
-        hi = max(s.slot for s in ready) + 1
-        tokens = torch.zeros((hi, 1), dtype=torch.long)
-        start = torch.zeros(hi, dtype=torch.long)
-        lengths = torch.zeros(hi, dtype=torch.long)
-        for s in ready:
-            tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
-        logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev)).float().cpu()   # one copy per step
-        for s in ready:
-            self._emit(s, logits[s.slot])
+                self._emit(s, logits[0].float().cpu())
 
     def _emit(self, s: _Seq, logits: torch.Tensor):
-        """Sample the next token of `s` from its logits and hand it to the caller."""
+        """Choose the next token of `s` from its float32 CPU logits and hand it to the caller."""
         req = s.req
-        logits = logits.float().cpu()
-        if req.forced and s.generated < len(req.forced):
-            tok = req.forced[s.generated]      # constrained: the model ran, the choice is fixed
+        if s.generated < len(req.forced_prefix):
+            tok = req.forced_prefix[s.generated]      # the model ran; the choice is fixed
         else:
             tok = sample_row(logits, req.params, s.seen, s.generator)
         ev = TokenEvent(tok)
@@ -282,7 +389,7 @@ class Scheduler:
         self.stats.generated_tokens += 1
         if tok in req.stop_ids:
             ev.finish = "stop"
-        elif s.generated >= req.max_new_tokens or s.pos + 1 >= self.max_seq_len:
+        elif s.generated >= req.max_new_tokens:
             ev.finish = "length"
         if ev.finish:
             s.next_token = None

@@ -28,7 +28,7 @@ from ..chat.template import TOOL_CALL_OPEN
 from ..chat.tool_calls import INTERPRETER, CodeCall, ToolCall
 from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
 from ..engine import SamplingParams
-from ..engine.scheduler import QueueFull, Scheduler, SeqRequest
+from ..engine.scheduler import GenerationRequest, QueueFull, Scheduler
 from ..errors import ContextLengthError, GlmkitError
 from .generation import ChoiceStream, events, step_view
 from .metrics import render_metrics, route_label
@@ -114,7 +114,7 @@ class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
                  server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
-                 metrics_public=False):
+                 metrics_public=False, kv_cache_mb=None):
         self.api_keys = [k for k in api_keys if k]
         self.metrics_public = metrics_public   # with API keys: serve /metrics without one
         self.cors_origins = list(cors_origins)
@@ -122,6 +122,7 @@ class ServerConfig:
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.max_upload_bytes = max_upload_bytes  # a file uploaded into a console workspace
         self.max_seq_len, self.model_id = max_seq_len, model_id
+        self.kv_cache_mb = kv_cache_mb      # if set, the KV cache's size, which decides max_seq_len
         # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
         self.scripted_replies = scripted_replies or {}
         # tools the server itself runs (glmkit_run_tools requests, the console's Tool mode), and the
@@ -143,8 +144,13 @@ class ServerConfig:
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
     config = config or ServerConfig()
     model_id = config.model_id or chat_model.name
-    scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
-                          max_queue=config.max_queue)
+    if config.kv_cache_mb:
+        scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
+                                          max_queue=config.max_queue)
+    else:
+        scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+                              max_queue=config.max_queue)
+    chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
     app = FastAPI(title="glmkit", version=__version__,
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
     app.router.route_class = _StrictJSONRoute
@@ -279,7 +285,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             history = to_glm_messages(messages, [t.spec() for t in tools])
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
-        model = ScheduledModel(chat_model, scheduler, threading.Event(), max_new, seed=body.seed, stop=stop)
+        model = ScheduledModel(chat_model, threading.Event(), max_new, seed=body.seed, stop=stop)
         # the request's own kernel, in a temporary workspace, made only if the model writes code
         kernel = (config.code_interpreter.lease(f"request-{uuid.uuid4().hex}")
                   if config.code_interpreter is not None else None)
@@ -360,7 +366,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         from .console import add_console_routes
         from .store import Store
         app.state.store = Store(Path(config.data_dir) / "conversations.db")
-        add_console_routes(app, app.state.store, chat_model, scheduler, config, APIError, request_key)
+        add_console_routes(app, app.state.store, chat_model, config, APIError, request_key)
 
     # -- shared completion path -------------------------------------------------------------
     def _sampling(body: SamplingFields):
@@ -388,8 +394,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
-                handles.append(scheduler.submit(SeqRequest(list(prompt), params, max_new, stop_ids,
-                                                           logprobs=logprobs, forced=forced)))
+                handles.append(scheduler.submit(GenerationRequest(list(prompt), params, max_new, stop_ids,
+                                                                  logprobs=logprobs, forced_prefix=forced or ())))
                 if raw:     # all visible text is the reply: a call parser without tools calls nothing
                     parser = TaggedCallParser(PlainReplyParser(chat_model.tokenizer), {})
                 else:

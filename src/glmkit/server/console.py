@@ -174,7 +174,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src '
        "base-uri 'none'; form-action 'none'; style-src 'self'")
 
 
-def add_console_routes(app, store: Store, chat_model, scheduler, config, APIError, request_key):
+def add_console_routes(app, store: Store, chat_model, config, APIError, request_key):
     """`request_key(request)`: the API key a request carries (the same rule as authentication)."""
     limit = config.max_tokens_limit
     defaults = dict(chat_model.default_sampling, max_new_tokens=min(1024, limit), system="")
@@ -421,7 +421,7 @@ def add_console_routes(app, store: Store, chat_model, scheduler, config, APIErro
                 "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
                 "tools": list(config.server_tools.values()) if mode == "tool" else (),
                 "interpreter": kernel}, history,
-                {"chat_model": chat_model, "scheduler": scheduler, "max_new_tokens": max_new},
+                {"chat_model": chat_model, "max_new_tokens": max_new},
                 dict(gen, max_new_tokens=max_new), [script] if script else None)
             active[cid] = turn
             turn.start(on_finish=finished)

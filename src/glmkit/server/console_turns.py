@@ -12,9 +12,10 @@ import logging
 import threading
 
 from ..chat.agent import Agent, CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
+from ..chat.reply_stream import Cancelled
 from ..errors import GlmkitError
 from .generation import step_view
-from .scheduled_model import Cancelled, ScheduledModel
+from .scheduled_model import ScheduledModel
 
 log = logging.getLogger("glmkit.console")
 
