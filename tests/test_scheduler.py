@@ -203,3 +203,27 @@ def test_the_python_api_needs_no_thread_and_the_server_mode_one_daemon(tiny):
     assert len(list(s.submit(req(tiny.encode_chat(HELLO), 3)))) == 3
     s.stop()
     assert not thread.is_alive()
+
+
+def test_one_reply_driver_for_the_python_api_and_the_server(smol):
+    from glmkit.chat.reply_stream import Cancelled
+    from glmkit.server.scheduled_model import ScheduledModel
+    sampling = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    full = "".join(smol.stream_chat(HELLO, max_new_tokens=30, seed=5, **sampling))
+    stop = [full.split()[3]]
+    limit = len(smol.encode_chat(HELLO)) + 30
+    api, served = glmkit.Reply(), glmkit.Reply()
+    a = list(smol.reply(HELLO, max_new_tokens=40, max_length=limit, stop=stop, reply=api, seed=5, **sampling))
+    model = ScheduledModel(smol, threading.Event(), max_new_tokens=40, seed=5)
+    b = list(model.reply(HELLO, reply=served, max_length=limit, stop=stop, **sampling))
+    assert a == b and api == served and api.finish_reason == "stop" and stop[0] not in api.messages[0]["content"]
+    assert (model.prompt_tokens, model.completion_tokens, model.finish_reason) == (
+        api.prompt_tokens, api.completion_tokens, "stop")
+    # max_length counts prompt + reply in both
+    cut = glmkit.Reply()
+    list(model.reply(HELLO, reply=cut, max_length=limit - 25, **sampling))
+    assert cut.completion_tokens == 5 and cut.finish_reason == "length"
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        list(ScheduledModel(smol, cancel, max_new_tokens=40).reply(HELLO))
