@@ -1,9 +1,10 @@
 """`glmkit bench`: load time, memory, prefill and decode speed, and perplexity.
 
 Measures the engine as the chat and the server use it (the continuous-batching Scheduler's steps,
-greedy sampling, events read through a Handle), so the figures include per-token Python overhead.  `--random-like chatglm3-6b` builds a
-model with the real shapes and random weights, tensor by tensor through the same loader (and
-quantizer), so anyone can reproduce the figures without the 12 GB download.
+greedy sampling, events read through a Handle), so the figures include per-token Python overhead.
+`--random-like chatglm3-6b` builds a model with the real shapes and random weights, tensor by
+tensor through the same loader (and quantizer), so anyone can reproduce the figures without the
+12 GB download.
 """
 
 from __future__ import annotations
@@ -71,15 +72,12 @@ def decode_speed(model, prompts: list[list[int]], new_tokens: int) -> dict:
     with one slot per prompt.  Its steps run in this thread, as for the Python API (the server's
     engine thread runs the same steps; see engine/scheduler.py on what a thread costs on CPU)."""
     sched = Scheduler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens)
-    try:
-        t0 = time.perf_counter()
-        handles = [sched.submit(GenerationRequest(p, SamplingParams(temperature=0), new_tokens)) for p in prompts]
-        firsts = [h.get() for h in handles]           # prefill and the first token of every row
-        t1 = time.perf_counter()
-        rest = [sum(1 for _ in h) for h, ev in zip(handles, firsts) if not ev.finish]
-        t2 = time.perf_counter()
-    finally:
-        sched.stop()
+    t0 = time.perf_counter()
+    handles = [sched.submit(GenerationRequest(p, SamplingParams(temperature=0), new_tokens)) for p in prompts]
+    firsts = [h.get() for h in handles]           # prefill and the first token of every row
+    t1 = time.perf_counter()
+    rest = [sum(1 for _ in h) for h, ev in zip(handles, firsts) if not ev.finish]
+    t2 = time.perf_counter()
     steps, n = max(rest, default=0), sum(rest)
     return {"batch": len(prompts), "ttft_s": t1 - t0, "prefill_tok_s": sum(map(len, prompts)) / (t1 - t0),
             "decode_ms_per_step": 1000 * (t2 - t1) / max(steps, 1), "decode_tok_s": n / max(t2 - t1, 1e-9)}

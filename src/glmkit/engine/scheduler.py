@@ -119,7 +119,7 @@ class Handle:
             self.cancel()
 
     def on_event(self, callback):
-        """Call `callback()` from the scheduler thread whenever an event is queued."""
+        """Call `callback()` (from the thread running the step) whenever an event is queued."""
         self._seq.notify = callback
 
     def get_nowait(self) -> TokenEvent:
