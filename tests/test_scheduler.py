@@ -11,6 +11,8 @@ import glmkit
 from glmkit.engine import GenerationRequest, QueueFull, SamplingParams, Scheduler
 from glmkit.errors import ContextLengthError, GlmkitError
 
+from conftest import TINY
+
 GREEDY = SamplingParams(temperature=0)
 HELLO = [{"role": "user", "content": "你好"}]
 
@@ -152,13 +154,14 @@ def test_stop_fails_what_is_left_instead_of_hanging(tiny, scheduler):
     assert len(list(s.submit(req(ids, 3)))) == 3     # still usable
 
 
-def test_from_memory_sizes_the_cache_from_its_budget(tiny):
-    cfg = tiny.model.cfg
-    per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * tiny.model.dtype.itemsize
-    s = Scheduler.from_memory(tiny.model, 1, 2)
+def test_from_memory_sizes_the_cache_from_its_budget():
+    fresh = glmkit.load(TINY)          # the session's shared `tiny` may hold a larger cache from other tests
+    cfg = fresh.model.cfg
+    per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * fresh.model.dtype.itemsize
+    s = Scheduler.from_memory(fresh.model, 1, 2)
     try:
         assert s.max_seq_len == max(256, min(cfg.context_length, 2**20 // (2 * per_token)))
-        assert (tiny.model.cache_batch, tiny.model.cache_length) == (2, s.max_seq_len)   # allocated up front
+        assert (fresh.model.cache_batch, fresh.model.cache_length) == (2, s.max_seq_len)   # allocated up front
     finally:
         s.stop()
 
