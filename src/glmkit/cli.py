@@ -405,7 +405,10 @@ def cmd_quantize(args) -> int:
 
 
 def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
-    from .chat_model import Reply
+    import signal
+    import threading
+
+    from .chat.reply_stream import Cancelled, Reply
     print(f"glmkit {__version__} · {model.name} · context {model.context_length} tokens")
     print("Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n")
     history = list(base)
@@ -417,6 +420,10 @@ def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
         messages = history + [{"role": "user", "content": text}]
         reply = Reply()
         shown: list[str] = []
+        # Ctrl-C sets an event the reply stream checks between tokens, so the interrupt does not
+        # depend on where in the engine the signal lands (one full test run saw a Ctrl-C have no effect)
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         try:
             reserve = min(max_new, max(16, (gen.get("max_length") or model.context_length) // 4))
             messages, dropped = model.fit(messages, reserve, gen.get("max_length"))
@@ -425,20 +432,22 @@ def interactive(model, base: list[dict], gen: dict, max_new: int) -> int:
                       file=sys.stderr)
             sys.stdout.write(f"{model.name}: ")
             sys.stdout.flush()
-            for ev in model.reply(messages, reply=reply, **gen):
+            for ev in model.reply(messages, reply=reply, cancel=interrupted, **gen):
                 if ev.kind == "segment" and ev.metadata:
                     sys.stdout.write(f"\n[{ev.metadata}]\n")
                 elif ev.kind == "text":
                     shown.append(ev.text)
                     sys.stdout.write(ev.text)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Cancelled):
             # keep what was shown: the next question may refer to it
             sys.stdout.write(" [interrupted]")
             reply.messages = [{"role": "assistant", "content": "".join(shown)}] if shown else []
         except GlmkitError as e:
             print(f"\n[error: {e}]\n", file=sys.stderr)
             continue
+        finally:
+            signal.signal(signal.SIGINT, previous)
         sys.stdout.write("\n\n")
         sys.stdout.flush()
         if reply.finish_reason == "length":
