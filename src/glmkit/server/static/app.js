@@ -179,11 +179,20 @@ function showSettings(s) {
 }
 
 let saveTimer = null;
+let pendingSave = null;      // the debounced PATCH not yet sent
 function saveSettings() {   // kept with the conversation, so a reload shows what was used
   if (!current) return;
   clearTimeout(saveTimer);
   const id = current.id, s = settings();
-  saveTimer = setTimeout(() => api("/api/conversations/" + id, { method: "PATCH", body: JSON.stringify({ settings: s }) }), 300);
+  pendingSave = () => { pendingSave = null; return api("/api/conversations/" + id, { method: "PATCH", body: JSON.stringify({ settings: s }) }); };
+  saveTimer = setTimeout(pendingSave, 300);
+}
+
+async function flushSettings() {   // before a turn starts: a save that arrives during one is refused
+  clearTimeout(saveTimer);
+  if (pendingSave) {
+    try { await pendingSave(); } catch (e) { /* refused: the turn runs with the settings stored before */ }
+  }
 }
 
 function showMode(m) {
@@ -301,6 +310,7 @@ async function upload(files) {
 // -- answering ------------------------------------------------------------------------------
 async function send(payload) {
   if (!current) await newConversation();
+  await flushSettings();
   if (payload.content && payload.edit_seq === undefined) addMessage({ role: "user", content: payload.content });
   let bubble = null;
   const say = (t) => {   // re-rendered at most once a frame; a step may start a new bubble meanwhile
