@@ -62,3 +62,10 @@ def clean_env():
     env.pop("MODEL_PATH", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def scripted(model, *replies):
+    """`model` generating through a ScriptedBackend: its next generations are forced to `replies`
+    (token ids or script texts), in order, then it runs freely."""
+    from glmkit.chat.scripted import ScriptedBackend
+    return model.with_backend(ScriptedBackend(model.backend, replies))

@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from conftest import scripted
 
 from glmkit.sandbox import CellResult, Interpreter, Limits, sandbox_available
 from glmkit.chat.tool_calls import extract_code
@@ -162,9 +163,9 @@ def test_agent_runs_interpreter_segments(tiny32k, tmp_path):
         return scripted_reply_ids(tiny32k.tokenizer, "<|assistant|>".join(segs))
 
     with Interpreter(tmp_path, Limits(wall_seconds=10)) as it:
-        agent = Agent(tiny32k, interpreter=it, max_steps=3)
         steps = [script("interpreter\n```python\nprint(sum(range(1, 101)))\n```"), script("\n结果是5050。")]
-        events = list(agent.run("计算1到100的和", script=steps, temperature=0, max_new_tokens=60))
+        agent = Agent(scripted(tiny32k, *steps), interpreter=it, max_steps=3)
+        events = list(agent.run("计算1到100的和", temperature=0, max_new_tokens=60))
     assert agent.messages[0]["content"].startswith("你是一位智能AI助手")
     code = next(e for e in events if isinstance(e, CodeStep))
     assert code.call.code == "print(sum(range(1, 101)))"

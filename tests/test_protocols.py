@@ -4,6 +4,7 @@ convention in chat.protocols, driven through the real Agent with decoding script
 import json
 
 import pytest
+from conftest import scripted
 
 from glmkit.chat.agent import Agent, CodeStep, Finished, Observation, TextDelta, ToolCallStep
 from glmkit.chat.builtin_tools import calculator
@@ -82,10 +83,10 @@ def test_python_fences_are_found_by_a_linear_scan(text, code):
 
 
 def test_default_model_tool_round_trip(smol):
-    agent = Agent(smol, tools=CALC, max_steps=2)
-    assert '"name": "calculator"' in agent.messages[0]["content"]   # the tools are listed as JSON
     script = [scripted_reply_ids(smol.tokenizer, call_text("calculator", {"expression": "6*7"}), chatglm=False)]
-    events = list(agent.run("What is 6*7?", script=script, temperature=0, max_new_tokens=60))
+    agent = Agent(scripted(smol, *script), tools=CALC, max_steps=2)
+    assert '"name": "calculator"' in agent.messages[0]["content"]   # the tools are listed as JSON
+    events = list(agent.run("What is 6*7?", temperature=0, max_new_tokens=60))
     step = next(e for e in events if isinstance(e, ToolCallStep))
     result = next(e for e in events if isinstance(e, Observation))
     assert step.call.name == "calculator" and step.call.arguments == {"expression": "6*7"}
@@ -103,10 +104,10 @@ def test_default_model_tool_round_trip(smol):
 def test_default_model_runs_both_calls_of_one_reply(smol):
     """Two <tool_call> blocks in one reply: both run, in order, each with its observation, and the
     model answers after both."""
-    agent = Agent(smol, tools=CALC, max_steps=2)
     two = "Two sums.\n" + call_text("calculator", {"expression": "6*7"}) + "\n" + call_text("calculator", {"expression": "1+2"})
     script = [scripted_reply_ids(smol.tokenizer, two, chatglm=False)]
-    events = list(agent.run("6*7 and 1+2?", script=script, temperature=0, max_new_tokens=80))
+    agent = Agent(scripted(smol, *script), tools=CALC, max_steps=2)
+    events = list(agent.run("6*7 and 1+2?", temperature=0, max_new_tokens=80))
     steps = [e for e in events if not isinstance(e, TextDelta)]
     assert [type(e) for e in steps] == [ToolCallStep, Observation, ToolCallStep, Observation, Finished]
     assert [e.call.arguments for e in steps[0:4:2]] == [{"expression": "6*7"}, {"expression": "1+2"}]
@@ -121,10 +122,10 @@ def test_default_model_runs_both_calls_of_one_reply(smol):
 
 def test_default_model_runs_code_in_the_sandbox(smol, tmp_path):
     with Interpreter(tmp_path, Limits(wall_seconds=20)) as it:
-        agent = Agent(smol, interpreter=it, max_steps=2)
         text = "I'll run it.\n```python\nprint(sum(range(101)))\n```"
         script = [scripted_reply_ids(smol.tokenizer, text, chatglm=False)]
-        events = list(agent.run("Sum 0..100", script=script, temperature=0, max_new_tokens=60))
+        agent = Agent(scripted(smol, *script), interpreter=it, max_steps=2)
+        events = list(agent.run("Sum 0..100", temperature=0, max_new_tokens=60))
     code = next(e for e in events if isinstance(e, CodeStep))
     assert code.call.code == "print(sum(range(101)))"
     result = next(e for e in events if isinstance(e, Observation))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
+from conftest import scripted
 
 import glmkit
 from glmkit.chat.agent import Agent, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
@@ -198,10 +199,10 @@ def _script(model, *segments: str) -> list[int]:
 
 def test_agent_call_observation_answer(tiny32k):
     tiny = tiny32k  # its 32k context holds the tool schema; chatglm3-tiny's 256 tokens do not
-    agent = Agent(tiny, tools=[get_weather], max_steps=3)
     script = [_script(tiny, 'get_weather\n ```python\ntool_call(city="Paris")\n```'),
               _script(tiny, "\n巴黎现在21度。")]
-    events = list(agent.run("巴黎天气怎么样？", script=script, temperature=0, max_new_tokens=60))
+    agent = Agent(scripted(tiny, *script), tools=[get_weather], max_steps=3)
+    events = list(agent.run("巴黎天气怎么样？", temperature=0, max_new_tokens=60))
     kinds = [k for i, k in enumerate(type(e) for e in events) if i == 0 or type(events[i - 1]) is not k]
     assert kinds == [ToolCallStep, Observation, TextDelta, Finished]
     call = events[0].call
@@ -217,11 +218,11 @@ def test_agent_call_observation_answer(tiny32k):
 def test_agent_runs_every_call_of_a_reply_in_order(tiny32k):
     """ChatGLM3 writes two calls as two assistant segments of one reply: both run, in the order
     written, each followed by its observation, before the model answers."""
-    agent = Agent(tiny32k, tools=[get_weather], max_steps=3)
     script = [_script(tiny32k, 'get_weather\n ```python\ntool_call(city="Paris")\n```',
                       'get_weather\n ```python\ntool_call(city="Oslo", unit="fahrenheit")\n```'),
               _script(tiny32k, "\n两个城市都查到了。")]
-    events = list(agent.run("巴黎和奥斯陆？", script=script, temperature=0, max_new_tokens=60))
+    agent = Agent(scripted(tiny32k, *script), tools=[get_weather], max_steps=3)
+    events = list(agent.run("巴黎和奥斯陆？", temperature=0, max_new_tokens=60))
     steps = [e for e in events if not isinstance(e, TextDelta)]
     assert [type(e) for e in steps] == [ToolCallStep, Observation, ToolCallStep, Observation, Finished]
     paris, oslo = steps[0].call, steps[2].call
@@ -243,17 +244,17 @@ def test_agent_max_steps_and_failing_tools(tiny32k):
         """Always fails."""
         raise ValueError("nope")
 
-    agent = Agent(tiny, tools=[flaky], max_steps=2)
     call = _script(tiny, "flaky\n ```python\ntool_call(x=1)\n```")
-    events = list(agent.run("go", script=[call, call, call], temperature=0, max_new_tokens=40))
+    agent = Agent(scripted(tiny, call, call, call), tools=[flaky], max_steps=2)
+    events = list(agent.run("go", temperature=0, max_new_tokens=40))
     results = [e for e in events if isinstance(e, Observation)]
     assert len(results) == 2 and all(not r.result.ok for r in results)
     assert "nope" in results[0].result.observation
     assert events[-1] == Finished("max_steps")
     # a refused call (code, not literals) is an error observation, not an exception
-    agent2 = Agent(tiny, tools=[flaky], max_steps=1)
     evil = _script(tiny, "flaky\n ```python\ntool_call(x=__import__('os').getpid())\n```")
-    ev2 = list(agent2.run("go", script=[evil], temperature=0, max_new_tokens=60))
+    agent2 = Agent(scripted(tiny, evil), tools=[flaky], max_steps=1)
+    ev2 = list(agent2.run("go", temperature=0, max_new_tokens=60))
     [refused] = [e for e in ev2 if isinstance(e, RefusedStep)]
     assert isinstance(refused.call, RefusedCall) and refused.call.name == "flaky" and "literal" in refused.call.reason
     [result] = [e for e in ev2 if isinstance(e, Observation)]
@@ -303,9 +304,9 @@ def test_agent_manual_observer_supplies_observations(tiny32k):
         return ToolResult(True, '{"price": 12412}')
 
     schema_only = Tool("track", "stock price", {"type": "object", "properties": {"symbol": {"type": "string"}}})
-    agent = Agent(tiny32k, tools=[schema_only], max_steps=2, observer=person)
     script = [_script(tiny32k, 'track\n ```python\ntool_call(symbol="10111")\n```'), _script(tiny32k, "\n12412元。")]
-    events = list(agent.run("查股票", script=script, temperature=0, max_new_tokens=60))
+    agent = Agent(scripted(tiny32k, *script), tools=[schema_only], max_steps=2, observer=person)
+    events = list(agent.run("查股票", temperature=0, max_new_tokens=60))
     assert seen == [("track", {"symbol": "10111"})]
     assert agent.messages[3] == {"role": "observation", "content": '{"price": 12412}'}
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "12412元。"
@@ -317,12 +318,12 @@ def test_agent_hands_over_calls_it_cannot_run(tiny32k):
     run, handed over in Finished; a call of a tool with a function in the same reply still runs."""
     schema_only = Tool("track", "stock price", {"type": "object", "properties": {"symbol": {"type": "string"}},
                                                 "required": ["symbol"]})
-    agent = Agent(tiny32k, tools=[schema_only, get_weather], max_steps=2)
     script = [_script(tiny32k, 'track\n ```python\ntool_call(symbol="10111")\n```',
                       'get_weather\n ```python\ntool_call(city="Paris")\n```',
                       'track\n ```python\ntool_call(symbol="20222")\n```',
                       'track\n ```python\ntool_call(code=1)\n```')]       # fails the schema: refused here
-    events = list(agent.run("查股票和天气", script=script, temperature=0, max_new_tokens=200))
+    agent = Agent(scripted(tiny32k, *script), tools=[schema_only, get_weather], max_steps=2)
+    events = list(agent.run("查股票和天气", temperature=0, max_new_tokens=200))
     steps = [e for e in events if not isinstance(e, TextDelta)]
     assert [type(e) for e in steps] == [ToolCallStep, Observation, RefusedStep, Observation, Finished]
     assert steps[0].call.name == "get_weather" and steps[1].result.ok

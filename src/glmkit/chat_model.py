@@ -3,6 +3,7 @@ engine.  This is the Python API; the CLI and the server are thin layers over it.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 
@@ -53,6 +54,13 @@ class ChatModel:
         with self._lock:
             return self._use(scheduler)
 
+    def with_backend(self, backend) -> ChatModel:
+        """This model (same weights, tokenizer and format) generating through `backend` instead:
+        a chat.scripted.ScriptedBackend in tests, or any other Backend wrapping this one's."""
+        view = copy.copy(self)
+        view._backend, view._lock = backend, threading.Lock()
+        return view
+
     def _use(self, scheduler: Scheduler) -> LocalBackend:
         if self._backend is not None and self._backend.scheduler is not scheduler:
             self._backend.scheduler.stop()
@@ -89,14 +97,13 @@ class ChatModel:
 
     # -- chat level ------------------------------------------------------------------------
     def reply(self, messages: list[dict], max_new_tokens: int | None = None, max_length: int | None = None,
-              stop: list[str] | None = None, reply: Reply | None = None, forced: list[int] | None = None,
+              stop: list[str] | None = None, reply: Reply | None = None,
               cancel: threading.Event | None = None, **sampling) -> Iterator[ReplyEvent]:
         """Stream the assistant's reply to `messages` as ReplyEvents; `reply` is filled in.
 
-        `forced` constrains decoding to begin with these token ids (the model still runs);
         `cancel`, once set, stops generation and raises chat.reply_stream.Cancelled."""
         yield from ReplyStream(self.backend, messages, self.params(**sampling), max_new_tokens, max_length, stop,
-                               forced or (), reply, cancel)
+                               reply=reply, cancel=cancel)
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Visible text of the reply, piece by piece."""

@@ -80,9 +80,9 @@ class Agent:
                                                       interpreter is not None, system)
         self.messages: list[dict] = [system_message] if system_message else []
 
-    def run(self, user_text: str | None, script: list[list[int]] | None = None, **gen) -> Iterator[AgentEvent]:
+    def run(self, user_text: str | None, **gen) -> Iterator[AgentEvent]:
         """Answer one user message (None: answer the history as it stands), calling tools as the
-        model asks.  `script` (testing aid): per generation step, token ids decoding is constrained to."""
+        model asks."""
         from .reply_stream import Reply
         if user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
@@ -90,8 +90,7 @@ class Agent:
         rounds = 0
         while True:
             reply = Reply()
-            forced = script[rounds] if script and rounds < len(script) else None
-            events = self.model.reply(self.messages, reply=reply, forced=forced, **gen)
+            events = self.model.reply(self.messages, reply=reply, **gen)
             for text in self.protocol.visible_text(events, set(self.tools)):
                 yield TextDelta(text)
             calls = self.protocol.find_calls(reply.messages, runnable)

@@ -11,10 +11,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..engine.backend import Backend
-from ..engine.sampling import SamplingParams
-from ..engine.scheduler import budget
+from ..engine.requests import SamplingParams, budget
 from ..engine.text import StopStrings
+from .backend import Backend
 from .formats import ReplyEvent
 
 

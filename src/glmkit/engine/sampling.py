@@ -6,37 +6,10 @@ defaults were tuned with.  Temperature 0 means greedy.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ..errors import GlmkitError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen; checked once, when built, and immutable after that."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                  # 0 = off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GlmkitError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise GlmkitError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GlmkitError(f"top_k must be >= 0, got {self.top_k}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise GlmkitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from .requests import SamplingParams
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -28,54 +28,17 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import ContextLengthError, GlmkitError
+from ..errors import GlmkitError
 from ..models.transformer import Transformer
-from .sampling import SamplingParams, remember, sample_row
+from .requests import GenerationRequest, QueueFull, TokenEvent, budget
+from .sampling import remember, sample_row
 
 log = logging.getLogger("glmkit")
-
-
-class QueueFull(GlmkitError):
-    """More requests are waiting than the scheduler accepts (HTTP 429)."""
-
-
-@dataclass
-class GenerationRequest:
-    """One sequence to generate: token ids in, token ids out."""
-    prompt: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int | None = None     # None: as many as the context leaves
-    stop_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None           # None, or report the chosen token's logprob and the top k (0: none)
-    # The one constrained-decoding seam: the first generated tokens are these (the model still
-    # runs on them).  Tests use it to make a tiny random model write tool calls.
-    forced_prefix: Sequence[int] = ()
-
-
-@dataclass
-class TokenEvent:
-    token: int
-    finish: str | None = None          # "stop" (a stop id) or "length" on the last event
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-def budget(prompt_tokens: int, max_new_tokens: int | None, limit: int) -> int:
-    """The one budget rule: prompt and reply together fit in `limit` tokens.  How many tokens may
-    be generated (at most `max_new_tokens`), or ContextLengthError when the prompt leaves no room."""
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise GlmkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if prompt_tokens >= limit:
-        raise ContextLengthError(f"the prompt is {prompt_tokens} tokens but the context limit is {limit} tokens "
-                                 "(prompt and reply together); shorten the prompt or drop earlier turns",
-                                 prompt_tokens, limit)
-    room = limit - prompt_tokens
-    return room if max_new_tokens is None else min(max_new_tokens, room)
 
 
 @dataclass

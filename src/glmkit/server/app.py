@@ -28,7 +28,8 @@ from ..chat.template import TOOL_CALL_OPEN
 from ..chat.tool_calls import INTERPRETER, CodeCall, ToolCall
 from ..chat.template import PlainReplyParser  # /v1/completions: all visible text is the reply
 from ..engine import SamplingParams
-from ..engine.scheduler import GenerationRequest, QueueFull, Scheduler
+from ..engine.requests import QueueFull
+from ..engine.scheduler import Scheduler
 from ..errors import ContextLengthError, GlmkitError
 from .generation import ChoiceStream, events, step_view
 from .metrics import render_metrics, route_label
@@ -123,7 +124,8 @@ class ServerConfig:
         self.max_upload_bytes = max_upload_bytes  # a file uploaded into a console workspace
         self.max_seq_len, self.model_id = max_seq_len, model_id
         self.kv_cache_mb = kv_cache_mb      # if set, the KV cache's size, which decides max_seq_len
-        # TESTING ONLY: {last user message: reply text}; such replies are forced token by token
+        # TESTING ONLY: {user message: reply script}; the model's backend is wrapped in a
+        # chat.scripted.ScriptedBackend that forces these replies (the one place that does)
         self.scripted_replies = scripted_replies or {}
         # tools the server itself runs (glmkit_run_tools requests, the console's Tool mode), and the
         # sandbox.KernelPool that its code runs in (None: no code runs)
@@ -131,14 +133,6 @@ class ServerConfig:
         self.code_interpreter = code_interpreter
         self.max_steps = max_steps
         self.data_dir = data_dir      # the web console's conversation store; None: no console
-
-    def script_for(self, chat_model, last_user) -> list[int] | None:
-        """TESTING ONLY: the forced token ids for a scripted user message, else None."""
-        text = self.scripted_replies.get(last_user) if isinstance(last_user, str) else None
-        if text is None:
-            return None
-        from ..chat.scripted import scripted_reply_ids
-        return scripted_reply_ids(chat_model.tokenizer, text, chat_model.config.family == "chatglm")
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
@@ -151,6 +145,9 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
                               max_queue=config.max_queue)
     chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
+    if config.scripted_replies:
+        from ..chat.scripted import ScriptedBackend
+        chat_model = chat_model.with_backend(ScriptedBackend(chat_model.backend, by_message=config.scripted_replies))
     app = FastAPI(title="glmkit", version=__version__,
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
     app.router.route_class = _StrictJSONRoute
@@ -248,10 +245,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             if forced else ""
         prefix = chat_model.tokenizer.encode(start) if start else []
         top = body.top_logprobs if body.logprobs else None
-        last_user = messages[-1].get("content") if messages[-1]["role"] == "user" else None
-        script = config.script_for(chat_model, last_user)
-        return await _complete(request, body, prompt + prefix, prefix, tools, "chat.completion",
-                               logprobs=(top or 0) if body.logprobs else None, forced=script, json_check=json_check)
+        return await _complete(request, body, prompt, prefix, tools, "chat.completion",
+                               logprobs=(top or 0) if body.logprobs else None, json_check=json_check)
 
     async def _run_tools(body: ChatCompletionRequest, json_check):
         """Extension: the server runs its own tools / interpreter between generations (non-streaming).
@@ -294,14 +289,12 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             agent.messages = history    # the request's own system message (to_glm_messages put the tools in it)
         else:
             agent.messages += history   # after the interpreter's system prompt
-        last = history[-1]["content"] if history and history[-1]["role"] == "user" else None
-        script = config.script_for(chat_model, last)
         gen = dict(temperature=base.temperature, top_p=base.top_p, top_k=base.top_k,
                    repetition_penalty=base.repetition_penalty)
 
         def work():
             try:
-                return list(agent.run(None, script=[script] if script else None, **gen))
+                return list(agent.run(None, **gen))
             finally:
                 if kernel is not None:
                     kernel.close()      # with its workspace
@@ -385,7 +378,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         return max_new, body.stops(), base
 
     async def _complete(request, body: SamplingFields, prompt, prefix, tools, kind, logprobs=None, raw=False,
-                        forced=None, json_check=None):
+                        json_check=None):
         max_new, stop, base = _sampling(body)
         schemas = {t["name"]: t.get("parameters") for t in tools}
         stop_ids = chat_model.format.stop_ids if not raw else frozenset({chat_model.tokenizer.eos_id})
@@ -394,13 +387,12 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 params = SamplingParams(base.temperature, base.top_p, base.top_k, base.repetition_penalty, seed)
-                handles.append(scheduler.submit(GenerationRequest(list(prompt), params, max_new, stop_ids,
-                                                                  logprobs=logprobs, forced_prefix=forced or ())))
+                handles.append(chat_model.backend.submit(prompt, params, stop_ids, max_new, logprobs, prefix))
                 if raw:     # all visible text is the reply: a call parser without tools calls nothing
                     parser = TaggedCallParser(PlainReplyParser(chat_model.tokenizer), {})
                 else:
                     parser = protocol.call_parser(chat_model.format.reply_parser(), schemas)
-                streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, logprobs is not None, prefix))
+                streams.append(ChoiceStream(chat_model.tokenizer, parser, stop, logprobs is not None))
         except QueueFull:
             for h in handles:  # choices already admitted for this request give their slots back
                 h.cancel()
@@ -411,7 +403,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
             raise APIError(400, str(e)) from None
         cid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
-        usage = {"prompt_tokens": len(prompt) - len(prefix), "completion_tokens": 0, "total_tokens": 0}
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "total_tokens": 0}
         if body.stream:
             return StreamingResponse(_sse(request, cid, created, kind, handles, streams, usage, body,
                                           json_check),

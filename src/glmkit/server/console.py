@@ -408,7 +408,6 @@ def add_console_routes(app, store: Store, chat_model, config, APIError, request_
         history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                    for m in store.get(who, cid)["messages"]]
         mode = conv["mode"]
-        script = config.script_for(chat_model, history[-1]["content"] if history[-1]["role"] == "user" else None)
         kernel = workspaces.lease(cid) if mode == "code" else None
 
         def finished():
@@ -422,7 +421,7 @@ def add_console_routes(app, store: Store, chat_model, config, APIError, request_
                 "tools": list(config.server_tools.values()) if mode == "tool" else (),
                 "interpreter": kernel}, history,
                 {"chat_model": chat_model, "max_new_tokens": max_new},
-                dict(gen, max_new_tokens=max_new), [script] if script else None)
+                dict(gen, max_new_tokens=max_new))
             active[cid] = turn
             turn.start(on_finish=finished)
         except BaseException:

@@ -22,14 +22,14 @@ log = logging.getLogger("glmkit.console")
 
 class Turn:
     def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict,
-                 gen: dict, script: list[list[int]] | None):
+                 gen: dict):
         self.store, self.who, self.cid = store, who, cid
         self.cancel = threading.Event()
         self.done = False
         self.finished = threading.Event()    # everything stored, conversation free again
         self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
         self.agent.messages += history
-        self.gen, self.script = gen, script
+        self.gen = gen
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._saved = len(self.agent.messages)
@@ -70,7 +70,7 @@ class Turn:
 
     def _run(self):
         try:
-            for ev in self.agent.run(None, script=self.script, **self.gen):
+            for ev in self.agent.run(None, **self.gen):
                 if isinstance(ev, TextDelta):
                     if self._generation_over:
                         self._generation_text, self._generation_over = "", False

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from ..chat.openai_compat import openai_tool_call
 from ..chat.tool_calls import Call, CodeCall, RefusedCall
 from ..engine import StopStrings
-from ..engine.scheduler import Handle, TokenEvent
+from ..engine.requests import TokenEvent
+from ..engine.scheduler import Handle
 
 
 async def events(handle: Handle):
@@ -48,10 +49,10 @@ class ChoiceStream:
 
     `parser` is a protocol's call parser (chat.protocols): it gives text, ToolCalls (each becomes
     a `tool_calls` entry, several in one reply included) and RefusedCalls (shown as what the model
-    wrote, with the reason).  `prefix` is the start of the reply that the request forced (a named
-    tool_choice): the parser reads it, the client is not sent it."""
+    wrote, with the reason).  A named tool_choice forces the start of the call (the backend's
+    forced_prefix): those tokens arrive as events like any other."""
 
-    def __init__(self, tokenizer, parser, stop: list[str] | None, want_logprobs: bool, prefix=()):
+    def __init__(self, tokenizer, parser, stop: list[str] | None, want_logprobs: bool):
         self.tok = tokenizer
         self.parser = parser
         self.stops = StopStrings(stop)
@@ -61,8 +62,6 @@ class ChoiceStream:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.all_logprobs: list[dict] = []
-        for t in prefix:
-            parser.feed(t)        # a forced call's start: no text or call is complete within it
 
     def feed(self, ev: TokenEvent) -> Delta:
         d = Delta()

@@ -26,14 +26,13 @@ class ScheduledModel:
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
 
-    def reply(self, messages: list[dict], reply: Reply | None = None, forced: list[int] | None = None,
-              max_new_tokens: int | None = None, max_length: int | None = None, stop: list[str] | None = None,
+    def reply(self, messages: list[dict], reply: Reply | None = None, max_new_tokens: int | None = None, max_length: int | None = None, stop: list[str] | None = None,
               **sampling):
         reply = reply if reply is not None else Reply()
         sampling.setdefault("seed", self.seed)
         try:
             yield from self.chat_model.reply(messages, max_new_tokens or self.max_new_tokens, max_length,
-                                             self.stop if stop is None else stop, reply, forced, self.cancel,
+                                             self.stop if stop is None else stop, reply, self.cancel,
                                              **sampling)
         finally:
             self.prompt_tokens += reply.prompt_tokens
