@@ -72,13 +72,23 @@ class ChatModel:
         return self.format.encode(messages)
 
     def params(self, **overrides) -> SamplingParams:
+        """This model's default sampling with `overrides` (None: the default), checked once."""
         merged = {**self.default_sampling, **{k: v for k, v in overrides.items() if v is not None}}
         return SamplingParams(**merged)
 
+    def _params(self, params: SamplingParams | None, sampling: dict) -> SamplingParams:
+        """An edge passes one SamplingParams; Python callers may pass keywords instead."""
+        if params is None:
+            return self.params(**sampling)
+        if sampling:
+            raise TypeError(f"pass either params= or sampling keywords, not both ({', '.join(sampling)})")
+        return params
+
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int | None = 256,
-                       max_length: int | None = None, stop_ids=None, **sampling) -> list[list[int]]:
+                       max_length: int | None = None, stop_ids=None, params: SamplingParams | None = None,
+                       **sampling) -> list[list[int]]:
         """New ids for each prompt (stop id excluded), decoded together by the scheduler."""
-        params, backend = self.params(**sampling), self.backend
+        params, backend = self._params(params, sampling), self.backend
         stops = self.format.stop_ids if stop_ids is None else frozenset(stop_ids)
         limit = backend.context_length if max_length is None else min(max_length, backend.context_length)
         budgets = [budget(len(p), max_new_tokens, limit) for p in prompts]   # every prompt checked before any runs
@@ -92,18 +102,21 @@ class ChatModel:
                 h.cancel()
 
     def generate(self, ids: list[int], max_new_tokens: int | None = 256, max_length: int | None = None,
-                 stop_ids=None, **sampling) -> list[int]:
-        return self.generate_batch([ids], max_new_tokens, max_length, stop_ids, **sampling)[0]
+                 stop_ids=None, params: SamplingParams | None = None, **sampling) -> list[int]:
+        return self.generate_batch([ids], max_new_tokens, max_length, stop_ids, params, **sampling)[0]
 
     # -- chat level ------------------------------------------------------------------------
     def reply(self, messages: list[dict], max_new_tokens: int | None = None, max_length: int | None = None,
               stop: list[str] | None = None, reply: Reply | None = None,
-              cancel: threading.Event | None = None, **sampling) -> Iterator[ReplyEvent]:
+              cancel: threading.Event | None = None, params: SamplingParams | None = None,
+              **sampling) -> Iterator[ReplyEvent]:
         """Stream the assistant's reply to `messages` as ReplyEvents; `reply` is filled in.
 
-        `cancel`, once set, stops generation and raises chat.reply_stream.Cancelled."""
-        yield from ReplyStream(self.backend, messages, self.params(**sampling), max_new_tokens, max_length, stop,
-                               reply=reply, cancel=cancel)
+        Sampling: `params` (a SamplingParams, as the CLI, the API and the console build once), or
+        keywords (temperature=, top_p=, top_k=, repetition_penalty=, seed=) over this model's
+        defaults.  `cancel`, once set, stops generation and raises chat.reply_stream.Cancelled."""
+        yield from ReplyStream(self.backend, messages, self._params(params, sampling), max_new_tokens, max_length,
+                               stop, reply=reply, cancel=cancel)
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Visible text of the reply, piece by piece."""

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from ..errors import ContextLengthError, GlmkitError
 
+# A reply's length when the caller names none (the terminal, the console, the API), within the
+# context and any server limit.
+DEFAULT_MAX_NEW_TOKENS = 1024
+
 
 @dataclass(frozen=True)
 class SamplingParams:
