@@ -23,7 +23,7 @@ from .errors import GlmkitError
 from .models.config import ModelConfig
 from .models.loader import build, pick_dtype
 
-# Shapes of the real checkpoints (shared VISION.md §4); weights are random.
+# Shapes of the real checkpoints (their config.json files); weights are random.
 RANDOM_LIKE = {
     "chatglm3-6b": ModelConfig(family="chatglm", n_layer=28, dim=4096, n_head=32, n_kv_head=2, head_dim=128,
                                ffn_dim=13696, vocab_size=65024, context_length=8192, rope_dims=64, qkv_bias=True,
