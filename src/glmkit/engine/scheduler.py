@@ -35,6 +35,7 @@ import torch
 
 from ..errors import GlmkitError
 from ..models.transformer import Transformer
+from .prefix_cache import PrefixCache
 from .requests import GenerationRequest, QueueFull, TokenEvent, budget
 from .sampling import remember, sample_row
 
@@ -53,6 +54,7 @@ class _Seq:
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None   # token ids the repetition penalty applies to
     cancelled: bool = False
+    out: list[int] = field(default_factory=list)     # tokens emitted so far
     notify: object = None              # called (from the scheduler thread) after each event
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -61,6 +63,10 @@ class _Seq:
     @property
     def pos(self) -> int:              # tokens in the cache
         return self.prefilled + max(0, self.generated - 1)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values the sequence's cache row holds."""
+        return (self.req.prompt[:self.prefilled] + self.out)[:self.pos]
 
 
 class Handle:
@@ -132,14 +138,17 @@ class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     cancelled: int = 0
+    prefix_hits: int = 0               # sequences that began from a kept prefix
+    prefix_hit_tokens: int = 0         # prompt tokens they did not prefill
     ttft: Histogram = field(default_factory=lambda: Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)))
     token_latency: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
 
 class Scheduler:
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
-                 max_queue: int | None = 64, prefill_chunk: int = 256):
-        """`max_queue`: most sequences waiting for a slot (None: no limit) before submit raises QueueFull."""
+                 max_queue: int | None = 64, prefill_chunk: int = 256, prefix_cache: bool = True):
+        """`max_queue`: most sequences waiting for a slot (None: no limit) before submit raises
+        QueueFull.  `prefix_cache`: reuse finished sequences' keys and values (engine/prefix_cache.py)."""
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.cfg.context_length, model.cfg.context_length)
@@ -149,6 +158,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._waiting: deque[_Seq] = deque()
         self._slots: list[_Seq | None] = [None] * max_batch
+        self.prefix = PrefixCache(max_batch, prefix_cache)
+        self._cache_version = None     # the model's cache_version after our last write
         self._cv = threading.Condition(threading.Lock())   # guards the queue and the slots
         self._step_lock = threading.Lock()                   # one step at a time, whoever runs it
         self._thread: threading.Thread | None = None
@@ -263,6 +274,12 @@ class Scheduler:
         self._slots = [None] * self.max_batch
 
     def _admit(self):
+        if self.model.cache_version != self._cache_version:
+            self.prefix.forget_all()   # someone else wrote the cache: what we kept is gone
+        for s in self._slots:          # cancelled sequences leave first: their rows are free to reuse
+            if s is not None and s.cancelled:
+                self.stats.cancelled += 1
+                self._finish(s)
         for i in range(self.max_batch):
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
@@ -272,6 +289,13 @@ class Scheduler:
             if self._slots[i] is None:
                 seq = self._waiting.popleft()
                 self._reserve(i + 1, len(seq.req.prompt) + seq.req.max_new_tokens)
+                free = [j for j, other in enumerate(self._slots) if other is None]
+                running = [(o.slot, o.cached_tokens()) for o in self._slots if o is not None]
+                seq.prefilled = self.prefix.admit(self.model, seq.req.prompt, i, free, running, self.model.cache_batch)
+                if seq.prefilled:
+                    self.stats.prefix_hits += 1
+                    self.stats.prefix_hit_tokens += seq.prefilled
+                self._cache_version = self.model.cache_version
                 seq.slot = i
                 self._slots[i] = seq
 
@@ -293,12 +317,9 @@ class Scheduler:
 
     def _finish(self, seq: _Seq):
         self._slots[seq.slot] = None
+        self.prefix.keep(seq.slot, seq.cached_tokens())
 
     def _step(self):
-        for s in self._slots:
-            if s is not None and s.cancelled:
-                self.stats.cancelled += 1
-                self._finish(s)
         dev = self.model.device
         # (3) one decode step for every sequence with a token to feed: running streams get their
         # token before a newcomer's prefill chunk runs
@@ -311,6 +332,7 @@ class Scheduler:
             for s in ready:
                 tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
             logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev)).float().cpu()   # one copy per step
+            self._cache_version = self.model.cache_version
             for s in ready:
                 self._emit(s, logits[s.slot])
         # (4) one prefill chunk for the oldest sequence that still needs it; its first token ends
@@ -321,6 +343,7 @@ class Scheduler:
             chunk = s.req.prompt[s.prefilled:s.prefilled + self.prefill_chunk]
             logits = self.model(torch.tensor([chunk], device=dev), torch.tensor([s.prefilled], device=dev),
                                 rows=torch.tensor([s.slot], device=dev))
+            self._cache_version = self.model.cache_version
             s.prefilled += len(chunk)
             if s.prefilled == len(s.req.prompt):
                 self._emit(s, logits[0].float().cpu())
@@ -342,6 +365,7 @@ class Scheduler:
         if req.params.repetition_penalty != 1.0:
             s.seen = remember(s.seen, tok)
         s.generated += 1
+        s.out.append(tok)
         now = time.perf_counter()
         if s.first_token_at is None:
             s.first_token_at = now

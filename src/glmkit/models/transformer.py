@@ -139,6 +139,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_length = 0
+        # bumped by every call that writes the cache (setup_caches, forward): a scheduler that keeps
+        # finished sequences' keys and values for reuse checks that nobody else wrote them since
+        self.cache_version = 0
 
     @property
     def device(self) -> torch.device:
@@ -153,11 +156,20 @@ class Transformer(nn.Module):
         length = min(length, self.cfg.context_length)
         if batch == self.cache_batch and length == self.cache_length:
             return
+        self.cache_version += 1
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.cfg.n_kv_head, length, self.cfg.head_dim,
                                                self.dtype, self.device)
         self.register_buffer("rope", rope_table(self.cfg, length, self.dtype, self.device), persistent=False)
         self.cache_batch, self.cache_length = batch, length
+
+    @torch.no_grad()
+    def copy_cache(self, src: int, dst: int, length: int):
+        """Copy the keys and values of positions 0..length-1 from cache row `src` to row `dst`."""
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            c.k[dst, :, :length] = c.k[src, :, :length]
+            c.v[dst, :, :length] = c.v[src, :, :length]
 
     def forward(self, tokens: Tensor, start: Tensor, lengths: Tensor | None = None,
                 rows: Tensor | None = None, all_logits: bool = False) -> Tensor:
@@ -166,6 +178,7 @@ class Transformer(nn.Module):
         `lengths[b]` (default T) says how many of row b's tokens are real; the rest is padding.
         Returns logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
         """
+        self.cache_version += 1
         if self.device.type == "cpu" and self.dtype != torch.float32 and tokens.numel() <= MKLDNN_MIN_ROWS:
             # oneDNN's bf16/fp16 matmul reaches about half the memory bandwidth for a few rows;
             # ATen's own kernel is faster there (and ~5x slower for prefill-sized inputs)
