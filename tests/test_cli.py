@@ -1,14 +1,22 @@
-"""The `glmkit` command as a user runs it: real subprocesses and a pseudo-terminal."""
+"""The `glmkit` command as a user runs it: real subprocesses and a pseudo-terminal (and one test in
+process, where a scripted model writes the code whose cell Ctrl-C stops)."""
 
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pexpect
 import pytest
 
-from conftest import ARTIFACTS, TINY, glmkit_bin
+from conftest import ARTIFACTS, TINY, TINY_32K, glmkit_bin
 
 FRANCE = "What is the capital of France?"
+# The tools chat's system prompt (the builtin tools' schemas, about 850 tokens) needs more than
+# tiny's 256-token context: its tests use the 32k flavour.
+SUM = "What is 2+3?"
 
 
 def run(args, env, **kw):
@@ -100,3 +108,121 @@ def test_module_entry_point(clean_env):
     proc = subprocess.run([sys.executable, "-m", "glmkit.cli", "--version"], capture_output=True, text=True,
                           env=clean_env, timeout=60)
     assert proc.returncode == 0 and "glmkit" in proc.stdout
+
+
+def _agent_text(model, prompt, **gen):
+    """The answer that the Python API's Agent gives with the builtin tools: what the CLI prints."""
+    import glmkit
+    from glmkit.chat.agent import TextDelta
+    from glmkit.chat.tools import load_tools
+    agent = glmkit.Agent(model, load_tools("builtin"))
+    return "".join(ev.text for ev in agent.run(prompt, **gen) if isinstance(ev, TextDelta))
+
+
+def _tools_prompt_tokens(model, prompt):
+    import glmkit
+    from glmkit.chat.tools import load_tools
+    agent = glmkit.Agent(model, load_tools("builtin"))
+    return len(model.encode_chat(agent.messages + [{"role": "user", "content": prompt}]))
+
+
+def test_tools_chat_honours_stop_and_max_length(clean_env, tiny32k):
+    """--stop used to be dropped with --tools; both limits now act as in the plain chat."""
+    full = _agent_text(tiny32k, SUM, params=tiny32k.params(temperature=0), max_new_tokens=40)
+    # a piece from the middle of the answer (not a partly decoded character) as the stop string
+    at = next(i for i in range(len(full) // 3, len(full) - 2) if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip())
+    stop = full[at:at + 2]
+    cut = full.index(stop)
+    assert 0 < cut < len(full) - 2
+    base = ["chat", "--model", str(TINY_32K), "--tools", "builtin", "-p", SUM, "--temperature", "0",
+            "--max-new-tokens", "40"]
+    proc = run([*base, "--stop", stop], clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == full[:cut] + "\n"
+
+    prompt_tokens = _tools_prompt_tokens(tiny32k, SUM)
+    limited = _agent_text(tiny32k, SUM, params=tiny32k.params(temperature=0), max_new_tokens=40,
+                          max_length=prompt_tokens + 10)
+    assert limited and full.startswith(limited) and len(limited) < len(full)
+    proc = run([*base, "--max-length", str(prompt_tokens + 10)], clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == limited + "\n"
+
+    proc = run([*base, "--max-length", str(prompt_tokens - 5)], clean_env)    # no room for the prompt
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"glmkit: error: the prompt is {prompt_tokens} tokens but the context limit is {prompt_tokens - 5} tokens "
+        "(prompt and reply together); shorten the prompt or drop earlier turns"]
+
+
+@pytest.mark.parametrize("tools", [False, True], ids=["plain", "tools"])
+def test_seed_and_max_new_tokens_as_in_the_python_api(clean_env, tiny32k, tools):
+    def api(seed, max_new):
+        gen = dict(params=tiny32k.params(temperature=0.9, seed=seed), max_new_tokens=max_new)
+        if tools:
+            return _agent_text(tiny32k, SUM, **gen)
+        return "".join(tiny32k.stream_chat([{"role": "user", "content": SUM}], **gen))
+    expected = api(7, 12)
+    assert expected != api(8, 12)                  # the seed decides the text: the equality below is no luck
+    assert len(api(7, 64)) > len(expected)         # and the 12-token limit is what ended it
+    proc = run(["chat", "--model", str(TINY_32K), "-p", SUM, "--temperature", "0.9", "--seed", "7",
+                "--max-new-tokens", "12", *(["--tools", "builtin"] if tools else [])], clean_env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+
+
+def test_tools_chat_ctrl_c_interrupts_and_the_session_goes_on(clean_env):
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "cli_tools_session.txt", "w", encoding="utf-8")
+    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY_32K), "--tools", "builtin", "--temperature", "0",
+                                         "--max-new-tokens", "3000"],
+                          env=clean_env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.logfile_read = log
+    try:
+        child.expect("You: ")
+        for _ in range(2):        # an interrupted answer leaves a session that answers, and interrupts, again
+            child.sendline("Tell me a long story.")
+            child.expect("chatglm3-tiny-32k: ")
+            child.expect(r".{20}")                    # the answer is streaming (3000 tokens would take minutes)
+            child.sendintr()
+            child.expect(r"\[interrupted\]")
+            child.expect("You: ")
+        child.sendline("clear")
+        child.expect(r"\[conversation cleared\]")
+        child.expect("You: ")
+        child.sendline("stop")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+        log.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_running_cell_and_the_next_answer_runs_code(tiny32k, tmp_path, monkeypatch, capsys):
+    """In-process: only a scripted model writes code.  Ctrl-C during a cell stops the cell (not
+    its 30 s time limit) and the answer; the next answer gets a working kernel."""
+    from glmkit.chat.scripted import ScriptedBackend
+    from glmkit.cli import build_parser, tools_chat
+    from glmkit.sandbox import sandbox_available
+    if sandbox_available():
+        pytest.skip(sandbox_available())
+    model = tiny32k.with_backend(ScriptedBackend(tiny32k.backend, by_message={
+        "loop": "interpreter\n```python\nopen('/mnt/data/started', 'w').close()\nwhile True:\n    pass\n```",
+        "add": "interpreter\n```python\nprint(40 + 2)\n```"}))
+    args = build_parser().parse_args(["chat", "--code", "--workspace", str(tmp_path), "--max-new-tokens", "64"])
+    lines = iter(["loop", "add", "stop"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+
+    def ctrl_c_once_the_cell_runs():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (tmp_path / "started").exists():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+    threading.Thread(target=ctrl_c_once_the_cell_runs, daemon=True).start()
+    assert tools_chat.run(model, args, model.params(temperature=0)) == 0
+    out, err = capsys.readouterr()
+    assert "[failed] ```result\nStopped; the kernel was restarted" in err      # not "Timed out after 30 s"
+    assert "[interrupted]" in out
+    assert "[result] ```result\n42\n```" in err

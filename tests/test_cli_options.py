@@ -22,6 +22,19 @@ def test_counts_must_be_positive(clean_env, args):
     assert "must be at least 1" in proc.stderr or "whole number" in proc.stderr
 
 
+@pytest.mark.parametrize("mode, option", [([], ["--top-p", "0"]), ([], ["--temperature", "-1"]), ([], ["--top-k", "-1"]),
+                                          ([], ["--repetition-penalty", "0"]),
+                                          (["--tools", "builtin"], ["--top-p", "nan"]),
+                                          (["--tools", "builtin"], ["--temperature", "-1"])])
+def test_bad_sampling_values_are_one_error(clean_env, mode, option):
+    """Checked once, where the CLI makes its SamplingParams: one line, exit 1, nothing generated."""
+    proc = _glmkit("chat", "--model", str(TINY), "-p", "hi", *mode, *option, env=clean_env)
+    assert proc.returncode == 1 and proc.stdout == ""
+    field = option[0][2:].replace("-", "_")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"glmkit: error: {field} must be "), proc.stderr
+
+
 def test_workspace_must_exist(clean_env, tmp_path):
     missing = tmp_path / "no" / "such" / "dir"
     proc = _glmkit("chat", "--code", "--workspace", str(missing), "-p", "hi", env=clean_env)

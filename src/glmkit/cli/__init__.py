@@ -1,0 +1,45 @@
+"""The `glmkit` command: the parser (each subcommand's module adds its own part) and `main`,
+which runs the chosen subcommand and turns a user's error into one line and an exit status.
+
+chat.py: `glmkit chat` (tools_chat.py for --tools/--code, terminal.py for what both chats share
+at the terminal); serve.py, quantize.py, bench.py: the other subcommands; options.py: the option
+groups they share and what those build (the model, the SamplingParams, the KernelPool)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from ..errors import GlmkitError
+from . import bench, chat, quantize, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glmkit", description="Run ChatGLM3 and similar models on your own machine.")
+    p.add_argument("--version", action="version", version=f"glmkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for command in (chat, quantize, serve, bench):
+        command.add_parser(sub)       # each sets `run`, the function that carries it out
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except GlmkitError as e:
+        print(f"glmkit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `glmkit chat -p ... | head` closed the pipe: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,89 @@
+"""Options that several subcommands share, and what each group builds.
+
+The model options (`add_model_options`) load the model (`load_model`); the sampling options
+(`add_sampling_options`) become the chat's one SamplingParams (`sampling_params`); the
+interpreter flag becomes the KernelPool that the terminal chat and the server both keep their
+kernels in (`kernel_pool`).  Also the argparse value types that refuse a bad count or a missing
+directory before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+
+
+def positive(text: str) -> int:
+    """A count that must be at least 1: 0 would otherwise fall through to a default unnoticed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def existing_dir(text: str) -> str:
+    """A directory that is already there: glmkit does not create one wherever a typo points."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such directory (create it first)")
+    return text
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", metavar="PATH",
+                   help="ChatGLM3 directory (config.json + tokenizer.model + safetensors/.bin shards) or a "
+                        ".gguf file; default: $MODEL_PATH, else the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N); default cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+    g.add_argument("--threads", type=positive, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    g.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="Linear weights: auto = as the checkpoint comes (GGUF Q4_0/Q4_1/Q8_0 stay quantized), "
+                        "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
+    g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4 group size (input columns sharing one scale); default 128")
+
+
+def load_model(args, progress: bool):
+    """The ChatModel that the model options name."""
+    import glmkit
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                       progress=progress, quantize=args.quantize, group_size=args.group_size)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: the model's official values)")
+    g.add_argument("--temperature", type=float, help="0 = greedy; ChatGLM3 default 0.8")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass; ChatGLM3 default 0.8")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens (1 = off)")
+    g.add_argument("--max-new-tokens", type=positive, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"most tokens in one reply (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--max-length", type=positive, default=None,
+                   help="most tokens of prompt + reply (the official demos' max_length); default: the model's context")
+    g.add_argument("--seed", type=int, help="seed the sampler for reproducible replies")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop the reply at this text (repeatable)")
+
+
+def sampling_params(args, model) -> SamplingParams:
+    """The chat's SamplingParams, made once: the sampling options given over the model's defaults.
+    The values are checked here, so a bad one (--top-p 0) is one GlmkitError before anything is
+    generated; the limits (--max-new-tokens, --max-length, --stop) are the reply's, not sampling."""
+    return model.params(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def kernel_pool(args):
+    """The pool that the code interpreter's kernels live in, for `chat --code` as for `serve --code`
+    (each kernel is refused without a sandbox unless --unsafe-interpreter)."""
+    from functools import partial
+
+    from ..sandbox import Interpreter, KernelPool
+    return KernelPool(partial(Interpreter, unsafe=args.unsafe_interpreter))
