@@ -3,7 +3,7 @@
 `glmkit.load(path)` gives a ChatModel; torch is imported only when a model is (the chat layer and
 the server's protocol code are torch-free)."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from .chat.agent import Agent  # noqa: E402
 from .chat.reply_stream import Reply  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CheckpointError, GlmkitError
 from . import hf_chatglm
 from .quantize import QTensor, QuantConfig, int4_fits, quantizable, quantize_int4, quantize_int8
