@@ -130,14 +130,8 @@ def test_disconnect_frees_the_slot(smol_server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 5:
                 break
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        m = httpx.get(smol_server + "/metrics").text
-        running = float(next(ln.split()[1] for ln in m.splitlines() if ln.startswith("glmkit_running ")))
-        if running == 0:
-            break
-        time.sleep(0.2)
-    assert running == 0
+    wait_for_health(smol_server, running=0, waiting=0, timeout=20)
+    m = httpx.get(smol_server + "/metrics").text
     assert "glmkit_cancelled_total" in m and "glmkit_time_to_first_token_seconds_bucket" in m
 
 
@@ -152,19 +146,36 @@ def test_api_keys_and_overload():
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=base + "/v1", api_key="k-two", max_retries=0)
         assert ok.models.list().data[0].id == "chatglm3-tiny"
-        # one slot, one queue place: the third concurrent long request is turned away with 429
-        body = {"model": "default", "messages": FRANCE, "max_tokens": 200, "temperature": 1.0}
+        # one slot, one queue place: with one request running and one waiting, the next is turned away
+        # with 429.  Greedy decoding of FRANCE on this fixture meets no stop token, so the running
+        # request holds its slot for all its tokens; each step waits for /health to show the state.
         hdr = {"Authorization": "Bearer k-one"}
+        long = {"model": "default", "messages": FRANCE, "max_tokens": 230, "temperature": 0, "stream": True}
+        with httpx.Client(base_url=base, headers=hdr, timeout=120) as c:
+            with c.stream("POST", "/v1/chat/completions", json=long):
+                wait_for_health(base, running=1, waiting=0)
+                with c.stream("POST", "/v1/chat/completions", json=long):
+                    wait_for_health(base, running=1, waiting=1)
+                    busy = c.post("/v1/chat/completions", json={"model": "default", "messages": FRANCE,
+                                                                "max_tokens": 1})
+                    still = httpx.get(base + "/health").json()
+            assert busy.status_code == 429, busy.text
+            assert (still["running"], still["waiting"]) == (1, 1)     # the queue was full the whole time
+            assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "queue_full"
+            wait_for_health(base, running=0, waiting=0)              # both streams closed: their places freed
+            again = c.post("/v1/chat/completions", json={"model": "default", "messages": FRANCE, "max_tokens": 1})
+            assert again.status_code == 200, again.text
 
-        def post(_):
-            return httpx.post(base + "/v1/chat/completions", json=body, headers=hdr, timeout=120)
 
-        with cf.ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(post, range(6)))
-        statuses = [r.status_code for r in responses]
-        assert 429 in statuses and 200 in statuses, statuses
-        busy = next(r for r in responses if r.status_code == 429)
-        assert busy.headers["Retry-After"] and busy.json()["error"]["code"] == "queue_full"
+def wait_for_health(base, running, waiting, timeout=60):
+    """Until /health reports these scheduler counts (sequences in the batch, and queued)."""
+    deadline = time.time() + timeout
+    while True:
+        h = httpx.get(base + "/health").json()
+        if (h["running"], h["waiting"]) == (running, waiting):
+            return
+        assert time.time() < deadline, f"/health still says {h}, not running={running} waiting={waiting}"
+        time.sleep(0.02)
 
 
 def test_content_parts(client):

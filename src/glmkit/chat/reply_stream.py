@@ -1,8 +1,10 @@
-"""The one reply driver: an assistant reply generated through a Backend, as ReplyEvents.
+"""The one reply driver: an assistant reply generated through a Backend, token by token.
 
-Used by ChatModel.reply (the Python API, the terminal) and by the server's ScheduledModel (agent
-runs in the API and the console), so stop strings, limits, sampling and usage behave the same
-everywhere."""
+ReplyTokens is the core: fed one sequence's TokenEvents, it runs them through a reply parser and
+the stop strings and keeps the finish reason, usage and, if asked, logprobs.  ReplyStream drives
+it for ChatModel.reply (the Python API, the terminal) and so for every agent run (the server's
+glmkit_run_tools and its console); the server's API choices feed it from the scheduler's events
+directly.  So stop strings, limits, finish reasons and usage behave the same everywhere."""
 
 from __future__ import annotations
 
@@ -11,10 +13,97 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..engine.requests import SamplingParams, budget
+from ..engine.requests import SamplingParams, TokenEvent, budget
 from ..engine.text import StopStrings
 from .backend import Backend
 from .formats import ReplyEvent
+
+
+class ReplyTokens:
+    """One reply's TokenEvents in, what is shown out.
+
+    `parser` turns token ids into items (`feed(id)`, then `finish()`): a str is text to show, cut
+    by the stop strings (text that may begin one is held back until it cannot); anything else (a
+    new segment, a tool call) passes through as it is, after any text held back, and no stop
+    string spans it.  The stop id itself is never fed to the parser.  Once `finish_reason` is set
+    ("stop": a stop id or a stop string; "length") the caller ends the sequence and calls
+    `finish()` for the rest.  With a `tokenizer`, `logprobs` collects an entry per token that the
+    engine reported one for, in OpenAI's shape (token, logprob, bytes, top_logprobs)."""
+
+    def __init__(self, parser, stop: list[str] | None = None, tokenizer=None):
+        self.parser = parser
+        self.stops = StopStrings(stop)
+        self.tokenizer = tokenizer
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict] | None = [] if tokenizer is not None else None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.stops.hit
+
+    def feed(self, ev: TokenEvent) -> list:
+        self.completion_tokens += 1
+        self.token_ids.append(ev.token)
+        if self.logprobs is not None and ev.logprob is not None:
+            self.logprobs.append(self._logprob_entry(ev))
+        items = self._shown(self.parser.feed(ev.token)) if ev.finish != "stop" else []
+        if self.stops.hit or ev.finish:
+            self.finish_reason = "stop" if self.stops.hit else ev.finish
+        return items
+
+    def finish(self) -> list:
+        """What the parser still held, and any text held back for a stop string that never came."""
+        items = self._shown(self.parser.finish())
+        tail = self.stops.flush()
+        return items + [tail] if tail else items
+
+    def _shown(self, items) -> list:
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                item = self.stops.feed(item)
+                if not item:
+                    continue
+            else:
+                held = self.stops.flush()
+                if held:
+                    out.append(held)
+            out.append(item)
+        return out
+
+    def _logprob_entry(self, ev: TokenEvent) -> dict:
+        def entry(token, logprob):
+            b = self.tokenizer.token_bytes(token)
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+        return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or ()]}
+
+
+class AnswerText:
+    """A chat format's reply parser as ReplyTokens reads it: the answer's text as str (cut by stop
+    strings), segment events and the text of a call being written as ReplyEvents (untouched: a
+    call's arguments may hold anything)."""
+
+    def __init__(self, inner):
+        self.inner, self.in_call = inner, False
+
+    def feed(self, token_id: int) -> list:
+        return self._items(self.inner.feed(token_id))
+
+    def finish(self) -> list:
+        return self._items(self.inner.finish())
+
+    def messages(self) -> list[dict]:
+        return self.inner.messages()
+
+    def _items(self, events: list[ReplyEvent]) -> list:
+        out = []
+        for e in events:
+            if e.kind == "segment":
+                self.in_call = bool(e.metadata)
+            out.append(e.text if e.kind == "text" and not self.in_call else e)
+        return out
 
 
 @dataclass
@@ -34,12 +123,11 @@ class Cancelled(Exception):
 class ReplyStream:
     """Iterate for the ReplyEvents of the assistant's reply to `messages`; `reply` is filled in.
 
-    Each token event goes through the chat format's reply parser (the stop id itself is never
-    text).  Stop strings cut answer text, not a tool call being written, whose arguments may hold
-    anything; a completed one ends generation and the history keeps only the text shown.
-    `max_length` bounds prompt + reply (with the backend's context); `max_new_tokens` the reply.
-    Leaving the iteration early, or setting `cancel` (then Cancelled is raised), frees the
-    backend's slot."""
+    Each token event goes through the chat format's reply parser and ReplyTokens.  Stop strings
+    cut answer text, not a tool call being written, whose arguments may hold anything; a
+    completed one ends generation and the history keeps only the text shown.  `max_length`
+    bounds prompt + reply (with the backend's context); `max_new_tokens` the reply.  Leaving the
+    iteration early, or setting `cancel` (then Cancelled is raised), frees the backend's slot."""
 
     def __init__(self, backend: Backend, messages: list[dict], params: SamplingParams,
                  max_new_tokens: int | None = None, max_length: int | None = None, stop: list[str] | None = None,
@@ -58,41 +146,24 @@ class ReplyStream:
             max_new = budget(len(prompt), max_new, min(self.max_length, self.backend.context_length))
         handle = self.backend.submit(prompt, self.params, fmt.stop_ids, max_new, forced_prefix=self.forced_prefix)
         reply.prompt_tokens = len(prompt)
-        parser, stops = fmt.reply_parser(), StopStrings(self.stop)
-        in_call = False
-
-        def shown(events):
-            nonlocal in_call
-            for e in events:
-                if e.kind == "segment":
-                    held = stops.flush()     # text held for a possible stop string ends with its segment
-                    if held:
-                        yield ReplyEvent("text", held)
-                    in_call = bool(e.metadata)
-                elif e.kind == "text" and not in_call:
-                    e = ReplyEvent("text", stops.feed(e.text))
-                    if not e.text:
-                        continue
-                yield e
+        parser = AnswerText(fmt.reply_parser())
+        tokens = ReplyTokens(parser, self.stop)
         try:
             for ev in self._events(handle):
+                items = tokens.feed(ev)
                 reply.completion_tokens += 1
                 reply.token_ids.append(ev.token)
-                if ev.finish != "stop":
-                    yield from shown(parser.feed(ev.token))
-                if stops.hit or ev.finish:
-                    reply.finish_reason = "stop" if stops.hit else ev.finish
+                yield from map(_event, items)
+                if tokens.finish_reason:
+                    reply.finish_reason = tokens.finish_reason
                     break
         finally:
             handle.cancel()                  # no-op once finished; frees the slot otherwise
-        yield from shown(parser.finish())
-        tail = stops.flush()
-        if tail:
-            yield ReplyEvent("text", tail)
+        yield from map(_event, tokens.finish())
         reply.messages = parser.messages()
-        for m in reply.messages if stops.hit else ():   # the history keeps what was shown
+        for m in reply.messages if tokens.stopped_by_string else ():   # the history keeps what was shown
             if not m.get("metadata"):
-                cut = min((i for i in (m["content"].find(s) for s in stops.stops) if i >= 0), default=-1)
+                cut = min((i for i in (m["content"].find(s) for s in tokens.stops.stops) if i >= 0), default=-1)
                 m["content"] = m["content"][:cut] if cut >= 0 else m["content"]
 
     def _events(self, handle):
@@ -110,3 +181,7 @@ class ReplyStream:
             yield ev
             if ev.finish:
                 return
+
+
+def _event(item) -> ReplyEvent:
+    return ReplyEvent("text", item) if isinstance(item, str) else item

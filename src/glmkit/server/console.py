@@ -1,13 +1,13 @@
-"""The web console's HTTP side: a static page plus a small JSON API over the conversation store.
+"""The web console's HTTP side, one APIRouter: a static page plus a small JSON API over the
+conversation store.  The server includes it when it has a data directory (--data-dir).
 
 Answers in every mode are produced by the chat layer's Agent over the server's scheduler
 (console_turns), so the console shares the API's engine, tool parser, agent loop and sandbox.
 The user's message is stored when it arrives and each reply message as it completes; a reply
 stopped from the browser is stored as far as it was shown.
 
-Every JSON body is decoded strictly (UTF-8, one object, finite numbers, no unpaired surrogates,
-within the server's body limit even without a Content-Length) and validated by the models
-below, whose sampling fields are the API's own; a refusal is one 4xx message and changes
+Every JSON body is decoded strictly, as the API's are (server.errors), and validated by the
+models below, whose sampling fields are the API's own; a refusal is one 4xx message and changes
 nothing.  A stored value that is not valid now (an older version's) is dropped when read, and
 named in `warnings`."""
 
@@ -16,21 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 from copy import copy
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..errors import GlmkitError
+from .auth import request_key
 from .console_turns import Turn
-from .schemas import SamplingFields
+from .errors import APIError, StrictJSONRoute
+from .openai_requests import SamplingFields
 from .store import NotFound, Store, owner_of
 from .workspace import Workspaces
 
@@ -78,134 +79,50 @@ class Send(_Strict):
     settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
-# -- request bodies: strict JSON -----------------------------------------------------------------
-class _NotJSON(ValueError):
-    pass
 
-
-def _constant(name: str):
-    raise _NotJSON(f"{name} is not a JSON number (send a finite number)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotJSON(f"the number {text[:40]} is out of range")
-    return value
-
-
-def parse_body(raw: bytes, APIError) -> dict:
-    """A console request body: UTF-8 JSON, one object, finite numbers, text that is valid
-    Unicode (SQLite stores UTF-8: an unpaired surrogate could not be stored)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        value = json.loads(text.removeprefix("\ufeff"), parse_constant=_constant, parse_float=_finite_float)
-    except _NotJSON as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
-    except ValueError:      # an integer with thousands of digits
-        raise APIError(400, "the request body is not valid JSON: a number has too many digits") from None
-    if not isinstance(value, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack += item.keys()
-            stack += item.values()
-        elif isinstance(item, list):
-            stack += item
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise APIError(400, f"the request body has text that is not valid Unicode (an unpaired surrogate "
-                                    f"\\u{ord(item[e.start]):04x}); send the text as UTF-8") from None
-    return value
-
-
-def _strict_route(APIError, max_body_bytes: int) -> type[APIRoute]:
-    """Routes whose JSON body is read at most `max_body_bytes` long (even without a
-    Content-Length) and decoded strictly, each failure one readable 4xx, before FastAPI
-    validates it against the route's model."""
-
-    class ConsoleRequest(Request):
-        async def body(self) -> bytes:
-            if not hasattr(self, "_body"):
-                data = bytearray()
-                async for chunk in self.stream():
-                    data += chunk
-                    if len(data) > max_body_bytes:
-                        raise APIError(413, f"request body is larger than {max_body_bytes} bytes", code="body_too_large")
-                self._body = bytes(data)
-            return self._body
-
-        async def json(self):
-            if not hasattr(self, "_json"):
-                self._json = parse_body(await self.body(), APIError)
-            return self._json
-
-    class StrictJSONRoute(APIRoute):
-        def get_route_handler(self):
-            handler = super().get_route_handler()
-            if self.body_field is None:       # no JSON body (uploads stream their own)
-                return handler
-
-            async def strict(request: Request):
-                request = ConsoleRequest(request.scope, request.receive)
-                if await request.body():
-                    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                    if ctype != "application/json" and not ctype.endswith("+json"):
-                        raise APIError(415, "send the request body as JSON (Content-Type: application/json)")
-                    await request.json()      # refused here with its own message, not FastAPI's
-                return await handler(request)
-            return strict
-
-    return StrictJSONRoute
-
-
+SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
 CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src 'none'; frame-src 'none'; "
        "base-uri 'none'; form-action 'none'; style-src 'self'")
 
 
-def add_console_routes(app, store: Store, chat_model, config, APIError, request_key):
-    """`request_key(request)`: the API key a request carries (the same rule as authentication)."""
-    limit = config.max_tokens_limit
-    defaults = dict(chat_model.default_sampling, max_new_tokens=min(1024, limit), system="")
-    workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
-    app.state.workspaces = workspaces
-    router = APIRouter(route_class=_strict_route(APIError, config.max_body_bytes))
-    active: dict[str, Turn] = {}       # conversation id -> its turn in progress
-    modes = {"chat": None,
-             "tool": None if config.server_tools else "start the server with --tools builtin (or a tools file)",
-             "code": None if config.code_interpreter else "start the server with --code"}
-    reported: set[str] = set()         # conversations whose unreadable stored values were logged
+class Console:
+    """The console's part of a running server: the store, the workspaces, the turns in progress,
+    and the rules every route applies (owners, settings, modes)."""
 
-    def owner(request: Request) -> str:
-        return owner_of(request_key(request) if config.api_keys else None)
+    def __init__(self, server):
+        config, chat_model = server.config, server.chat_model
+        self.config, self.chat_model = config, chat_model
+        self.limit = config.max_tokens_limit
+        self.defaults = dict(chat_model.default_sampling, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.limit),
+                             system="")
+        self.store = Store(Path(config.data_dir) / "conversations.db")
+        self.workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
+        self.active: dict[str, Turn] = {}       # conversation id -> its turn in progress
+        self.modes = {                          # mode -> why it is off (None: on)
+            "chat": None,
+            "tool": None if config.server_tools else "start the server with --tools builtin (or a tools file)",
+            "code": None if config.code_interpreter else "start the server with --code"}
+        self.reported: set[str] = set()         # conversations whose unreadable stored values were logged
 
-    def checked(settings: ConsoleSettings) -> dict:
+    def owner(self, request: Request) -> str:
+        return owner_of(request_key(request) if self.config.api_keys else None)
+
+    def checked(self, settings: ConsoleSettings) -> dict:
         """Settings from a request, as stored: only what was given."""
         out = settings.model_dump(exclude_none=True)
-        if out.get("max_new_tokens", 0) > limit:
-            raise APIError(400, f"settings.max_new_tokens: at most {limit} on this server (its --max-tokens)",
+        if out.get("max_new_tokens", 0) > self.limit:
+            raise APIError(400, f"settings.max_new_tokens: at most {self.limit} on this server (its --max-tokens)",
                            param="settings.max_new_tokens")
         return out
 
-    def readable(conv: dict) -> dict:
+    def readable(self, conv: dict) -> dict:
         """A conversation as the store has it, with any stored value that is not valid now (written
         by an older version, or by hand) dropped: its default applies, and `warnings` says so."""
         warnings = list(conv.pop("warnings", ()))
         settings = {}
         for k, v in conv["settings"].items():
             try:
-                one = checked(ConsoleSettings.model_validate({k: v}))
+                one = self.checked(ConsoleSettings.model_validate({k: v}))
             except ValidationError as e:
                 warnings.append(f"the stored setting {str(k)[:40]!r} is ignored ({e.errors()[0]['msg']}); "
                                 f"the default applies")
@@ -219,225 +136,242 @@ def add_console_routes(app, store: Store, chat_model, config, APIError, request_
             conv["mode"] = "chat"
         if warnings:
             conv["warnings"] = warnings
-            if conv["id"] not in reported:
-                reported.add(conv["id"])
+            if conv["id"] not in self.reported:
+                self.reported.add(conv["id"])
                 log.warning("conversation %s: %s", conv["id"], "; ".join(warnings))
         return conv
 
-    def conv_or_404(request, cid):
+    def conversation(self, request: Request, cid: str) -> dict:
         try:
-            return readable(store.get(owner(request), cid))
+            return self.readable(self.store.get(self.owner(request), cid))
         except NotFound:
             raise APIError(404, "conversation not found", code="not_found") from None
 
-    def not_busy(cid):
-        if cid in active:
+    def not_busy(self, cid: str):
+        if cid in self.active:
             raise APIError(409, "this conversation is still answering; stop it first", code="busy")
 
-    def mode_on(mode, param=None):
-        if modes[mode]:
-            raise APIError(400, f"{mode} mode is off: {modes[mode]}", param=param)
+    def mode_on(self, mode: str, param: str | None = None):
+        if self.modes[mode]:
+            raise APIError(400, f"{mode} mode is off: {self.modes[mode]}", param=param)
 
-    @router.get("/", include_in_schema=False)
-    def index():
-        # the page loads only its own files, and nothing that a reply contains can make the
-        # browser fetch from elsewhere (images only inline; no media, frames or plugins)
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP})
 
-    @router.get("/static/{name:path}", include_in_schema=False)
-    def static(name: str):
-        path = (STATIC / name).resolve()
-        if STATIC.resolve() not in path.parents or not path.is_file():
-            raise APIError(404, "not found")
-        return FileResponse(path)
+def _console(request: Request) -> Console:
+    return request.app.state.server.console
 
-    @router.get("/api/config")
-    def console_config():
-        return {"model": chat_model.name, "defaults": defaults, "auth_required": bool(config.api_keys),
-                "limits": {"max_new_tokens": limit, "system": SYSTEM_MAX, "title": TITLE_MAX, "content": CONTENT_MAX},
-                "modes": [m for m, why in modes.items() if why is None],
-                "unavailable": {m: why for m, why in modes.items() if why},
-                "tools": [t.spec() for t in config.server_tools.values()]}
 
-    @router.get("/api/conversations")
-    def list_conversations(request: Request):
-        return [readable(c) for c in store.list(owner(request))]
+TheConsole = Annotated[Console, Depends(_console)]
+router = APIRouter(route_class=StrictJSONRoute)
 
-    @router.post("/api/conversations")
-    def create_conversation(request: Request, body: NewConversation | None = None):
-        body = body or NewConversation()         # no body: a new chat with the defaults
-        mode_on(body.mode, param="mode")
-        return readable(store.create(owner(request), body.title, body.mode, checked(body.settings)))
 
-    @router.get("/api/conversations/{cid}")
-    def get_conversation(cid: str, request: Request):
-        return conv_or_404(request, cid)
+@router.get("/", include_in_schema=False)
+def index():
+    # the page loads only its own files, and nothing that a reply contains can make the
+    # browser fetch from elsewhere (images only inline; no media, frames or plugins)
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP})
 
-    @router.patch("/api/conversations/{cid}")
-    def patch_conversation(cid: str, request: Request, body: ConversationPatch | None = None):
-        body = body or ConversationPatch()
-        who, conv = owner(request), conv_or_404(request, cid)
-        # everything is checked before anything changes: a refused PATCH changes nothing
-        settings = checked(body.settings) if body.settings is not None else None
-        new_mode = body.mode is not None and body.mode != conv["mode"]
+
+@router.get("/static/{name:path}", include_in_schema=False)
+def static(name: str):
+    path = (STATIC / name).resolve()
+    if STATIC.resolve() not in path.parents or not path.is_file():
+        raise APIError(404, "not found")
+    return FileResponse(path)
+
+
+@router.get("/api/config")
+def console_config(console: TheConsole):
+    config, modes = console.config, console.modes
+    return {"model": console.chat_model.name, "defaults": console.defaults, "auth_required": bool(config.api_keys),
+            "limits": {"max_new_tokens": console.limit, "system": SYSTEM_MAX, "title": TITLE_MAX,
+                       "content": CONTENT_MAX},
+            "modes": [m for m, why in modes.items() if why is None],
+            "unavailable": {m: why for m, why in modes.items() if why},
+            "tools": [t.spec() for t in config.server_tools.values()]}
+
+
+@router.get("/api/conversations")
+def list_conversations(request: Request, console: TheConsole):
+    return [console.readable(c) for c in console.store.list(console.owner(request))]
+
+
+@router.post("/api/conversations")
+def create_conversation(request: Request, console: TheConsole, body: NewConversation | None = None):
+    body = body or NewConversation()         # no body: a new chat with the defaults
+    console.mode_on(body.mode, param="mode")
+    return console.readable(console.store.create(console.owner(request), body.title, body.mode,
+                                                 console.checked(body.settings)))
+
+
+@router.get("/api/conversations/{cid}")
+def get_conversation(cid: str, request: Request, console: TheConsole):
+    return console.conversation(request, cid)
+
+
+@router.patch("/api/conversations/{cid}")
+def patch_conversation(cid: str, request: Request, console: TheConsole, body: ConversationPatch | None = None):
+    body = body or ConversationPatch()
+    who, conv, store = console.owner(request), console.conversation(request, cid), console.store
+    # everything is checked before anything changes: a refused PATCH changes nothing
+    settings = console.checked(body.settings) if body.settings is not None else None
+    new_mode = body.mode is not None and body.mode != conv["mode"]
+    if new_mode:
+        if conv["messages"]:
+            raise APIError(400, "a conversation's mode can change only before its first message", param="mode")
+        console.mode_on(body.mode, param="mode")
+    try:
+        if body.title is not None:
+            store.rename(who, cid, body.title)
+        if settings is not None:
+            store.update_settings(who, cid, settings)
         if new_mode:
-            if conv["messages"]:
-                raise APIError(400, "a conversation's mode can change only before its first message", param="mode")
-            mode_on(body.mode, param="mode")
+            store.update_mode(who, cid, body.mode)
+    except NotFound:              # deleted meanwhile
+        raise APIError(404, "conversation not found", code="not_found") from None
+    return console.conversation(request, cid)
+
+
+@router.delete("/api/conversations/{cid}")
+async def delete_conversation(cid: str, request: Request, console: TheConsole):
+    # async, like send(): the check and the delete cannot interleave with a turn starting
+    console.conversation(request, cid)
+    console.not_busy(cid)
+    console.store.delete(console.owner(request), cid)
+    try:
+        await asyncio.to_thread(console.workspaces.remove, cid)
+    except GlmkitError:
+        pass           # an id no workspace can have (not made by this server): nothing to remove
+    return {"deleted": cid}
+
+
+@router.get("/api/conversations/{cid}/export")
+def export(cid: str, request: Request, console: TheConsole, format: str = "md"):
+    console.conversation(request, cid)
+    if format == "json":
+        return PlainTextResponse(console.store.export_json(console.owner(request), cid), media_type="application/json")
+    return PlainTextResponse(console.store.export_markdown(console.owner(request), cid), media_type="text/markdown")
+
+
+@router.delete("/api/conversations/{cid}/messages")
+async def clear(cid: str, request: Request, console: TheConsole):
+    """Clear: the conversation stays (title, settings, files); its messages and variables go."""
+    console.conversation(request, cid)
+    console.not_busy(cid)
+    console.store.truncate(console.owner(request), cid, 0)
+    await asyncio.to_thread(console.workspaces.close_kernel, cid)
+    return console.conversation(request, cid)
+
+
+# -- the code interpreter's workspace ----------------------------------------------------------
+@router.get("/api/conversations/{cid}/files")
+def list_files(cid: str, request: Request, console: TheConsole):
+    console.conversation(request, cid)
+    return console.workspaces.list(cid)
+
+
+@router.put("/api/conversations/{cid}/files/{name}")
+async def upload(cid: str, name: str, request: Request, console: TheConsole):
+    """The raw request body becomes /mnt/data/NAME for the conversation's code (its size bounded
+    by the middleware's upload limit, counted as it arrives)."""
+    if console.conversation(request, cid)["mode"] != "code":
+        raise APIError(400, "files belong to code-interpreter conversations")
+    data = await request.body()
+    try:
+        return await asyncio.to_thread(console.workspaces.save, cid, name, data)
+    except GlmkitError as e:
+        raise APIError(400, str(e), param="name") from None
+
+
+@router.get("/api/conversations/{cid}/files/{name:path}")
+def download(cid: str, name: str, request: Request, console: TheConsole):
+    console.conversation(request, cid)
+    try:
+        fd, size = console.workspaces.open(cid, name)
+    except (OSError, ValueError, GlmkitError):
+        raise APIError(404, f"no file {name!r} in this conversation's workspace", code="not_found") from None
+    f = os.fdopen(fd, "rb")   # closed when read out, or when dropped if the client goes away first
+
+    def chunks():   # from the descriptor that was checked, never the path again
+        with f:
+            while block := f.read(1 << 16):
+                yield block
+    filename = quote(name.rsplit("/", 1)[-1])
+    return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+        "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
+
+
+# -- answering ---------------------------------------------------------------------------------
+@router.post("/api/conversations/{cid}/stop")
+async def stop(cid: str, request: Request, console: TheConsole):
+    """Stop the answer in progress and return once what was shown is stored (the browser's
+    Stop does not rely on the server noticing a closed connection)."""
+    console.conversation(request, cid)
+    turn = console.active.get(cid)
+    if turn is None:
+        return {"stopped": False}
+    turn.stop()
+    await asyncio.to_thread(turn.finished.wait, 60)
+    return {"stopped": True}
+
+
+@router.post("/api/conversations/{cid}/messages")
+async def send(cid: str, request: Request, console: TheConsole, body: Send | None = None):
+    body = body or Send()
+    who, store = console.owner(request), console.store
+    conv = console.conversation(request, cid)
+    console.not_busy(cid)
+    console.mode_on(conv["mode"])
+    settings = {**console.defaults, **conv["settings"], **console.checked(body.settings)}   # each one valid
+    params = SamplingParams(**{k: settings[k] for k in SAMPLING})   # checked together (a GlmkitError is a 400)
+    content = body.content if body.content and body.content.strip() else None
+    msgs = conv["messages"]
+    if body.regenerate:
+        last_user = max((m["seq"] for m in msgs if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise APIError(400, "nothing to regenerate")
+        content = None
+        store.truncate(who, cid, last_user)
+    elif body.edit_seq is not None:
+        if not any(m["seq"] == body.edit_seq and m["role"] == "user" for m in msgs) or not content:
+            raise APIError(400, "edit_seq must name a user message, and content is required")
+        store.truncate(who, cid, body.edit_seq - 1)
+        store.append(who, cid, "user", content)
+    else:
+        if not content:
+            raise APIError(400, "content is required", param="content")
+        store.append(who, cid, "user", content)
+    if conv["title"] == "New conversation" and content:
+        store.rename(who, cid, content.strip().splitlines()[0][:60] or "New conversation")
+    history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
+               for m in store.get(who, cid)["messages"]]
+    mode = conv["mode"]
+    kernel = console.workspaces.lease(cid) if mode == "code" else None
+
+    def finished():
+        console.active.pop(cid, None)
+        if kernel is not None:
+            kernel.release()
+    try:
+        turn = Turn(store, who, cid, {
+            "max_steps": console.config.max_steps,
+            "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
+            "tools": list(console.config.server_tools.values()) if mode == "tool" else (),
+            "interpreter": kernel}, history,
+            {"chat_model": console.chat_model, "params": params, "max_new_tokens": settings["max_new_tokens"]})
+        console.active[cid] = turn
+        turn.start(on_finish=finished)
+    except BaseException:
+        finished()
+        raise
+
+    async def stream():
         try:
-            if body.title is not None:
-                store.rename(who, cid, body.title)
-            if settings is not None:
-                store.update_settings(who, cid, settings)
-            if new_mode:
-                store.update_mode(who, cid, body.mode)
-        except NotFound:              # deleted meanwhile
-            raise APIError(404, "conversation not found", code="not_found") from None
-        return conv_or_404(request, cid)
+            while True:
+                ev = await turn.events.get()
+                yield "data: " + json.dumps(ev, ensure_ascii=False) + "\n\n"
+                if ev["type"] == "done":
+                    return
+        finally:
+            turn.stop()           # the browser pressed Stop or went away (no-op once done)
 
-    @router.delete("/api/conversations/{cid}")
-    async def delete_conversation(cid: str, request: Request):
-        # async, like send(): the check and the delete cannot interleave with a turn starting
-        conv_or_404(request, cid)
-        not_busy(cid)
-        store.delete(owner(request), cid)
-        try:
-            await asyncio.to_thread(workspaces.remove, cid)
-        except GlmkitError:
-            pass           # an id no workspace can have (not made by this server): nothing to remove
-        return {"deleted": cid}
-
-    @router.get("/api/conversations/{cid}/export")
-    def export(cid: str, request: Request, format: str = "md"):
-        conv_or_404(request, cid)
-        if format == "json":
-            return PlainTextResponse(store.export_json(owner(request), cid), media_type="application/json")
-        return PlainTextResponse(store.export_markdown(owner(request), cid), media_type="text/markdown")
-
-    @router.delete("/api/conversations/{cid}/messages")
-    async def clear(cid: str, request: Request):
-        """Clear: the conversation stays (title, settings, files); its messages and variables go."""
-        conv_or_404(request, cid)
-        not_busy(cid)
-        store.truncate(owner(request), cid, 0)
-        await asyncio.to_thread(workspaces.close_kernel, cid)
-        return conv_or_404(request, cid)
-
-    # -- the code interpreter's workspace ----------------------------------------------------
-    @router.get("/api/conversations/{cid}/files")
-    def list_files(cid: str, request: Request):
-        conv_or_404(request, cid)
-        return workspaces.list(cid)
-
-    @router.put("/api/conversations/{cid}/files/{name}")
-    async def upload(cid: str, name: str, request: Request):
-        """The raw request body becomes /mnt/data/NAME for the conversation's code."""
-        conv = conv_or_404(request, cid)
-        if conv["mode"] != "code":
-            raise APIError(400, "files belong to code-interpreter conversations")
-        data = bytearray()
-        async for chunk in request.stream():      # bounded even without a Content-Length
-            data += chunk
-            if len(data) > config.max_upload_bytes:
-                raise APIError(413, f"the file is larger than {config.max_upload_bytes} bytes", code="body_too_large")
-        try:
-            return await asyncio.to_thread(workspaces.save, cid, name, bytes(data))
-        except GlmkitError as e:
-            raise APIError(400, str(e), param="name") from None
-
-    @router.get("/api/conversations/{cid}/files/{name:path}")
-    def download(cid: str, name: str, request: Request):
-        conv_or_404(request, cid)
-        try:
-            fd, size = workspaces.open(cid, name)
-        except (OSError, ValueError, GlmkitError):
-            raise APIError(404, f"no file {name!r} in this conversation's workspace", code="not_found") from None
-        f = os.fdopen(fd, "rb")   # closed when read out, or when dropped if the client goes away first
-
-        def chunks():   # from the descriptor that was checked, never the path again
-            with f:
-                while block := f.read(1 << 16):
-                    yield block
-        filename = quote(name.rsplit("/", 1)[-1])
-        return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-            "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
-
-    # -- answering ---------------------------------------------------------------------------
-    @router.post("/api/conversations/{cid}/stop")
-    async def stop(cid: str, request: Request):
-        """Stop the answer in progress and return once what was shown is stored (the browser's
-        Stop does not rely on the server noticing a closed connection)."""
-        conv_or_404(request, cid)
-        turn = active.get(cid)
-        if turn is None:
-            return {"stopped": False}
-        turn.stop()
-        await asyncio.to_thread(turn.finished.wait, 60)
-        return {"stopped": True}
-
-    @router.post("/api/conversations/{cid}/messages")
-    async def send(cid: str, request: Request, body: Send | None = None):
-        body = body or Send()
-        who = owner(request)
-        conv = conv_or_404(request, cid)
-        not_busy(cid)
-        mode_on(conv["mode"])
-        settings = {**defaults, **conv["settings"], **checked(body.settings)}   # each one valid
-        gen = {k: settings[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
-        chat_model.params(**gen)      # the engine's own check (a GlmkitError is a 400)
-        max_new = settings["max_new_tokens"]
-        content = body.content if body.content and body.content.strip() else None
-        msgs = conv["messages"]
-        if body.regenerate:
-            last_user = max((m["seq"] for m in msgs if m["role"] == "user"), default=None)
-            if last_user is None:
-                raise APIError(400, "nothing to regenerate")
-            content = None
-            store.truncate(who, cid, last_user)
-        elif body.edit_seq is not None:
-            if not any(m["seq"] == body.edit_seq and m["role"] == "user" for m in msgs) or not content:
-                raise APIError(400, "edit_seq must name a user message, and content is required")
-            store.truncate(who, cid, body.edit_seq - 1)
-            store.append(who, cid, "user", content)
-        else:
-            if not content:
-                raise APIError(400, "content is required", param="content")
-            store.append(who, cid, "user", content)
-        if conv["title"] == "New conversation" and content:
-            store.rename(who, cid, content.strip().splitlines()[0][:60] or "New conversation")
-        history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
-                   for m in store.get(who, cid)["messages"]]
-        mode = conv["mode"]
-        kernel = workspaces.lease(cid) if mode == "code" else None
-
-        def finished():
-            active.pop(cid, None)
-            if kernel is not None:
-                kernel.release()
-        try:
-            turn = Turn(store, who, cid, {
-                "max_steps": config.max_steps,
-                "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
-                "tools": list(config.server_tools.values()) if mode == "tool" else (),
-                "interpreter": kernel}, history,
-                {"chat_model": chat_model, "max_new_tokens": max_new},
-                dict(gen, max_new_tokens=max_new))
-            active[cid] = turn
-            turn.start(on_finish=finished)
-        except BaseException:
-            finished()
-            raise
-
-        async def stream():
-            try:
-                while True:
-                    ev = await turn.events.get()
-                    yield "data: " + json.dumps(ev, ensure_ascii=False) + "\n\n"
-                    if ev["type"] == "done":
-                        return
-            finally:
-                turn.stop()           # the browser pressed Stop or went away (no-op once done)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    app.include_router(router)
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -14,22 +14,22 @@ import threading
 from ..chat.agent import Agent, CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
 from ..chat.reply_stream import Cancelled
 from ..errors import GlmkitError
-from .generation import step_view
 from .scheduled_model import ScheduledModel
+from .tool_steps import step_view
 
 log = logging.getLogger("glmkit.console")
 
 
 class Turn:
-    def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict,
-                 gen: dict):
+    def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict):
+        """`agent_args` for the chat layer's Agent, `model_args` for its ScheduledModel (the
+        conversation's SamplingParams and token limit); `history`: the stored messages."""
         self.store, self.who, self.cid = store, who, cid
         self.cancel = threading.Event()
         self.done = False
         self.finished = threading.Event()    # everything stored, conversation free again
         self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
         self.agent.messages += history
-        self.gen = gen
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._saved = len(self.agent.messages)
@@ -70,7 +70,7 @@ class Turn:
 
     def _run(self):
         try:
-            for ev in self.agent.run(None, **self.gen):
+            for ev in self.agent.run(None):
                 if isinstance(ev, TextDelta):
                     if self._generation_over:
                         self._generation_text, self._generation_over = "", False

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible API's response bodies as pydantic models: what the routes return and
+stream, and the error body every refusal has (server.errors), in OpenAI's shapes.  A field that
+OpenAI leaves out when it is empty is left out here too."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+def _omitted_if_none(default=None):
+    return Field(default, exclude_if=lambda v: v is None)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str                # JSON text of an object
+
+
+class ToolCallOut(BaseModel):
+    index: int | None = _omitted_if_none()      # in a streamed delta only
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = _omitted_if_none()
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ToolStep(BaseModel):
+    """glmkit_steps: a server tool run (arguments None: the call was refused)."""
+    type: Literal["tool"] = "tool"
+    name: str
+    arguments: dict[str, Any] | None
+    ok: bool
+    observation: str
+
+
+class CodeStep(BaseModel):
+    """glmkit_steps: a code run in the sandbox (code None: the segment was refused)."""
+    type: Literal["code"] = "code"
+    code: str | None
+    ok: bool
+    output: str
+    images: list[str]             # PNG, base64
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    glmkit_steps: list[ToolStep | CodeStep] | None = _omitted_if_none()    # glmkit_run_tools only
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = _omitted_if_none()
+    content: str | None = _omitted_if_none()
+    tool_calls: list[ToolCallOut] | None = _omitted_if_none()
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None      # sent (null until the last chunk) only with stream_options.include_usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(BaseModel):
+    """A /v1/completions response, and each of its streamed chunks (`usage` as for chat chunks)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glmkit"
+    context_length: int
+    max_model_len: int
+    family: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str          # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    running: int          # sequences in the batch
+    waiting: int          # sequences queued for a slot

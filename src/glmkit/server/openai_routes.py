@@ -1,0 +1,131 @@
+"""The OpenAI-compatible endpoints, one APIRouter: /v1/chat/completions, /v1/completions, /v1/models,
+and the operator's /health and /metrics.
+
+A chat request becomes a prompt here (the model's chat format, its tool-call protocol, a forced
+tool's start of call); server.completions answers it; glmkit_run_tools requests go to
+server.run_tools.  Every check of a request's parameters is in its model (openai_requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from ..chat.openai_compat import to_glm_messages, to_template_messages
+from ..chat.protocols import TaggedCallParser, protocol_for
+from ..chat.template import TOOL_CALL_OPEN, PlainReplyParser
+from ..errors import GlmkitError
+from .completions import Answer, submit
+from .errors import APIError, StrictJSONRoute
+from .metrics import render_metrics
+from .openai_requests import ChatCompletionRequest, CompletionRequest
+from .openai_responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList
+from .run_tools import run_tools
+from .state import Server, ServerState
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429)}
+router = APIRouter(route_class=StrictJSONRoute, responses=ERRORS)
+SSE_HEADERS = {"Cache-Control": "no-cache"}
+
+
+@router.get("/health", response_model=Health)
+def health(server: Server):
+    return Health(model=server.model_id, running=server.scheduler.running, waiting=server.scheduler.queue_length)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(server: Server):
+    return render_metrics(server.scheduler, server.http_requests)
+
+
+@router.get("/v1/models", response_model=ModelList)
+def models(server: Server):
+    return ModelList(data=[_model_card(server)])
+
+
+@router.get("/v1/models/{name}", response_model=ModelCard)
+def model(name: str, server: Server):
+    if name != server.model_id:
+        raise APIError(404, f"model {name!r} not found; this server serves {server.model_id!r}",
+                       code="model_not_found")
+    return _model_card(server)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(body: ChatCompletionRequest, server: Server):
+    _check_model(body.model, server.model_id)
+    json_check = body.json_checker()
+    if body.tools or json_check:
+        await asyncio.to_thread(body.check_schemas)     # jsonschema's meta-schema check is slow
+    chat_model = server.chat_model
+    params = body.to_sampling_params(chat_model.default_sampling)
+    max_new = body.max_new_tokens(server.config.max_tokens_limit)
+    if body.glmkit_run_tools:
+        return await run_tools(server, body, params, max_new, json_check)
+    tools = body.flat_tools() if body.tool_choice != "none" else []
+    forced = body.forced_tool(tools)
+    glm3 = chat_model.config.family == "chatglm"
+    try:
+        messages = body.message_dicts()
+        glm = to_glm_messages(messages, tools) if glm3 else to_template_messages(messages, tools)
+        prompt = await asyncio.to_thread(chat_model.encode_chat, glm)
+    except GlmkitError as e:
+        raise APIError(400, str(e), param="messages") from None
+    # a forced tool: the reply starts as that tool's call (ChatGLM3: its metadata line)
+    start = (f"{forced}\n" if glm3 else f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced)}, "arguments": ') \
+        if forced else ""
+    protocol, schemas = protocol_for(chat_model.format), {t["name"]: t.get("parameters") for t in tools}
+    choices = submit(chat_model.backend, body.n, prompt, params, chat_model.format.stop_ids, max_new,
+                     lambda: protocol.call_parser(chat_model.format.reply_parser(), schemas), body.stops(),
+                     logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                     forced_prefix=chat_model.tokenizer.encode(start) if start else ())
+    answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body))
+    if body.stream:
+        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await answer.whole()
+
+
+@router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
+async def completions(body: CompletionRequest, server: Server):
+    _check_model(body.model, server.model_id)
+    chat_model = server.chat_model
+    params = body.to_sampling_params(chat_model.default_sampling)
+    max_new = body.max_new_tokens(server.config.max_tokens_limit)
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise APIError(400, "send one prompt per request", param="prompt")
+        text = body.prompt[0]
+    else:
+        text = body.prompt
+    prompt = await asyncio.to_thread(chat_model.tokenizer.encode, text)
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    tokenizer = chat_model.tokenizer
+    # all visible text is the reply: a call parser without tools calls nothing
+    choices = submit(chat_model.backend, body.n, prompt, params, frozenset({tokenizer.eos_id}), max_new,
+                     lambda: TaggedCallParser(PlainReplyParser(tokenizer), {}), body.stops(),
+                     logprobs=body.logprobs, prompt_param="prompt")
+    answer = Answer(server.model_id, False, len(prompt), choices, include_usage=_include_usage(body))
+    if body.stream:
+        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await answer.whole()
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _check_model(requested: str | None, model_id: str):
+    # clients must send some model name; accept ours, and the generic names SDK examples use
+    if requested and requested != model_id and requested not in ("default", "glmkit"):
+        raise APIError(404, f"model {requested!r} not found; this server serves {model_id!r}", param="model",
+                       code="model_not_found")
+
+
+def _model_card(server: ServerState) -> ModelCard:
+    n = server.scheduler.max_seq_len
+    return ModelCard(id=server.model_id, created=server.started, context_length=n, max_model_len=n,
+                     family=server.chat_model.config.family)
