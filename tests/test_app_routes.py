@@ -302,3 +302,30 @@ def test_only_the_wiring_needs_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_a_conversations_next_turn_reuses_its_prefix():
+    """The API's second turn extends the first: its history's keys and values are reused (the
+    scheduler's prefix cache), counted at /metrics, and the reply is the one a cold server gives."""
+    def hits(client):
+        line = next(x for x in client.get("/metrics").text.splitlines()
+                    if x.startswith("glmkit_prefix_cache_hit_tokens_total "))
+        return int(line.split()[1])
+
+    system = {"role": "system", "content": "你是一个乐于助人的助手，回答要简洁。" * 3}
+    first = [system, {"role": "user", "content": "你好"}]
+    replies = {}
+    for cold in (True, False):
+        app = app_for(TINY)
+        if cold:
+            app.state.scheduler.prefix.enabled = False
+        with TestClient(app) as client:
+            a = client.post("/v1/chat/completions", json={"model": "default", "messages": first, "max_tokens": 12,
+                                                           "temperature": 0}).json()
+            second = first + [a["choices"][0]["message"], {"role": "user", "content": "再说一遍"}]
+            b = client.post("/v1/chat/completions", json={"model": "default", "messages": second, "max_tokens": 12,
+                                                           "temperature": 0}).json()
+            replies[cold] = (a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"])
+            reused = hits(client)
+            assert reused == 0 if cold else reused >= a["usage"]["prompt_tokens"]
+    assert replies[True] == replies[False]
