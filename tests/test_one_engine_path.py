@@ -241,9 +241,9 @@ def test_a_stop_string_cuts_the_reply_the_same_way_on_every_edge(edges):
     assert_all_equal(got, expected)
     _, reply = edges.python_reply(WITH_SYSTEM, temperature=0, max_new_tokens=N, stop=[stop])
     _, usage = edges.api(WITH_SYSTEM, temperature=0, max_new_tokens=N, stop=[stop])
+    assert reply.messages[-1]["content"] == expected     # the history keeps what was shown
     assert usage["finish_reason"] == "stop"
     assert reply.finish_reason == "stop"
-    assert reply.messages[-1]["content"] == expected     # the history keeps what was shown
 
 
 # -- sampling --------------------------------------------------------------------------------------
