@@ -10,14 +10,13 @@ level opens that many streaming chat requests at once and measures tokens receiv
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from _server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = ["a dragon", "the sea", "a city at night", "a robot", "winter", "a lighthouse", "trains", "the moon"]
@@ -61,25 +60,13 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "server_load.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    cmd = [str(ROOT / ".venv" / "bin" / "glmkit"), "serve", "--port", str(args.port), "--threads", str(args.threads),
-           "--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels)), "--kv-cache-mb", "2048",
-           "--no-embeddings", "--log-level", "warning"]
+    server_args = ["--threads", str(args.threads), "--max-batch", str(max(levels)), "--max-queue",
+                   str(4 * max(levels)), "--kv-cache-mb", "2048", "--no-embeddings", "--log-level", "warning"]
     if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        server_args += ["--model", args.model]
+    with serve(server_args, args.port) as (url, _):
         asyncio.run(level(url, 1, 8))  # warm-up
         rows = [asyncio.run(level(url, c, args.max_tokens)) for c in levels]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     base = rows[0]["aggregate_tok_s"]
     print("| streams | tokens | aggregate tok/s | × 1 stream | TTFT p50 s | TTFT p99 s |")
     print("|---|---|---|---|---|---|")

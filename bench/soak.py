@@ -17,15 +17,14 @@ Asserts, and records in bench/results/soak.json:
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from _server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "soak-key"
@@ -126,28 +125,16 @@ def main():
     ap.add_argument("--port", type=int, default=8937)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
-    cmd = [str(ROOT / ".venv" / "bin" / "glmkit"), "serve", "--port", str(args.port), "--threads", str(args.threads),
-           "--max-batch", str(args.streams), "--max-queue", str(4 * args.streams), "--kv-cache-mb", "2048",
-           "--no-embeddings", "--log-level", "warning", "--api-key", KEY]
+    server_args = ["--threads", str(args.threads), "--max-batch", str(args.streams), "--max-queue",
+                   str(4 * args.streams), "--kv-cache-mb", "2048", "--no-embeddings", "--log-level", "warning",
+                   "--api-key", KEY]
     if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        server_args += ["--model", args.model]
+    with serve(server_args, args.port) as (url, proc):
         start_rss = rss_mib(proc.pid)
         tally, made, samples, after_warmup, metrics = asyncio.run(
             soak(url, proc.pid, args.streams, args.minutes, args.warmup))
         alive = proc.poll() is None
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     base, end = after_warmup[0], after_warmup[-1]
     growth = (end - base) / base
     http_200 = metric(metrics, "glmkit_http_requests_total", r'path="/v1/chat/completions",status="200"')

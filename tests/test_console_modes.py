@@ -18,7 +18,8 @@ SCRIPTS = {
     "plot the data": PLOT,
     "use x": "```python\nprint(x + 1)\n```",
     "crash": "```python\n1 / 0\n```",
-    "sleep": "```python\nimport time\ntime.sleep(120)\n```",
+    # writes a file first: once it is in the workspace, the cell is running
+    "sleep": "```python\nimport time\nn = open('/mnt/data/started.txt', 'w').write('running')\ntime.sleep(120)\n```",
     "escape": "```python\nimport os\nos.symlink('/etc/passwd', '/mnt/data/pw')\nprint('linked')\n```",
     "multiply": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>',
     "bad tool": '<tool_call>\n{"name": "calculator", "arguments": {"expression": 7}}\n</tool_call>',
@@ -49,6 +50,26 @@ def say(base, cid, text):
 
 def messages(base, cid):
     return httpx.get(f"{base}/api/conversations/{cid}").json()["messages"]
+
+
+def say_once_free(base, cid, text, **settings):
+    """`say`, once the conversation's stopped turn has let go of it (until then: 409)."""
+    def attempt():
+        r = httpx.post(f"{base}/api/conversations/{cid}/messages", timeout=120,
+                       json={"content": text, "settings": {"temperature": 0, "max_new_tokens": 160, **settings}})
+        return None if r.status_code == 409 else [r]
+    [r] = wait_for(attempt, "the conversation to be free")
+    return sse(r)
+
+
+def wait_for(condition, what: str, timeout: float = 90):
+    """Poll `condition()` until it returns something true, and return that; a generous `timeout`
+    only keeps a broken server from hanging the test."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.1)
+    return value
 
 
 def test_config_lists_the_modes_and_tools(base):
@@ -142,15 +163,10 @@ def test_stop_mid_answer_keeps_the_text_and_frees_the_conversation(base):
                     # still answering: it cannot be deleted under the running turn
                     assert httpx.delete(f"{base}/api/conversations/{cid}").status_code == 409
                     break        # the browser's Stop: the connection closes mid-stream
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        stored = messages(base, cid)
-        if len(stored) == 2:
-            break
-        time.sleep(0.1)
+    stored = wait_for(lambda: m if len(m := messages(base, cid)) == 2 else None, "the stopped answer to be stored")
     assert stored[1]["extras"] == {"stopped": True} and stored[1]["content"].startswith(shown)
     # the conversation is free again
-    assert say(base, cid, "Hi")[-1]["type"] == "done"
+    assert say_once_free(base, cid, "Hi")[-1]["type"] == "done"
 
 
 def test_settings_are_kept_with_the_conversation_and_validated(base):
@@ -222,18 +238,23 @@ def test_chatglm3_protocol_in_the_console(glm3):
 
 def test_stop_interrupts_a_running_cell(base):
     cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    files = f"{base}/api/conversations/{cid}/files"
     with httpx.stream("POST", f"{base}/api/conversations/{cid}/messages", timeout=60,
                       json={"content": "sleep", "settings": {"temperature": 0, "max_new_tokens": 160}}) as r:
-        for line in r.iter_lines():
+        lines = r.iter_lines()   # held: once this iterator is dropped the stream closes, and that is Stop
+        for line in lines:
             if line.startswith("data: ") and json.loads(line[6:])["type"] == "code":
-                time.sleep(1)    # the cell is sleeping in the kernel now
-                break            # Stop
-    t0 = time.time()
-    while httpx.post(f"{base}/api/conversations/{cid}/messages", json={"content": "x"}).status_code == 409:
-        assert time.time() - t0 < 15, "the cell was left to run out its time limit"
-        time.sleep(0.2)
-    observation = next(m for m in messages(base, cid) if m["role"] == "observation")
-    assert not observation["extras"]["ok"] and "restarted" in observation["extras"]["output"]
+                break
+        # the cell's first line has written its file: it is sleeping in the kernel now
+        wait_for(lambda: "started.txt" in [f["name"] for f in httpx.get(files).json()], "the cell to start")
+    # Stop (the connection closed mid-run): the cell's run ends as stopped, not at its time limit
+    # (30 s; a cell left to run would be stored as "Timed out after 30 s")
+    [observation] = wait_for(lambda: [m for m in messages(base, cid) if m["role"] == "observation"],
+                             "the stopped run to be stored")
+    assert not observation["extras"]["ok"]
+    assert observation["extras"]["output"].startswith("Stopped; the kernel was restarted"), observation
+    # and the conversation is free again
+    assert say_once_free(base, cid, "x", max_new_tokens=1)[-1]["type"] == "done"
 
 
 def test_the_stop_endpoint_returns_once_the_answer_is_stored(base):

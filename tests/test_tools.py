@@ -1,7 +1,7 @@
 """Tool definitions, the safe parser against a hostile corpus, built-in tools and the agent loop."""
 
 import json
-import time
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -141,18 +141,25 @@ def test_run_tool_validates_times_out_and_catches():
     bad = run_tool(as_tool(get_weather), {"city": 3})
     assert not bad.ok and "city" in bad.error
 
+    release, finished = threading.Event(), threading.Event()
+
     @tool(timeout=0.5)
     def slow() -> str:
-        time.sleep(3)
+        release.wait(60)         # runs until the test lets it go
+        finished.set()
         return "late"
 
     @tool
     def broken() -> str:
         raise RuntimeError("database is down")
 
-    t0 = time.monotonic()
-    late = run_tool(as_tool(slow), {})
-    assert not late.ok and "within" in late.error and time.monotonic() - t0 < 2
+    try:
+        late = run_tool(as_tool(slow), {})
+        # the result came back while the tool was still running: run_tool did not wait for it
+        assert not finished.is_set()
+        assert not late.ok and late.error == "tool slow did not finish within 0.5 s"
+    finally:
+        release.set()
     boom = run_tool(as_tool(broken), {})
     assert not boom.ok and "database is down" in boom.observation
 
