@@ -56,7 +56,7 @@ class Edges:
     def python_reply(self, messages, **settings) -> tuple[str, Reply]:
         """The same call as chat() makes, keeping the Reply (finish reason, token counts)."""
         r = Reply()
-        text = "".join(ev.text for ev in self.model.reply(messages, reply=r, **settings) if ev.kind == "text")
+        text = "".join(self.model.stream_chat(messages, reply=r, **settings))
         return text, r
 
     # (b) the command line
@@ -121,8 +121,15 @@ class Edges:
         stored = self.http.get(f"{self.base}/api/conversations/{cid}").json()["messages"]
         assert [(m["role"], m["content"]) for m in stored[:1]] == [("user", user["content"])]
         assert {m["role"] for m in stored[1:]} == {"assistant"}
-        # the answer text stored is the text streamed (a named segment is stored, with its name, as well)
-        assert "".join(m["content"] for m in stored[1:] if not m["metadata"]) == shown
+        # the answer stored is the text streamed: each segment's content, in order, a named one
+        # under its `[name]` (stored with its name as metadata)
+        at = 0
+        for m in stored[1:]:
+            piece = (f"[{m['metadata']}]\n" if m["metadata"] else "") + m["content"]
+            found = shown.find(piece, at)
+            assert found >= 0 and not shown[at:found].strip(), (shown, stored)
+            at = found + len(piece)
+        assert not shown[at:].strip(), (shown, stored)
         return shown
 
     def greedy(self, messages) -> str:

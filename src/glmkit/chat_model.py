@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from .chat import chat_format_for
 from .chat.formats import ReplyEvent
+from .chat.protocols import protocol_for
 from .chat.reply_stream import Reply, ReplyStream
 from .engine import LocalBackend, SamplingParams, Scheduler, budget
 from .errors import ContextLengthError
@@ -31,6 +32,7 @@ class ChatModel:
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
         self.format = chat_format_for(checkpoint)
+        self.protocol = protocol_for(self.format)      # how replies are shown and calls written
         self.name = checkpoint.config.name
         self.context_length = checkpoint.config.context_length
         self.default_sampling = dict(DEFAULT_SAMPLING.get(checkpoint.config.family, DEFAULT_SAMPLING["llama"]))
@@ -119,15 +121,15 @@ class ChatModel:
                                stop, reply=reply, cancel=cancel)
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[str]:
-        """Visible text of the reply, piece by piece."""
-        for ev in self.reply(messages, **kwargs):
-            if ev.kind == "text":
-                yield ev.text
+        """Visible text of the reply, piece by piece (takes reply()'s arguments).  Shown as every
+        edge shows it: a ChatGLM3 segment the model names (there are no tools here) comes under
+        its `[name]`, and the text of a <tool_call> block is not shown."""
+        return self.protocol.visible_text(self.reply(messages, **kwargs), set())
 
     def chat(self, messages: list[dict], **kwargs) -> tuple[str, list[dict]]:
         """(reply text, messages + the reply's messages) like the official chat()."""
-        r = Reply()
-        text = "".join(ev.text for ev in self.reply(messages, reply=r, **kwargs) if ev.kind == "text")
+        r = kwargs.pop("reply", None) or Reply()
+        text = "".join(self.stream_chat(messages, reply=r, **kwargs))
         return text, list(messages) + r.messages
 
     def fit(self, messages: list[dict], reserve: int, max_length: int | None = None) -> tuple[list[dict], int]:

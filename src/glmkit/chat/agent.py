@@ -91,7 +91,7 @@ class Agent:
         while True:
             reply = Reply()
             events = self.model.reply(self.messages, reply=reply, **gen)
-            for text in self.protocol.visible_text(events, set(self.tools)):
+            for text in self.protocol.visible_text(events, runnable):
                 yield TextDelta(text)
             calls = self.protocol.find_calls(reply.messages, runnable)
             self.messages += reply.messages

@@ -40,6 +40,12 @@ TOO_MANY_CALLS = f"a reply may make at most {MAX_CALLS_PER_REPLY} calls; the res
 StreamItem = str | ToolCall | RefusedCall   # what a call parser makes of a reply: text to show, or a call
 
 
+def segment_heading(name: str, after_text: bool) -> str:
+    """How a ChatGLM3 segment named after no tool of the caller's is shown: its content under
+    `[name]` (the one rule for the Python API, the terminal, the API and the console)."""
+    return f"\n[{name}]\n" if after_text else f"[{name}]\n"
+
+
 class GLM3Protocol:
     observation_role = "observation"
 
@@ -51,12 +57,18 @@ class GLM3Protocol:
         return {"role": "system", "content": system} if system else None
 
     def visible_text(self, events, tools: set[str]):
-        """The reply's answer text: plain segments only (a named segment is a call being written)."""
-        in_call = False
+        """The reply's answer text.  A segment named after one of `tools` (what the caller runs,
+        the interpreter included) is a call being written, not text; a segment with another name
+        is shown under its name, as the API shows it (segment_heading)."""
+        in_call, shown_any = False, False
         for ev in events:
             if ev.kind == "segment":
-                in_call = bool(ev.metadata)
-            elif ev.kind == "text" and not in_call:
+                in_call = ev.metadata in tools
+                if ev.metadata and not in_call:
+                    yield segment_heading(ev.metadata, shown_any)
+                    shown_any = True
+            elif ev.kind == "text" and not in_call and ev.text:
+                shown_any = True
                 yield ev.text
 
     def find_calls(self, segments: list[dict], runnable: set[str]) -> list[Call]:
@@ -107,7 +119,7 @@ class GLM3CallParser:
                 out += self._close()
                 self.tool = e.metadata if e.metadata in self.tools else None
                 if e.metadata and self.tool is None:
-                    out.append(self._text(f"\n[{e.metadata}]\n" if self.shown_any else f"[{e.metadata}]\n"))
+                    out.append(self._text(segment_heading(e.metadata, self.shown_any)))
             elif self.tool is not None:
                 self.parts.append(e.text)
             elif e.text:
@@ -161,7 +173,7 @@ class TaggedProtocol:
     def visible_text(self, events, tools: set[str]):
         """The reply's text with its <tool_call> blocks taken out (they are steps, not answer text).
         ```python blocks stay: for these models code is part of the answer."""
-        hide = TaggedCallParser(None, dict.fromkeys(tools))
+        hide = TaggedCallParser(None, dict.fromkeys(tools - {INTERPRETER}))   # code comes as ```python, never a tag
         for ev in events:
             yield from (item for item in hide.filter([ev]) if isinstance(item, str))
         yield from (item for item in hide.filter([], final=True) if isinstance(item, str))

@@ -54,9 +54,13 @@ class ReplyTokens:
         return items
 
     def finish(self) -> list:
-        """What the parser still held, and any text held back for a stop string that never came."""
+        """What the parser still held, and any text held back for a stop string that never came.
+        A stop string found in text the parser held (ChatGLM3 holds a segment's first line as a
+        possible name) makes the finish reason "stop", as if it had been found in time."""
         items = self._shown(self.parser.finish())
         tail = self.stops.flush()
+        if self.stops.hit:
+            self.finish_reason = "stop"
         return items + [tail] if tail else items
 
     def _shown(self, items) -> list:
@@ -160,6 +164,7 @@ class ReplyStream:
         finally:
             handle.cancel()                  # no-op once finished; frees the slot otherwise
         yield from map(_event, tokens.finish())
+        reply.finish_reason = tokens.finish_reason or reply.finish_reason
         reply.messages = parser.messages()
         for m in reply.messages if tokens.stopped_by_string else ():   # the history keeps what was shown
             if not m.get("metadata"):

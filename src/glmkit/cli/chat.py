@@ -79,13 +79,10 @@ def interactive(model, args, params, base: list[dict]) -> int:
                     print(f"[dropped the {dropped} oldest message(s) to fit the context of {model.context_length} "
                           "tokens]", file=sys.stderr)
                 say(f"{model.name}: ")
-                for ev in model.reply(messages, params=params, max_new_tokens=args.max_new_tokens,
-                                      max_length=args.max_length, stop=args.stop, reply=reply, cancel=cancel):
-                    if ev.kind == "segment" and ev.metadata:
-                        say(f"\n[{ev.metadata}]\n")
-                    elif ev.kind == "text":
-                        shown.append(ev.text)
-                        say(ev.text)
+                for piece in model.stream_chat(messages, params=params, max_new_tokens=args.max_new_tokens,
+                                               max_length=args.max_length, stop=args.stop, reply=reply, cancel=cancel):
+                    shown.append(piece)
+                    say(piece)
             except Cancelled:
                 # keep what was shown: the next question may refer to it
                 say(" [interrupted]")
