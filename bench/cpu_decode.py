@@ -31,7 +31,7 @@ def main():
     rows = []
     for dtype, quant in (("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")):
         # SmolLM2's width 576 is a multiple of 64, not of 128
-        model = glmkit.load(None, dtype=dtype, quantize=quant, group_size=64)
+        model = glmkit.load(None, dtype=dtype, quantize=quant or "none", group_size=64)   # "none": float weights
         measure(model, 16, 8)  # warm-up
         r = measure(model, args.prompt, args.tokens)
         r.update(dtype=dtype, quantize=quant or "none", model=model.name)
