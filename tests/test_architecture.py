@@ -20,7 +20,7 @@ ALLOWED = {
     "sandbox": set(),
     "engine": {"models"},
     "chat": {"engine", "tokenizers", "sandbox"},
-    "server": {"engine", "chat", "sandbox", "tokenizers", "models"},
+    "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model"},   # it serves a ChatModel
 }
 
 
