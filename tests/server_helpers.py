@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -23,14 +24,18 @@ def running_server(*args, env=None, timeout=180):
     env.pop("MODEL_PATH", None)
     env["PYTHONUNBUFFERED"] = "1"
     log = open(os.devnull, "w")
+    # stderr to a file, not a pipe nobody reads while the server runs: a server that logs a lot
+    # (a request line each) would fill a pipe and stall
+    errors = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([glmkit_bin(), "serve", "--port", str(port), *args], env=env,
-                            stdout=log, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=errors, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("server exited: " + proc.stderr.read())
+                errors.seek(0)
+                raise RuntimeError("server exited: " + errors.read())
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -48,3 +53,4 @@ def running_server(*args, env=None, timeout=180):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        errors.close()

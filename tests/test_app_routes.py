@@ -318,7 +318,7 @@ def test_a_conversations_next_turn_reuses_its_prefix():
     for cold in (True, False):
         app = app_for(TINY)
         if cold:
-            app.state.scheduler.prefix.enabled = False
+            app.state.server.scheduler.prefix.enabled = False
         with TestClient(app) as client:
             a = client.post("/v1/chat/completions", json={"model": "default", "messages": first, "max_tokens": 12,
                                                            "temperature": 0}).json()

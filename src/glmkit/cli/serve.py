@@ -75,7 +75,7 @@ def cmd_serve(args) -> int:
                                          max_steps=args.max_steps, data_dir=data_dir(args),
                                          metrics_public=args.metrics_public), embedder=embedder)
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch}, {app.state.scheduler.max_seq_len} tokens per sequence, "
+          f"(batch {args.max_batch}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

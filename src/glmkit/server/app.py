@@ -49,7 +49,6 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
     app.router.route_class = StrictJSONRoute
     app.state.server = server
-    app.state.scheduler = scheduler      # `glmkit serve` reads its max_seq_len for the startup line
     add_error_handlers(app)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
