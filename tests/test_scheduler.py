@@ -217,7 +217,7 @@ def test_one_reply_driver_for_the_python_api_and_the_server(smol):
     limit = len(smol.encode_chat(HELLO)) + 30
     api, served = glmkit.Reply(), glmkit.Reply()
     a = list(smol.reply(HELLO, max_new_tokens=40, max_length=limit, stop=stop, reply=api, seed=5, **sampling))
-    model = ScheduledModel(smol, threading.Event(), max_new_tokens=40, seed=5)
+    model = ScheduledModel(smol, threading.Event(), max_new_tokens=40, params=smol.params(seed=5))
     b = list(model.reply(HELLO, reply=served, max_length=limit, stop=stop, **sampling))
     assert a == b and api == served and api.finish_reason == "stop" and stop[0] not in api.messages[0]["content"]
     assert (model.prompt_tokens, model.completion_tokens, model.finish_reason) == (

@@ -155,8 +155,7 @@ class ReplyStream:
         try:
             for ev in self._events(handle):
                 items = tokens.feed(ev)
-                reply.completion_tokens += 1
-                reply.token_ids.append(ev.token)
+                reply.completion_tokens, reply.token_ids = tokens.completion_tokens, tokens.token_ids
                 yield from map(_event, items)
                 if tokens.finish_reason:
                     reply.finish_reason = tokens.finish_reason

@@ -290,7 +290,7 @@ class Scheduler:
                 seq = self._waiting.popleft()
                 self._reserve(i + 1, len(seq.req.prompt) + seq.req.max_new_tokens)
                 free = [j for j, other in enumerate(self._slots) if other is None]
-                running = [(o.slot, o.cached_tokens()) for o in self._slots if o is not None]
+                running = [(o.slot, o.cached_tokens()) for o in self._slots if o is not None] if self.prefix.enabled else []
                 seq.prefilled = self.prefix.admit(self.model, seq.req.prompt, i, free, running, self.model.cache_batch)
                 if seq.prefilled:
                     self.stats.prefix_hits += 1

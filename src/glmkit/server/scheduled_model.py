@@ -16,15 +16,15 @@ from ..engine.requests import SamplingParams
 
 
 class ScheduledModel:
-    def __init__(self, chat_model, cancel: threading.Event, max_new_tokens: int, seed: int | None = None,
+    def __init__(self, chat_model, cancel: threading.Event, max_new_tokens: int,
                  stop: list[str] | None = None, params: SamplingParams | None = None):
         """`params`: the run's sampling (the server passes the one it built); without it, the
-        model's defaults with `seed`."""
+        model's defaults."""
         self.chat_model = chat_model
         self.format = chat_model.format
         self.cancel = cancel
         self.max_new_tokens = max_new_tokens
-        self.params = params if params is not None else chat_model.params(seed=seed)
+        self.params = params if params is not None else chat_model.params()
         self.stop = stop or []    # a request's stop strings: each generation ends at one, as in the API
         # totals over every generation of a run (API usage), and how the last one ended
         self.prompt_tokens = self.completion_tokens = 0
