@@ -211,8 +211,8 @@ async function pickMode(m) {
     await api("/api/conversations/" + current.id, { method: "PATCH", body: JSON.stringify({ mode: m }) });
     current.mode = m; showMode(m); refreshList();
   } else {
-    showMode(m);
-    await newConversation();
+    mode = m;                  // the new conversation is made in this mode; open() then shows it,
+    await newConversation();   // so nothing typed meanwhile lands in the conversation being left
   }
 }
 
