@@ -12,7 +12,7 @@ import torch
 from ..errors import CheckpointError
 from . import hf_chatglm, quantized_checkpoint
 from .config import ModelConfig
-from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for,
+from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for, wants_dense_copy,
                        replace_linears)
 from .transformer import Transformer
 
@@ -135,6 +135,10 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if quant is not None:
         replace_linears(model, quant)
+    # a small model keeps dense copies of its quantized weights for many-row matmuls (models/quantize.py)
+    dense = wants_dense_copy(sum(shape.numel() for name, shape in expected.items()
+                                 if name.startswith("layers.") and name.endswith(".weight") and len(shape) == 2)
+                             * dtype.itemsize, device)
     seen: set[str] = set()
     bar = None
     if progress:
@@ -148,7 +152,7 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(f"{file}: tensor for {name} has shape {tuple(tensor.shape)}, "
                                   f"config.json implies {tuple(expected[name])}")
-        _assign(model, name, tensor, device, dtype, quant)
+        _assign(model, name, tensor, device, dtype, quant, dense)
         seen.add(name)
         if bar is not None:
             bar.update(1)
@@ -164,7 +168,8 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtype, quant: QuantConfig | None):
+def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtype, quant: QuantConfig | None,
+            dense: bool = False):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(tensor, QTensor):
@@ -174,16 +179,16 @@ def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtyp
             new = module_for(tensor, bias=module.bias is not None)
             if module.bias is not None and not module.bias.is_meta:
                 new.bias = module.bias
-            new.load_quantized(tensor, device, dtype)
+            new.load_quantized(tensor, device, dtype, dense)
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             return
         if attr == "weight" and is_quantized(module) and _matches(module, tensor):
-            module.load_quantized(tensor, device, dtype)
+            module.load_quantized(tensor, device, dtype, dense)
             return
         tensor = tensor.dequantize()
     if attr == "weight" and is_quantized(module):
-        module.load_float(tensor.to(device=device), dtype)
+        module.load_float(tensor.to(device=device), dtype, dense)
         return
     setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 

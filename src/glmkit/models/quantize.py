@@ -5,6 +5,19 @@ The matmuls are PyTorch's own kernels (`aten._weight_int8pack_mm`,
 and torchao use underneath; on CPU torchao's weight-only int8/int4 paths end in these same kernels, so
 we call them directly and keep one dependency fewer.
 
+Those CPU kernels are tuned for one row: they dequantize each weight once per block of four input
+rows, so a step of 8 rows costs ~2.5x a step of one and a 256-token prefill chunk ~64x.  Many-row
+matmuls therefore take another path, chosen by row count (bench/quant_rows.py measured where each
+wins):
+- a small model (its quantized Linears' dense weights within DENSE_COPY_MAX_BYTES, like the
+  embedded default model's: 212 MB in bf16) keeps a dense copy of its dequantized weights next to the packed ones, and matmuls of
+  DENSE_MIN_ROWS rows or more use the dense GEMM (oneDNN/AMX), whose cost hardly grows with rows;
+- a large int8 model converts a layer's int8 weights to the activation dtype for matmuls of
+  DEQUANT_MIN_ROWS rows or more (prefill chunks) and applies the per-channel scales to the output
+  (exact: int8 values are exact in bf16), which beats the one-row kernel from that many rows on.
+Both see the same quantized values as the one-row kernel; only rounding and summation order differ
+(tests/test_quantize.py bounds the logits' difference).
+
 int4 follows gpt-fast's asymmetric scheme: per group of `group_size` input columns,
 scale = (max - min) / 15 and zero = min + 8 * scale, so w ≈ (q - 8) * scale + zero with q in 0..15.
 """
@@ -14,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GlmkitError
@@ -117,6 +131,17 @@ def dequantize_int4(q: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return ((qg - 8) * scales[..., None] + zeros[..., None]).reshape(N, K)
 
 
+DENSE_COPY_MAX_BYTES = 256 << 20   # keep dense copies when all quantized Linears' dense weights fit in this
+DENSE_MIN_ROWS = 3                 # from this many rows on, a layer with a dense copy uses it
+DEQUANT_MIN_ROWS = 32              # from this many rows on, a large int8 layer dequantizes for the matmul
+
+
+def wants_dense_copy(dense_bytes: int, device) -> bool:
+    """Whether quantized Linears whose dense weights total `dense_bytes` keep a dense copy: on CPU
+    only (GPU kernels batch well) and only when it is small next to what the machine has."""
+    return torch.device(device).type == "cpu" and dense_bytes <= DENSE_COPY_MAX_BYTES
+
+
 KERNEL_ALIGN = 64  # bytes: the CPU kernels use aligned vector loads on their weights and scales
 
 
@@ -147,18 +172,27 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
+        self.register_buffer("dense", None, persistent=False)      # see the module docstring
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load_float(self, w: Tensor, dtype: torch.dtype):
-        self.load_quantized(QTensor(8, *quantize_int8(w)), w.device, dtype)
+    def load_float(self, w: Tensor, dtype: torch.dtype, dense: bool = False):
+        self.load_quantized(QTensor(8, *quantize_int8(w)), w.device, dtype, dense)
 
-    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
+    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype, dense: bool = False):
         self.weight = kernel_ready(qt.q.to(device))
         self.scales = kernel_ready(qt.scales.to(device=device, dtype=dtype))
+        self.dense = qt.dequantize().to(device=device, dtype=dtype) if dense else None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(kernel_ready(x.reshape(-1, shape[-1])), self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1])
+        rows = x2.shape[0]
+        if self.dense is not None and rows >= DENSE_MIN_ROWS:
+            y = F.linear(x2, self.dense)
+        elif rows >= DEQUANT_MIN_ROWS and x.device.type == "cpu":
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(kernel_ready(x2), self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -169,19 +203,23 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2))
+        self.register_buffer("dense", None, persistent=False)      # see the module docstring
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load_float(self, w: Tensor, dtype: torch.dtype):
-        self.load_quantized(QTensor(4, *quantize_int4(w, self.group_size), self.group_size), w.device, dtype)
+    def load_float(self, w: Tensor, dtype: torch.dtype, dense: bool = False):
+        self.load_quantized(QTensor(4, *quantize_int4(w, self.group_size), self.group_size), w.device, dtype, dense)
 
-    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype):
+    def load_quantized(self, qt: QTensor, device, dtype: torch.dtype, dense: bool = False):
         self.weight = kernel_ready(_pack_int4(qt.q, torch.device(device)))
         self.scales_and_zeros = kernel_ready(qt.scales.to(device=device, dtype=dtype))
+        self.dense = qt.dequantize().to(device=device, dtype=dtype) if dense else None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = kernel_ready(x.reshape(-1, shape[-1]))
-        if x.is_cuda:
+        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
+            y = F.linear(x2, self.dense)
+        elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
@@ -231,5 +269,5 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (Int8Linear, Int4Linear))
 
 
-__all__ = ["QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
+__all__ = ["wants_dense_copy", "QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
            "dequantize_int4", "is_quantized"]
