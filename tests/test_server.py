@@ -186,3 +186,40 @@ def test_content_parts(client):
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     with pytest.raises(openai.BadRequestError, match="only text content parts"):
         client.chat.completions.create(model="default", messages=[{"role": "user", "content": image}])
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_cleanly():
+    """glmkit serve runs the engine in its main thread and HTTP in another (cli/serve.py): a
+    SIGTERM must still end it as uvicorn alone did, the answer being streamed finishing first."""
+    import signal
+    import threading
+    with running_server("--no-embeddings", "--no-console", "--threads", "2") as (base, proc):
+        got = {}
+
+        def stream():
+            with httpx.stream("POST", base + "/v1/chat/completions", timeout=120,
+                              json={"messages": [{"role": "user", "content": "Write a long story about the sea."}],
+                                    "stream": True, "max_tokens": 40, "temperature": 0,
+                                    "stream_options": {"include_usage": True}}) as r:
+                got["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline = time.monotonic() + 60
+        while "glmkit_generated_tokens_total 0" in httpx.get(base + "/metrics").text:   # under way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t.join(timeout=120)
+        assert proc.wait(timeout=60) == 0
+        assert got["lines"][-1] == "data: [DONE]" and '"completion_tokens":40' in got["lines"][-2].replace(" ", "")
+
+
+def test_a_port_in_use_is_one_clear_error_not_a_hang(smol_server):
+    import subprocess
+
+    from conftest import glmkit_bin
+    port = smol_server.rsplit(":", 1)[1]
+    proc = subprocess.run([glmkit_bin(), "serve", "--port", port, "--no-embeddings", "--no-console"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "address already in use" in proc.stderr.lower()

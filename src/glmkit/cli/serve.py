@@ -67,7 +67,7 @@ def cmd_serve(args) -> int:
     if args.code:
         kernels = kernel_pool(args)
         kernels.check()       # refuse to start without a sandbox
-    app = create_app(model, ServerConfig(api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
+    app = create_app(model, ServerConfig(engine_thread=False, api_keys=keys, cors_origins=args.cors_origin, max_batch=args.max_batch,
                                          max_queue=args.max_queue, max_tokens_limit=args.max_tokens,
                                          kv_cache_mb=args.kv_cache_mb, model_id=args.model_id,
                                          scripted_replies=scripted(args.scripted_replies),
@@ -78,11 +78,43 @@ def cmd_serve(args) -> int:
           f"(batch {args.max_batch}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     finally:
         if kernels is not None:
             kernels.close_all()     # the console's idle kernels (a request closes its own)
-    return 0
+
+
+def run_http_and_engine(app, config) -> int:
+    """HTTP in a thread of its own, the engine's steps in this one (the thread that loaded the
+    model).  On CPU that matters: PyTorch's OpenMP runtime stops keeping its worker threads spinning
+    between parallel regions once a second thread owns a pool, which made a step run in a separate
+    engine thread ~40% slower (engine/scheduler.py).  SIGINT/SIGTERM end the server gracefully as
+    uvicorn does (a second SIGINT: at once); the app's shutdown stops the engine, which ends run()."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    scheduler = app.state.server.scheduler
+
+    def http():
+        try:
+            server.run()
+        finally:
+            scheduler.stop()        # also when uvicorn could not start (a port in use)
+
+    def on_signal(signum, frame):
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    web = threading.Thread(target=http, name="glmkit-http")
+    scheduler.run(claimed=web.start)
+    web.join()
+    return 0 if server.started else 1
 
 
 def api_keys(args) -> list[str]:

@@ -6,8 +6,9 @@ running sequence by one token in a single batched forward pass, and (4) prefills
 `prefill_chunk` prompt tokens of one sequence, so that a long prompt delays running streams by one
 chunk at a time.  Sequences join and leave at any step.  Results flow back through a queue per sequence.
 
-Who runs the steps: after start(), a background thread (the server, whose callers are async);
-without one, the synchronous callers themselves: a caller waiting for its next event runs one
+Who runs the steps: after start(), a background thread; in run(), the thread that calls it (`glmkit
+serve` runs the steps in its main thread, the one that loaded the model, and HTTP in another);
+without either, the synchronous callers themselves: a caller waiting for its next event runs one
 step at a time under a lock, each step advancing every sequence (the Python API and the terminal
 iterate a Handle and need no thread).  The caller's own thread matters on CPU: libgomp, PyTorch's
 OpenMP, stops spinning between parallel regions as soon as two threads own thread pools (here the
@@ -162,7 +163,8 @@ class Scheduler:
         self._cache_version = None     # the model's cache_version after our last write
         self._cv = threading.Condition(threading.Lock())   # guards the queue and the slots
         self._step_lock = threading.Lock()                   # one step at a time, whoever runs it
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None      # the thread running the steps, if any
+        self._loop_ended = threading.Event()
 
     @classmethod
     def from_memory(cls, model: Transformer, kv_cache_mb: int, max_batch: int, **kwargs) -> Scheduler:
@@ -205,21 +207,36 @@ class Scheduler:
 
     def start(self) -> Scheduler:
         """Run the steps in a background thread from now on (a daemon: a program that never calls
-        stop() still exits)."""
+        stop() still exits).  Nothing to do if a thread already runs them."""
         with self._cv:
             if self._thread is None:
+                self._loop_ended.clear()
                 self._thread = threading.Thread(target=self._loop, name="glmkit-scheduler", daemon=True)
                 self._thread.start()
         return self
 
+    def run(self, claimed=None):
+        """Run the steps in the calling thread until stop() is called from another.  For a program
+        whose model-loading thread has nothing else to do: its OpenMP pool is the only one, and stays
+        warm between steps (see the module docstring).  `claimed()`, if given, is called once the
+        steps are this thread's: what it starts may call stop() at any time from then on."""
+        with self._cv:
+            if self._thread is not None:
+                raise GlmkitError("the scheduler's steps already run in another thread")
+            self._loop_ended.clear()
+            self._thread = threading.current_thread()
+        if claimed is not None:
+            claimed()
+        self._loop()
+
     def stop(self):
-        """End the background thread, if any, after its current step; sequences still queued or
-        running get an error.  The scheduler stays usable (driven by its callers, or start() again)."""
+        """End the steps' thread, if any, after its current step; sequences still queued or running
+        get an error.  The scheduler stays usable (driven by its callers, or start() again)."""
         with self._cv:
             thread, self._thread = self._thread, None
             self._cv.notify()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=10)
+            self._loop_ended.wait(timeout=10)    # not join(): run()'s thread goes on to other work
         with self._step_lock, self._cv:
             self._fail_all(GlmkitError("the engine stopped before this generation finished"))
 
@@ -230,14 +247,17 @@ class Scheduler:
     # -- stepping -------------------------------------------------------------------------
     def _loop(self):
         me = threading.current_thread()
-        while True:
-            with self._cv:
-                while self._thread is me and not self._waiting and self.running == 0:
-                    self._cv.wait()
-                if self._thread is not me:
-                    return
-            with self._step_lock:
-                self._tick()
+        try:
+            while True:
+                with self._cv:
+                    while self._thread is me and not self._waiting and self.running == 0:
+                        self._cv.wait()
+                    if self._thread is not me:
+                        return
+                with self._step_lock:
+                    self._tick()
+        finally:
+            self._loop_ended.set()
 
     def _drive(self, seq: _Seq, timeout: float | None):
         """Without a background thread: run steps in the caller's thread until `seq` has an event

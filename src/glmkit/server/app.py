@@ -39,7 +39,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        if config.engine_thread:
+            scheduler.start()
         try:
             yield
         finally:
