@@ -40,12 +40,14 @@ def main():
     ap.add_argument("--rows", default="1,2,3,4,8,16,32,64,128,256")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--models", default="chatglm3-6b,smollm2-135m")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
     results = []
-    for model, shapes in SHAPES.items():
+    for model in args.models.split(","):
+        shapes = SHAPES[model]
         g = args.group_size if model == "chatglm3-6b" else 32
         layers = []
         for n, k in shapes:

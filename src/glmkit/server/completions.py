@@ -13,7 +13,9 @@ import asyncio
 import json
 import queue
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
@@ -29,11 +31,39 @@ from .openai_responses import (AssistantMessage, ChatChoice, ChatCompletion, Cha
                             Usage)
 
 
+class _Waker:
+    """Wakes an event loop's waiting streams from the engine's thread with one call_soon_threadsafe
+    (one write to the loop's self-pipe) for all the streams a step gave events to, not one each:
+    with 16 streams that was ~5% of the engine thread's time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.ready: list[asyncio.Event] = []
+
+    def __call__(self, ready: asyncio.Event):
+        with self.lock:
+            first = not self.ready
+            self.ready.append(ready)
+        if first:
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self):
+        with self.lock:
+            ready, self.ready = self.ready, []
+        for r in ready:
+            r.set()
+
+
+_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker]" = weakref.WeakKeyDictionary()
+
+
 async def events(handle: TokenStream):
     """Async iteration over a sequence's TokenEvents without blocking the event loop."""
     loop = asyncio.get_running_loop()
+    waker = _wakers.get(loop) or _wakers.setdefault(loop, _Waker(loop))
     ready = asyncio.Event()
-    handle.on_event(lambda: loop.call_soon_threadsafe(ready.set))
+    handle.on_event(lambda: waker(ready))
     try:
         while True:
             try:
