@@ -133,7 +133,7 @@ def dequantize_int4(q: Tensor, sz: Tensor, group_size: int) -> Tensor:
 
 DENSE_COPY_MAX_BYTES = 256 << 20   # keep dense copies when all quantized Linears' dense weights fit in this
 DENSE_MIN_ROWS = 8                 # from this many rows on, a layer with a dense copy uses it
-DEQUANT_MIN_ROWS = 32              # from this many rows on, a large int8 layer dequantizes for the matmul
+DEQUANT_MIN_ROWS = 64             # from this many rows on, a large int8 layer dequantizes for the matmul
 
 
 def wants_dense_copy(dense_bytes: int, device) -> bool:
