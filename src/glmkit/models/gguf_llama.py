@@ -156,11 +156,13 @@ def native_qtensor(raw: np.ndarray, qtype: str, deq: torch.Tensor) -> QTensor:
         zero = m + 8 * d
     else:
         zero = torch.zeros_like(d)
-    safe_d = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.round((deq.reshape(N, K // 32, 32) - zero[..., None]) / safe_d[..., None]) + 8
-    q = torch.where(d[..., None] == 0, torch.full_like(q, 8), q).clamp(0, 15).reshape(N, K).to(torch.uint8)
+    # the codes straight from the blocks (ggml's layout: byte j of a block holds weight j in its low
+    # nibble and weight j + 16 in its high one), with no float arithmetic: exact, and ~8x faster
+    # than recovering them from the dequantized values
+    nib = torch.from_numpy(blocks[..., NATIVE_TYPES[qtype] - 16:].copy())                 # [N, K/32, 16]
+    q = torch.cat([nib & 0x0F, nib >> 4], dim=-1).reshape(N, K)
     scales = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous()    # [K/32, N, 2]
-    return QTensor(4, q, scales, 32)
+    return QTensor(4, q, scales, 32, dense=deq)
 
 
 def fuse(parts: list) -> "torch.Tensor | QTensor":

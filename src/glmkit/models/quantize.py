@@ -72,12 +72,15 @@ class QTensor:
     q: Tensor
     scales: Tensor
     group_size: int = 0
+    dense: Tensor | None = None    # the float values, when the reader had them anyway (GGUF): saves a dequantization
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
     def dequantize(self) -> Tensor:
+        if self.dense is not None:
+            return self.dense
         if self.bits == 8:
             return self.q.float() * self.scales.float()[:, None]
         return dequantize_int4(self.q, self.scales.float(), self.group_size)
@@ -87,8 +90,9 @@ class QTensor:
         """Stack along output rows (to fuse Q/K/V or gate/up)."""
         p0 = parts[0]
         dim = 0 if p0.bits == 8 else 1
+        dense = torch.cat([p.dense for p in parts]) if all(p.dense is not None for p in parts) else None
         return QTensor(p0.bits, torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts], dim=dim),
-                       p0.group_size)
+                       p0.group_size, dense)
 
     def compatible(self, other: "QTensor") -> bool:
         return self.bits == other.bits and self.group_size == other.group_size
