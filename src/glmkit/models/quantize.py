@@ -10,11 +10,18 @@ rows, so a step of 8 rows costs ~2.5x a step of one and a 256-token prefill chun
 matmuls therefore take another path, chosen by row count (bench/quant_rows.py measured where each
 wins):
 - a small model (its quantized Linears' dense weights within DENSE_COPY_MAX_BYTES, like the
-  embedded default model's: 212 MB in bf16) keeps a dense copy of its dequantized weights next to the packed ones, and matmuls of
-  DENSE_MIN_ROWS rows or more use the dense GEMM (oneDNN/AMX), whose cost hardly grows with rows;
+  embedded default model's: 212 MB in bf16) keeps a dense copy of its dequantized weights next to
+  the packed ones, and decode steps of DENSE_MIN_ROWS sequences or more use the dense GEMM
+  (oneDNN/AMX), whose cost hardly grows with rows.  Prefill keeps the kernel: its results for a
+  row do not depend on how many rows share the call, so a prefix-cache hit, whose remainder is a
+  shorter chunk, and a cold prefill give the same keys and values (engine/prefix_cache.py's
+  promise), and a sequence decoded alone and one decoded in a small batch agree bit for bit; only
+  in batches of 8+ can the last bits differ (as in llama.cpp's and vLLM's servers);
 - a large int8 model converts a layer's int8 weights to the activation dtype for matmuls of
   DEQUANT_MIN_ROWS rows or more (prefill chunks) and applies the per-channel scales to the output
   (exact: int8 values are exact in bf16), which beats the one-row kernel from that many rows on.
+  (There, in bf16, a prefix-cache hit's keys and values can differ in the last bits from a cold
+  prefill's: a conversion per layer is too slow for a few rows to take the same path.)
 Both see the same quantized values as the one-row kernel; only rounding and summation order differ
 (tests/test_quantize.py bounds the logits' difference).
 
@@ -140,6 +147,12 @@ DENSE_MIN_ROWS = 8                 # from this many rows on, a layer with a dens
 DEQUANT_MIN_ROWS = 64             # from this many rows on, a large int8 layer dequantizes for the matmul
 
 
+def decode_rows(x: Tensor) -> int:
+    """How many sequences `x` advances by one token each ([B, 1, K], or [B, K] from the compiled
+    step); 0 for a prefill chunk ([1, T, K] with T > 1)."""
+    return x.shape[0] if x.dim() == 2 or x.shape[-2] == 1 else 0
+
+
 def wants_dense_copy(dense_bytes: int, device) -> bool:
     """Whether quantized Linears whose dense weights total `dense_bytes` keep a dense copy: on CPU
     only (GPU kernels batch well) and only when it is small next to what the machine has."""
@@ -191,7 +204,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rows = x2.shape[0]
-        if self.dense is not None and rows >= DENSE_MIN_ROWS:
+        if self.dense is not None and decode_rows(x) >= DENSE_MIN_ROWS:
             y = F.linear(x2, self.dense)
         elif rows >= DEQUANT_MIN_ROWS and x.device.type == "cpu":
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
@@ -221,7 +234,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = kernel_ready(x.reshape(-1, shape[-1]))
-        if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
+        if self.dense is not None and decode_rows(x) >= DENSE_MIN_ROWS:
             y = F.linear(x2, self.dense)
         elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
