@@ -53,8 +53,13 @@ class ChatModel:
         with self._lock:
             if self._backend is None:
                 self._use(Scheduler(self.model, max_queue=None, compile=self.compile,
-                                    progress=_to_stderr if self.progress else None))
+                                    progress=self.compile_progress))
             return self._backend
+
+    @property
+    def compile_progress(self):
+        """Where a compiled step says that it compiles: stderr with progress=True, else the log."""
+        return _to_stderr if self.progress else None
 
     def serve_with(self, scheduler: Scheduler) -> LocalBackend:
         """Generate through `scheduler` (the server's, sized for its load) from now on; the

@@ -46,6 +46,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
+    g.add_argument("--no-compile", action="store_true",
+                   help="decode with the eager step only (default: a torch.compile'd step, compiled in the "
+                        "background the first time, while the eager step answers; cached in ~/.cache/glmkit)")
 
 
 def load_model(args, progress: bool):
@@ -55,7 +58,8 @@ def load_model(args, progress: bool):
         import torch
         torch.set_num_threads(args.threads)
     return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       progress=progress, quantize=args.quantize, group_size=args.group_size)
+                       progress=progress, quantize=args.quantize, group_size=args.group_size,
+                       compile=not args.no_compile)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -92,11 +92,11 @@ def decode(model: Transformer, tokens: Tensor, pos: Tensor, slots: Tensor, mask:
            ks: list[Tensor], vs: list[Tensor]) -> Tensor:
     """Transformer._run for one token in each of rows 0..B-1: tokens, pos, slots [B] (slot = where
     the key goes: pos, or the scratch slot for padding), mask [B, 1, 1, S] over the first S cache
-    positions; ks, vs the layers' caches.  Returns logits [B, V]."""
+    positions; ks, vs the layers' caches, rows 0..B-1.  Returns logits [B, V]."""
     cfg = model.cfg
     B, S = tokens.shape[0], mask.shape[-1]
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    rows, slots = torch.arange(B, device=tokens.device)[:, None], slots[:, None]
+    rows, slots = torch.arange(B, device=tokens.device)[:, None], slots[:, None]   # ks, vs have B rows
     rope = rope_table[pos][:, None]                                   # [B, 1, rope_dims/2, 2]
     x = model.tok_embeddings(tokens)                                  # [B, dim]
     for layer, kc, vc in zip(model.layers, ks, vs):
@@ -105,7 +105,7 @@ def decode(model: Transformer, tokens: Tensor, pos: Tensor, slots: Tensor, mask:
         q = apply_rope(q.view(B, 1, H, D), rope)
         kc[rows, :, slots] = apply_rope(k.view(B, 1, Hkv, D), rope)   # KVCache.write
         vc[rows, :, slots] = v.view(B, 1, Hkv, D)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:B, :, :S], vc[:B, :, :S], attn_mask=mask,
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :S], vc[:, :, :S], attn_mask=mask,
                                            enable_gqa=H != Hkv)
         x = x + linear(a.wo, y.reshape(B, H * D))
         gate, up = linear(ff.w13, layer.ffn_norm(x)).chunk(2, dim=-1)
@@ -117,17 +117,20 @@ class CompiledDecode:
     """Compiled decode steps for one model, one per batch bucket; see the module docstring."""
 
     def __init__(self, model: Transformer, max_batch: int, mode: str | None = None, static: bool | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, background: bool | None = None):
         """`mode`: torch.compile's (default: "max-autotune-no-cudagraphs" on CPU, "reduce-overhead",
         i.e. CUDA graphs, on CUDA).  `static`: attention over the whole cache, which the scheduler
         then allocates at full size (default: on CUDA only).  `progress`: called with one line when
-        a compilation starts and ends (default: the "glmkit" logger)."""
+        a compilation starts and ends (default: the "glmkit" logger).  `background`: compile a
+        bucket in a background thread when the scheduler first needs it (default: on CPU; CUDA
+        graphs are recorded per thread, so there only compile() compiles, in the caller's thread)."""
         self.model = model
         self.buckets = buckets_for(max_batch)
         cuda = model.device.type == "cuda"
         self.static = cuda if static is None else static
         self.mode = mode or ("reduce-overhead" if cuda else "max-autotune-no-cudagraphs")
         self.progress = progress or log.info
+        self.background = not cuda if background is None else background
         self.cache_dir = cache_dir()
         # Inductor keeps fused half-precision math in float32; emulating eager's rounding after each op
         # keeps greedy tokens those of the eager step (measured: bf16 default model, 100 tokens equal
@@ -142,15 +145,17 @@ class CompiledDecode:
         self._queue: deque[int] = deque()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._views: dict[int, tuple] = {}       # bucket -> (cache tensor, its row views)
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
     # -- compiling -----------------------------------------------------------------------
     def request(self, bucket: int):
-        """Compile `bucket` in the background unless it is ready, queued or failed."""
+        """Compile `bucket` in the background unless it is ready, queued or failed (or compiling in
+        the background is off)."""
         with self._lock:
-            if bucket in self.ready or bucket in self.failed or bucket in self._queue:
+            if not self.background or bucket in self.ready or bucket in self.failed or bucket in self._queue:
                 return
             self._queue.append(bucket)
             if self._worker is None:
@@ -214,9 +219,12 @@ class CompiledDecode:
     # -- running -------------------------------------------------------------------------
     def __call__(self, tokens: Tensor, pos: Tensor, real: Tensor, kv_len: int) -> Tensor:
         """Logits [B, V] for tokens [B] at positions pos [B] of rows 0..B-1 (B a ready bucket);
-        rows where `real` is False are padding.  kv_len: the longest real row's length."""
+        rows where `real` is False are padding.  kv_len: the longest real row's length.
+
+        Raises whatever the compiled step raises, e.g. a guard that fails (the bucket must not
+        recompile); the caller then calls fail(B) and runs the eager step, which rewrites every key
+        and value this step may have written."""
         b = tokens.shape[0]
-        self.calls[b] += 1
         m = self.model
         m.cache_version += 1           # as Transformer.forward: this call writes the cache (a warm-up does not)
         if m.device.type == "cpu" and m.dtype != torch.float32 and b <= MKLDNN_MIN_ROWS:
@@ -225,10 +233,34 @@ class CompiledDecode:
             was = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
             try:
-                return self._run(b, tokens, pos, real, kv_len)
+                logits = self._run(b, tokens, pos, real, kv_len)
             finally:
                 torch._C._set_mkldnn_enabled(was)
-        return self._run(b, tokens, pos, real, kv_len)
+        else:
+            logits = self._run(b, tokens, pos, real, kv_len)
+        self.calls[b] += 1
+        return logits
+
+    def fail(self, b: int, e: BaseException):
+        """Bucket `b` stays eager from now on."""
+        self.ready.discard(b)
+        self.failed[b] = f"{type(e).__name__}: {e}"
+        log.warning("glmkit: the compiled decode step for batch %d failed; it stays eager (%s)",
+                    b, self.failed[b].splitlines()[0][:300])
+
+    def _caches(self, b: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Rows 0..b-1 of every layer's keys and values, sharing the cache's memory (so the step writes
+        the cache itself) and shaped like contiguous tensors of b rows, so the step does not depend
+        on how many rows the cache has (another scheduler of the same model may have grown them).
+        Detached, so that Dynamo sees plain tensors, not views whose base it would guard on.  Made
+        again only when the cache is reallocated."""
+        m = self.model
+        k0 = m.layers[0].attention.kv_cache.k
+        cached = self._views.get(b)
+        if cached is None or cached[0] is not k0:
+            caches = [layer.attention.kv_cache for layer in m.layers]
+            cached = self._views[b] = (k0, [c.k[:b].detach() for c in caches], [c.v[:b].detach() for c in caches])
+        return cached[1], cached[2]
 
     def _run(self, b: int, tokens, pos, real, kv_len: int, compiling: bool = False) -> Tensor:
         m = self.model
@@ -238,16 +270,14 @@ class CompiledDecode:
         S = L if self.static else max(kv_len, MIN_WINDOW)
         slots = torch.where(real, pos, L)                             # padding -> the scratch slot
         mask = (torch.arange(S, device=dev)[None, :] <= pos[:, None])[:, None, None]
-        ks = [layer.attention.kv_cache.k for layer in m.layers]
-        vs = [layer.attention.kv_cache.v for layer in m.layers]
+        ks, vs = self._caches(b)
         if compiling and not self.static:
-            # one symbol per length (the window S; the cache, which grows by doubling; its rows, which
-            # another scheduler of this model may grow): the kernels compiled now serve every later
-            # size.  Marks matter only when compiling.
+            # one symbol per length (the window S; the cache's, which grows by doubling): the kernels
+            # compiled now serve every later length.  Marks matter only when compiling.
             torch._dynamo.mark_dynamic(mask, 3)
             torch._dynamo.mark_dynamic(m.rope, 0)
             for t in ks + vs:
-                torch._dynamo.mark_dynamic(t, [0, 2] if t.shape[0] > 1 else 2)
+                torch._dynamo.mark_dynamic(t, 2)
         if compiling and dev.type == "cuda":
             for t in ks + vs:
                 torch._dynamo.mark_static_address(t)   # CUDA graphs write the cache in place

@@ -370,8 +370,12 @@ class Scheduler:
             for s in ready:
                 tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
             if compiled:
-                logits = c(tokens[:, 0], start, lengths > 0, max(s.pos for s in ready) + 1)
-            else:
+                try:
+                    logits = c(tokens[:, 0], start, lengths > 0, max(s.pos for s in ready) + 1)
+                except Exception as e:     # e.g. a guard failed: this bucket goes eager, this step too
+                    c.fail(rows, e)
+                    compiled = False
+            if not compiled:
                 logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev))
             logits = logits.float().cpu()                  # one copy per step
             self._cache_version = self.model.cache_version
