@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import glmkit
 from glmkit.engine import GenerationRequest, SamplingParams, Scheduler
 from glmkit.engine.compiled_step import CompiledDecode, buckets_for
 
@@ -185,3 +186,21 @@ def test_a_failing_compiled_step_falls_back_to_eager_for_good(tiny):
     s.stop()
     assert got == expected
     assert len(attempts) == 1 and "recompile limit" in compiled.failed[1] and compiled.calls[1] == 0
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["chat"], {}, True), (["chat", "--no-compile"], {}, False), (["chat"], {"GLMKIT_NO_COMPILE": "1"}, False),
+    (["chat", "-p", "hi"], {}, False), (["serve"], {}, True), (["serve", "--no-compile"], {}, False)])
+def test_the_commands_compile_unless_told_not_to(argv, env, expected, monkeypatch):
+    """chat (a session) and serve compile by default; --no-compile or GLMKIT_NO_COMPILE=1 keep the
+    eager step; a one-shot -p never compiles."""
+    from glmkit.cli import build_parser
+    from glmkit.cli.options import load_model
+    monkeypatch.delenv("GLMKIT_NO_COMPILE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+    monkeypatch.setattr(glmkit, "load", lambda *a, **kw: seen.update(kw))
+    args = build_parser().parse_args(argv)
+    load_model(args, progress=False, compile=getattr(args, "prompt", None) is None)
+    assert seen["compile"] is expected

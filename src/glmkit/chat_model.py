@@ -56,6 +56,14 @@ class ChatModel:
                                     progress=self.compile_progress))
             return self._backend
 
+    def start_compiling(self):
+        """With compile=True: begin compiling the one-row decode step in the background now, rather
+        than at the first reply (the terminal chat calls this while the user types)."""
+        if self.compile:
+            scheduler = self.backend.scheduler
+            if scheduler.compiled is not None:
+                scheduler.compiled.request(1)
+
     @property
     def compile_progress(self):
         """Where a compiled step says that it compiles: stderr with progress=True, else the log."""
