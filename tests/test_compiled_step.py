@@ -6,6 +6,7 @@ Compile time is what these tests cost: the tiny models compile in seconds once I
 (~/.cache/glmkit/inductor) is warm, the default model in about a minute the first time; each
 compiled step is made once per module and reused."""
 
+import threading
 from collections import defaultdict
 
 import pytest
@@ -110,11 +111,17 @@ def test_background_compile_switches_mid_run_without_touching_the_cache(tiny_com
     eager = Scheduler(model, max_batch=2)
     expected = [[ev.token for ev in eager.submit(req(p, 40))] for p in prompts[:2]]
     eager.stop()
-    told = []
-    s = Scheduler(model, max_batch=2, compile=True, progress=told.append)
+    told, go = [], threading.Event()
+
+    def progress(line):                        # the compile thread says it starts, then waits for us
+        told.append(line)
+        go.wait(timeout=600)
+    s = Scheduler(model, max_batch=2, compile=True, progress=progress)
     a, b = s.submit(req(prompts[0], 40)), s.submit(req(prompts[1], 40))
     first = [[a.get().token for _ in range(5)], [b.get().token for _ in range(5)]]
-    assert s.compiled.calls[2] == 0 and 2 not in s.compiled.ready   # eager so far; compiling meanwhile
+    assert s.compiled.calls[2] == 0 and 2 not in s.compiled.ready   # eager so far
+    assert told and "batch 1" in told[0]                            # compiling was asked for
+    go.set()
     assert s.compiled.wait(timeout=600) and 2 in s.compiled.ready
     got = [first[0] + [ev.token for ev in a], first[1] + [ev.token for ev in b]]
     s.stop()

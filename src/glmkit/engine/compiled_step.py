@@ -8,8 +8,9 @@ attention stay PyTorch's own kernels (docs/BENCHMARKS.md, "Compiled decode step"
 Shapes, so that a bucket compiles once and never again:
 - Batch: the scheduler pads the decode batch up to a bucket (1, 2, 4, 8, 16, 32, and max_batch),
   rows 0..bucket-1 of the cache; rows without a token ride along as padding.  Each bucket is its
-  own torch.compile (isolate_recompiles, recompile_limit=1): a second compile of a bucket cannot
-  happen silently, it falls back to eager and the tests' compile counters would show it.
+  own torch.compile (isolate_recompiles, recompile_limit=1, fullgraph): a guard that fails after
+  warm-up raises instead of recompiling, and the scheduler then runs that bucket eagerly for good
+  (logged; the tests' compile counters and `failed` would show it).
 - Positions, cache slots and the attention mask are tensors; the rope rows are gathered inside.
 - Length, on CPU: the cache keeps growing by doubling (engine/scheduler.py) and attention reads only
   the keys up to the longest row, as the eager step does.  Both lengths are marked dynamic, one
@@ -121,7 +122,8 @@ class CompiledDecode:
         """`mode`: torch.compile's (default: "max-autotune-no-cudagraphs" on CPU, "reduce-overhead",
         i.e. CUDA graphs, on CUDA).  `static`: attention over the whole cache, which the scheduler
         then allocates at full size (default: on CUDA only).  `progress`: called with one line when
-        a compilation starts and ends (default: the "glmkit" logger).  `background`: compile a
+        a compilation starts (default: the "glmkit" logger, which also gets the line when it ends:
+        a terminal chat must not print it in the middle of an answer).  `background`: compile a
         bucket in a background thread when the scheduler first needs it (default: on CPU; CUDA
         graphs are recorded per thread, so there only compile() compiles, in the caller's thread)."""
         self.model = model
@@ -214,7 +216,7 @@ class CompiledDecode:
             return
         self.compile_s[b] = time.perf_counter() - t0
         self.ready.add(b)
-        self.progress(f"compiled the decode step for batch {b} in {self.compile_s[b]:.0f} s")
+        log.info("glmkit: compiled the decode step for batch %d in %.0f s", b, self.compile_s[b])
 
     # -- running -------------------------------------------------------------------------
     def __call__(self, tokens: Tensor, pos: Tensor, real: Tensor, kv_len: int) -> Tensor:
