@@ -49,7 +49,7 @@ import torch._inductor
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.quantize import Int4Linear, Int8Linear
+from ..models.quantize import DENSE_MIN_ROWS, DEQUANT_MIN_ROWS, Int4Linear, Int8Linear
 from ..models.transformer import MKLDNN_MIN_ROWS, Transformer, apply_rope
 
 log = logging.getLogger("glmkit")
@@ -78,12 +78,20 @@ def buckets_for(max_batch: int) -> tuple[int, ...]:
 
 
 def linear(mod, x: Tensor) -> Tensor:
-    """`mod(x)` for x [B, K], traceable by Dynamo (see the module docstring)."""
-    if isinstance(mod, Int4Linear):
+    """`mod(x)` for x [B, K], traceable by Dynamo (see the module docstring), taking the same
+    row-count paths as the quantized modules' forward (models/quantize.py); B is fixed per bucket,
+    so each bucket traces one of them."""
+    rows = x.shape[0]
+    if isinstance(mod, (Int4Linear, Int8Linear)) and mod.dense is not None and rows >= DENSE_MIN_ROWS:
+        y = F.linear(x, mod.dense)
+    elif isinstance(mod, Int4Linear):
         op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = op(x.contiguous(), mod.weight, mod.group_size, mod.scales_and_zeros)
     elif isinstance(mod, Int8Linear):
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), mod.weight, mod.scales)
+        if rows >= DEQUANT_MIN_ROWS and not x.is_cuda:
+            y = F.linear(x, mod.weight.to(x.dtype)) * mod.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), mod.weight, mod.scales)
     else:
         return F.linear(x, mod.weight, mod.bias)
     return y + mod.bias if mod.bias is not None else y
