@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# `glmkit` commands started by tests decode eagerly: a background compilation in each would cost a
+# minute of CPU per process (tests/test_compiled_step.py tests the compiled step)
+os.environ.setdefault("GLMKIT_NO_COMPILE", "1")
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "chatglm3-tiny"          # safetensors shards
 TINY_32K = FIXTURES / "chatglm3-tiny-32k"  # pickle shards, rope_ratio 50

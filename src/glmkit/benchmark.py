@@ -67,11 +67,13 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
 
-def decode_speed(model, prompts: list[list[int]], new_tokens: int) -> dict:
+def decode_speed(model, prompts: list[list[int]], new_tokens: int, compiled=None) -> dict:
     """Time to the first token of every row (prefill), then per decode step, through a Scheduler
-    with one slot per prompt.  Its steps run in this thread, as for the Python API (the server's
-    engine thread runs the same steps; see engine/scheduler.py on what a thread costs on CPU)."""
-    sched = Scheduler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens)
+    with one slot per prompt (decoding through `compiled`, a CompiledDecode, if given).  Its steps
+    run in this thread, as for the Python API (the server's engine thread runs the same steps; see
+    engine/scheduler.py on what a thread costs on CPU)."""
+    sched = Scheduler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens,
+                      compile=compiled or False)
     t0 = time.perf_counter()
     handles = [sched.submit(GenerationRequest(p, SamplingParams(temperature=0), new_tokens)) for p in prompts]
     firsts = [h.get() for h in handles]           # prefill and the first token of every row
@@ -83,10 +85,10 @@ def decode_speed(model, prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_ms_per_step": 1000 * (t2 - t1) / max(steps, 1), "decode_tok_s": n / max(t2 - t1, 1e-9)}
 
 
-def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int) -> dict:
+def speed(model, batch: int, prompt_tokens: int, new_tokens: int, vocab: int, compiled=None) -> dict:
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(100, min(vocab, 30000), (prompt_tokens,), generator=g).tolist() for _ in range(batch)]
-    return decode_speed(model, prompts, new_tokens)
+    return decode_speed(model, prompts, new_tokens, compiled)
 
 
 @torch.inference_mode()
@@ -167,10 +169,26 @@ def run(args) -> dict:
             raise GlmkitError("--perplexity needs a real model (not --random-like)")
         result["perplexity"] = perplexity(model, tokenizer.encode(text), args.window, args.stride)
     else:
-        for b in args.batch:                          # warm-up
-            speed(model, b, 8, 4, model.cfg.vocab_size)
+        compiled = {}
+        if not getattr(args, "no_compile", False):
+            from .engine.compiled_step import CompiledDecode
+            def say(line):
+                print(f"glmkit: {line}", file=sys.stderr, flush=True)
+            compiled = {b: CompiledDecode(model, b, background=False, progress=say if args.progress else None)
+                        for b in args.batch}
+            result["compile"] = {"mode": compiled[args.batch[0]].mode, "cache_dir": compiled[args.batch[0]].cache_dir,
+                                 "compile_s": {}}
+        for b in args.batch:                          # warm-up; compiles the step for a full batch of b
+            speed(model, b, 8, 4, model.cfg.vocab_size, compiled.get(b))
+            if b in compiled:
+                compiled[b].compile([b])
+                if compiled[b].failed:
+                    raise GlmkitError(f"the decode step could not be compiled ({compiled[b].failed[b]}); "
+                                      "use --no-compile")
+                result["compile"]["compile_s"][b] = compiled[b].compile_s[b]
         for b in args.batch:
-            result["runs"].append(speed(model, b, args.prompt_tokens, args.new_tokens, model.cfg.vocab_size))
+            result["runs"].append(speed(model, b, args.prompt_tokens, args.new_tokens, model.cfg.vocab_size,
+                                       compiled.get(b)))
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -185,6 +203,10 @@ def print_table(r: dict):
         p = r["perplexity"]
         print(f"perplexity {p['perplexity']:.4f} over {p['tokens']} tokens (window {p['window']}, stride {p['stride']})")
         return
+    c = r.get("compile")
+    print("decode step: eager (--no-compile)" if c is None else
+          f"decode step: compiled ({c['mode']}) in " + ", ".join(f"{s:.1f} s (batch {b})" for b, s in c["compile_s"].items())
+          + f"; cache {c['cache_dir']}")
     print(f"{'batch':>5} {'TTFT s':>8} {'prefill tok/s':>14} {'decode ms/step':>15} {'decode tok/s':>13}")
     for run_ in r["runs"]:
         print(f"{run_['batch']:>5} {run_['ttft_s']:>8.2f} {run_['prefill_tok_s']:>14.1f} "

@@ -4,6 +4,7 @@ engine.  This is the Python API; the CLI and the server are thin layers over it.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -26,8 +27,12 @@ DEFAULT_SAMPLING = {
 
 
 class ChatModel:
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, compile: bool = False, progress: bool = False):
+        """`compile`: the engine decodes through a compiled step once it is compiled (in the
+        background; engine/compiled_step.py); `progress`: say so on stderr when compiling starts."""
         self.checkpoint = checkpoint
+        self.compile = compile
+        self.progress = progress
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
@@ -47,8 +52,22 @@ class ChatModel:
         waiting for tokens run its steps), or the one given to serve_with()."""
         with self._lock:
             if self._backend is None:
-                self._use(Scheduler(self.model, max_queue=None))
+                self._use(Scheduler(self.model, max_queue=None, compile=self.compile,
+                                    progress=self.compile_progress))
             return self._backend
+
+    def start_compiling(self):
+        """With compile=True: begin compiling the one-row decode step in the background now, rather
+        than at the first reply (the terminal chat calls this while the user types)."""
+        if self.compile:
+            scheduler = self.backend.scheduler
+            if scheduler.compiled is not None:
+                scheduler.compiled.request(1)
+
+    @property
+    def compile_progress(self):
+        """Where a compiled step says that it compiles: stderr with progress=True, else the log."""
+        return _to_stderr if self.progress else None
 
     def serve_with(self, scheduler: Scheduler) -> LocalBackend:
         """Generate through `scheduler` (the server's, sized for its load) from now on; the
@@ -149,13 +168,23 @@ class ChatModel:
         return msgs, dropped
 
 
+def _to_stderr(line: str):
+    print(f"glmkit: {line}", file=sys.stderr, flush=True)
+
+
 def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, quantize: str | None = None,
-         group_size: int = 128, quantize_output: bool = False) -> ChatModel:
+         group_size: int = 128, quantize_output: bool = False, compile: bool = False) -> ChatModel:
     """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model.
 
     quantize: None/"auto" keeps the checkpoint's own precision (a GGUF file's Q4_0/Q4_1/Q8_0 blocks
     run on the int4/int8 kernels), "none" makes every weight float, "int8"/"int4" quantize Linear
     weights while loading (int4 in groups of `group_size` input columns; the output layer too
-    with quantize_output=True)."""
+    with quantize_output=True).
+
+    compile: decode through a compiled step (torch.compile; engine/compiled_step.py), each batch size
+    compiled in a background thread when first needed while the eager step serves.  Off by default
+    here: it needs a C++ compiler, costs a minute of CPU the first time, and its tokens may differ
+    from the eager step's by rounding in bfloat16 (the `glmkit` commands turn it on)."""
     quant = QuantConfig.parse(quantize, group_size, quantize_output)
-    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant))
+    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant),
+                     compile=compile, progress=progress)

@@ -40,7 +40,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_chat(args) -> int:
-    model = load_model(args, progress=sys.stderr.isatty())
+    # one prompt (-p) decodes eagerly: it ends before a first compilation would, and would share the
+    # CPU with it.  A session starts compiling now, while the user types (engine/compiled_step.py)
+    model = load_model(args, progress=sys.stderr.isatty(), compile=args.prompt is None)
+    model.start_compiling()
     params = sampling_params(args, model)
     if args.tools or args.code:
         return tools_chat.run(model, args, params)

@@ -46,16 +46,22 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
+    g.add_argument("--no-compile", action="store_true", default=os.environ.get("GLMKIT_NO_COMPILE") == "1",
+                   help="decode with the eager step only (also GLMKIT_NO_COMPILE=1).  Default: a torch.compile'd "
+                        "step, compiled in the background (about a minute the first time, seconds once cached "
+                        "in ~/.cache/glmkit/inductor) while the eager step answers")
 
 
-def load_model(args, progress: bool):
-    """The ChatModel that the model options name."""
+def load_model(args, progress: bool, compile: bool = True):
+    """The ChatModel that the model options name; `compile`: unless --no-compile, decode through the
+    compiled step once it is compiled (engine/compiled_step.py)."""
     import glmkit
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       progress=progress, quantize=args.quantize, group_size=args.group_size)
+                       progress=progress, quantize=args.quantize, group_size=args.group_size,
+                       compile=compile and not args.no_compile)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

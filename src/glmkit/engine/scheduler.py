@@ -19,6 +19,13 @@ the lowest free slot so the running rows stay packed at the front and the decode
 view of the cache instead of a gather.  The cache lives in the model, so a model has one
 scheduler.  It grows (doubling, contents kept) to what admitted sequences need, up to
 max_batch x max_seq_len; `from_memory` allocates it whole up front instead.
+
+With `compile=True` the decode step (3) runs a compiled step (engine/compiled_step.py) once its
+batch bucket is compiled, and the eager one until then: the running rows are padded up to the
+bucket (1, 2, 4, 8, ...), and the cache has all max_batch rows from the start so that every bucket
+fits.  Its length still grows by doubling (the compiled step takes lengths as dynamic sizes), except
+with a static step (CUDA graphs), which needs the whole max_batch x max_seq_len cache up front.
+Prefill chunks always run eagerly.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 
 from ..errors import GlmkitError
 from ..models.transformer import Transformer
+from .compiled_step import CompiledDecode
 from .prefix_cache import PrefixCache
 from .requests import GenerationRequest, QueueFull, TokenEvent, budget
 from .sampling import remember, sample_row
@@ -147,9 +155,13 @@ class Stats:
 
 class Scheduler:
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int | None = None,
-                 max_queue: int | None = 64, prefill_chunk: int = 256, prefix_cache: bool = True):
+                 max_queue: int | None = 64, prefill_chunk: int = 256, prefix_cache: bool = True,
+                 compile: bool | CompiledDecode = False, progress=None):
         """`max_queue`: most sequences waiting for a slot (None: no limit) before submit raises
-        QueueFull.  `prefix_cache`: reuse finished sequences' keys and values (engine/prefix_cache.py)."""
+        QueueFull.  `prefix_cache`: reuse finished sequences' keys and values (engine/prefix_cache.py).
+        `compile`: decode through a compiled step (True, or a CompiledDecode made for this model and
+        max_batch), each bucket compiled in the background when first needed; `progress` is told
+        when a compilation starts (default: the "glmkit" logger)."""
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.cfg.context_length, model.cfg.context_length)
@@ -165,6 +177,9 @@ class Scheduler:
         self._step_lock = threading.Lock()                   # one step at a time, whoever runs it
         self._thread: threading.Thread | None = None      # the thread running the steps, if any
         self._loop_ended = threading.Event()
+        self.compiled = CompiledDecode(model, max_batch, progress=progress) if compile is True else compile or None
+        if self.compiled is not None:
+            self._reserve(max_batch, self.max_seq_len if self.compiled.static else 1)
 
     @classmethod
     def from_memory(cls, model: Transformer, kv_cache_mb: int, max_batch: int, **kwargs) -> Scheduler:
@@ -175,7 +190,7 @@ class Scheduler:
         per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * model.dtype.itemsize   # keys + values
         max_seq = max(256, min(cfg.context_length, kv_cache_mb * 2**20 // (max_batch * per_token)))
         s = cls(model, max_batch, max_seq, **kwargs)
-        s._reserve(max_batch, s.max_seq_len)
+        s._reserve(max_batch, s.max_seq_len)       # (already done by a static compiled step)
         return s
 
     # -- caller side ---------------------------------------------------------------------
@@ -346,12 +361,23 @@ class Scheduler:
         ready = [s for s in self._slots if s is not None and s.next_token is not None]
         if ready:
             hi = max(s.slot for s in ready) + 1
-            tokens = torch.zeros((hi, 1), dtype=torch.long)
-            start = torch.zeros(hi, dtype=torch.long)
-            lengths = torch.zeros(hi, dtype=torch.long)    # free slots below `hi` ride along as padding
+            c = self.compiled
+            compiled = c is not None and self._compiled_bucket(hi)
+            rows = c.bucket(hi) if compiled else hi
+            tokens = torch.zeros((rows, 1), dtype=torch.long)
+            start = torch.zeros(rows, dtype=torch.long)
+            lengths = torch.zeros(rows, dtype=torch.long)  # free slots below `rows` ride along as padding
             for s in ready:
                 tokens[s.slot, 0], start[s.slot], lengths[s.slot] = s.next_token, s.pos, 1
-            logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev)).float().cpu()   # one copy per step
+            if compiled:
+                try:
+                    logits = c(tokens[:, 0], start, lengths > 0, max(s.pos for s in ready) + 1)
+                except Exception as e:     # e.g. a guard failed: this bucket goes eager, this step too
+                    c.fail(rows, e)
+                    compiled = False
+            if not compiled:
+                logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev))
+            logits = logits.float().cpu()                  # one copy per step
             self._cache_version = self.model.cache_version
             for s in ready:
                 self._emit(s, logits[s.slot])
@@ -367,6 +393,16 @@ class Scheduler:
             s.prefilled += len(chunk)
             if s.prefilled == len(s.req.prompt):
                 self._emit(s, logits[0].float().cpu())
+
+    def _compiled_bucket(self, rows: int) -> bool:
+        """Whether the compiled step runs `rows` rows now; if its bucket is not compiled yet, it
+        starts compiling in the background (the eager step serves meanwhile)."""
+        c, b = self.compiled, self.compiled.bucket(rows)
+        if b not in c.ready:
+            c.request(b)
+            return False
+        # the model's cache may have been reallocated by direct use while we were idle
+        return self.model.cache_batch >= b and (not c.static or self.model.cache_length >= self.max_seq_len)
 
     def _emit(self, s: _Seq, logits: torch.Tensor):
         """Choose the next token of `s` from its float32 CPU logits and hand it to the caller."""

@@ -25,12 +25,13 @@ __all__ = ["ServerConfig", "create_app"]
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
     config = config or ServerConfig()
+    compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
     if config.kv_cache_mb:
         scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
-                                          max_queue=config.max_queue)
+                                          max_queue=config.max_queue, **compiled)
     else:
         scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
-                              max_queue=config.max_queue)
+                              max_queue=config.max_queue, **compiled)
     chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
     if config.scripted_replies:
         from ..chat.scripted import ScriptedBackend
