@@ -112,3 +112,18 @@ def test_a_cache_written_behind_the_schedulers_back_is_not_reused(model):
     assert sched.stats.prefix_hits == 0
     cold = generate(model, Scheduler(model.model, max_batch=2, max_queue=None, prefix_cache=False), turns)
     assert again == cold
+
+
+def test_a_sequence_cancelled_before_another_scheduler_writes_is_not_reused(model):
+    """A cancelled sequence leaves at the scheduler's next admission; if another scheduler of the
+    same model wrote the cache in between, what it computed is gone and must not be kept."""
+    turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你好"}]
+    sched = Scheduler(model.model, max_batch=2, max_queue=None)
+    h = sched.submit(GenerationRequest(model.encode_chat(turns), GREEDY, 16, model.format.stop_ids))
+    h.get(), h.get()
+    h.cancel()                                   # still in its slot until the next admission
+    other = Scheduler(model.model, max_batch=2, max_queue=None, prefix_cache=False)
+    generate(model, other, [{"role": "user", "content": "别的话题，完全不同的内容" * 4}])
+    again = generate(model, sched, turns)
+    assert sched.stats.prefix_hits == 0
+    assert again == generate(model, other, turns)

@@ -208,12 +208,14 @@ class Scheduler:
         self._slots = [None] * self.max_batch
 
     def _admit(self):
-        if self.model.cache_version != self._cache_version:
-            self.prefix.forget_all()   # someone else wrote the cache: what we kept is gone
         for s in self._slots:          # cancelled sequences leave first: their rows are free to reuse
             if s is not None and s.cancelled:
                 self.stats.cancelled += 1
                 self._finish(s)
+        # after they have left: a sequence cancelled while another scheduler wrote the cache must not
+        # leave its (overwritten) keys and values behind as a prefix to reuse
+        if self.model.cache_version != self._cache_version:
+            self.prefix.forget_all()   # someone else wrote the cache: what we kept is gone
         for i in range(self.max_batch):
             while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
