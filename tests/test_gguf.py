@@ -32,7 +32,7 @@ def weights(seed=0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def write_gguf(path, qtype, arch="llama"):
+def write_gguf(path, qtype, arch="llama", tied=False):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
@@ -51,6 +51,8 @@ def write_gguf(path, qtype, arch="llama"):
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
     for name, t in weights().items():
+        if tied and name == "output.weight":
+            continue                           # the output layer is the embedding matrix
         if t.ndim == 1 or qtype == Q.F32:
             w.add_tensor(name, t)
         elif qtype == Q.F16:
@@ -128,3 +130,41 @@ def test_native_blocks_run_on_int_kernels_exactly(tmp_path, qtype):
         assert (out[0] - out[1]).norm() / out[1].norm() < 0.05
     else:
         assert torch.allclose(out[0], out[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0], ids=lambda q: q.name)
+def test_tied_output_runs_on_the_quantized_kernel_from_the_stored_blocks(tmp_path, qtype):
+    """A file without output.weight multiplies by its embedding matrix; stored quantized, that matmul
+    runs on the int kernel (as llama.cpp does) while the lookup keeps the float values, and the
+    dense copy for many-row steps is the embedding's own tensor, not a second one."""
+    from glmkit.models.quantize import Int4Linear, Int8Linear
+    path = write_gguf(tmp_path / "tied.gguf", qtype, tied=True)
+    native = glmkit.load(path, dtype="float32")
+    ref = glmkit.load(path, quantize="none")
+    out = native.model.output
+    emb = native.model.tok_embeddings.weight
+    assert ref.model.output.weight is ref.model.tok_embeddings.weight
+    assert torch.equal(emb, ref.model.tok_embeddings.weight)       # the lookup: the file's float values
+    ids = ref.encode_chat([{"role": "user", "content": "hello there"}])
+    logits = []
+    for m in (native, ref):
+        m.model.setup_caches(1, len(ids))
+        logits.append(m.model(torch.tensor([ids]), torch.zeros(1, dtype=torch.long))[0])
+    if qtype == Q.Q8_0:    # re-quantized per row for the int8 kernel: close, not exact
+        assert isinstance(out, Int8Linear) and out.dense is emb
+        assert 0 < (logits[0] - logits[1]).norm() / logits[1].norm() < 0.05
+    else:                  # 259 output rows do not fit the int4 kernel (multiples of 16): float, shared
+        assert not isinstance(out, Int4Linear) and out.weight is emb
+        assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    # asked to keep weights in float, or to quantize only the layers: one shared tensor, as before
+    asked = glmkit.load(path, quantize="int8")
+    assert asked.model.output.weight is asked.model.tok_embeddings.weight
+
+
+def test_tied_output_quantized_on_request(tmp_path):
+    """--quantize-output on a tied model quantizes the shared matrix for the output layer only."""
+    from glmkit.models.quantize import Int8Linear
+    m = glmkit.load(write_gguf(tmp_path / "tied.gguf", Q.F32, tied=True), quantize="int8", quantize_output=True)
+    assert isinstance(m.model.output, Int8Linear) and m.model.tok_embeddings.weight.dtype.is_floating_point
+    assert len(m.generate(m.encode_chat([{"role": "user", "content": "hi"}]), max_new_tokens=3,
+                          temperature=0, stop_ids=())) == 3

@@ -64,7 +64,8 @@ def peak_rss_mib() -> float | None:
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights (and their scales), not counting the KV cache."""
     tensors = [p for p in model.parameters()] + [b for n, b in model.named_buffers() if ".kv_cache." not in n]
-    return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
+    unique = {t.data_ptr(): t for t in tensors if not t.is_meta}     # a tied output's dense copy is the embedding
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def decode_speed(model, prompts: list[list[int]], new_tokens: int, compiled=None) -> dict:

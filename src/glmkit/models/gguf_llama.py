@@ -111,7 +111,13 @@ class GGUFFile:
             if qtype in NATIVE_TYPES and name != "token_embd.weight" and tensor.ndim == 2:
                 tensor = native_qtensor(t.data, qtype, tensor)
             if name == "token_embd.weight":
-                yield self.path, "tok_embeddings.weight", tensor  # tied output: shared in build()
+                if cfg.tied_embeddings and qtype in NATIVE_TYPES:
+                    # the output layer multiplies by this matrix too, and the file stores it quantized:
+                    # build() runs that matmul on the quantized kernel (as llama.cpp does), the lookup
+                    # keeps the float values
+                    q = native_qtensor(t.data, qtype, tensor)
+                    tensor = QTensor(q.bits, q.q, q.scales, q.group_size, dense=tensor)
+                yield self.path, "tok_embeddings.weight", tensor  # tied output: set up in build()
                 continue
             if name in ("output_norm.weight", "output.weight"):
                 yield self.path, {"output_norm.weight": "norm.weight", "output.weight": "output.weight"}[name], tensor

@@ -144,7 +144,10 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", leave=False)
+    tied_source = None                 # a tied output layer's weights as the file stores them
     for file, name, tensor in state:
+        if name == "tok_embeddings.weight" and isinstance(tensor, QTensor):
+            tied_source = tensor
         if name not in expected:
             raise CheckpointError(f"{file}: unexpected tensor for {name}")
         if name in seen:
@@ -159,13 +162,36 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     if bar is not None:
         bar.close()
     if cfg.tied_embeddings and "output.weight" not in seen and "tok_embeddings.weight" in seen:
-        model.output.weight = model.tok_embeddings.weight      # one tensor, not two copies
+        _tie_output(model, tied_source if quant is None else None, device, dtype, quant, dense)
         seen.add("output.weight")
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
     return model.eval().requires_grad_(False)
+
+
+def _tie_output(model: Transformer, stored: QTensor | None, device, dtype: torch.dtype, quant: QuantConfig | None,
+                dense: bool):
+    """The output layer of a model whose output matrix is its embedding matrix.
+
+    Kept in float, the output layer simply shares the embedding's tensor.  Quantized, which it is
+    when the file stores that matrix quantized (`stored`, taken as the file comes, like every other
+    weight) or when `quant` asks for a quantized output layer, it runs on the quantized kernel: the
+    default model's output layer (49152 x 576) in bf16 was a third of its decode step, and the
+    int8 kernel reads half the bytes (docs/BENCHMARKS.md, "Speed round two").  Its dense copy for
+    many-row decode steps (models/quantize.py) is then the embedding's own tensor, not a copy."""
+    emb = model.tok_embeddings.weight
+    if stored is not None and (stored.bits == 8 or int4_fits(*stored.shape, stored.group_size)):
+        _assign(model, "output.weight", QTensor(stored.bits, stored.q, stored.scales, stored.group_size),
+                device, dtype, None)
+    elif is_quantized(model.output):
+        model.output.load_float(emb.float(), dtype)
+    else:
+        model.output.weight = emb       # one tensor, not two copies
+        return
+    if dense:
+        model.output.dense = emb
 
 
 def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtype, quant: QuantConfig | None,
