@@ -14,7 +14,7 @@ import torch
 
 import glmkit
 from conftest import TINY, glmkit_bin, reference
-from glmkit.models.quantize import (DENSE_COPY_MAX_BYTES, Int4Linear, Int8Linear, QuantConfig, dequantize_int4, quantize_int4,
+from glmkit.models.quantize import (DENSE_COPY_MAX_BYTES, Int4Linear, Int8Linear, QuantConfig, has_dense, dequantize_int4, quantize_int4,
                                     quantize_int8)
 
 
@@ -347,7 +347,7 @@ def test_dense_copy_decodes_eight_rows_within_what_bf16_already_differs(smol):
     same wherever it is not a near tie."""
     tm = smol.model
     layers = [m for m in tm.modules() if isinstance(m, (Int4Linear, Int8Linear))]
-    assert layers and all(m.dense is not None for m in layers)
+    assert layers and all(has_dense(m) for m in layers)
     prompts = [smol.encode_chat([{"role": "user", "content": f"Tell me about {topic}."}])
                for topic in ("the sea", "a dragon", "winter", "trains", "the moon", "a robot", "bread", "rain")]
     with torch.inference_mode():
@@ -373,8 +373,28 @@ def test_int8_dequantized_prefill_matches_the_kernel(monkeypatch):
     import glmkit.models.quantize as quantize
     monkeypatch.setattr(quantize, "DENSE_COPY_MAX_BYTES", 0)
     m = glmkit.load(TINY, quantize="int8", dtype="float32")
-    assert m.model.layers[0].feed_forward.w13.dense is None
+    assert not has_dense(m.model.layers[0].feed_forward.w13)
     ids = m.encode_chat([{"role": "user", "content": "你好, please answer in a long and detailed way. " * 8}])
     assert len(ids) >= quantize.DEQUANT_MIN_ROWS
     together, alone = _prefill_and_one_by_one(m, ids)
     assert (together - alone).abs().max() <= 1e-4 * alone.abs().max()
+
+
+@pytest.mark.parametrize("rows", [8, 9, 16, 32])
+def test_prepacked_dense_copy_gives_the_bits_of_the_plain_one(rows):
+    """A bf16 dense copy is kept prepacked for oneDNN (keep_dense); F.linear on the plain copy runs
+    the same oneDNN kernel, so the bits must not change, eagerly or compiled."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build")
+    from glmkit.models.quantize import dense_linear, keep_dense
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(3072, 576, generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    mod = Int4Linear(576, 3072, bias=False, group_size=32)
+    keep_dense(mod, w)
+    assert mod.packed is not None and mod.dense is None and has_dense(mod)
+    assert torch.equal(dense_linear(mod, x), torch.nn.functional.linear(x, w))
+    compiled = torch.compile(lambda m, t: dense_linear(m, t) * 2, fullgraph=True)
+    assert torch.equal(compiled(mod, x), torch.nn.functional.linear(x, w) * 2)
+    keep_dense(mod, w.float())                 # float32: plain (MKL's GEMM, not oneDNN's)
+    assert mod.packed is None and mod.dense is not None

@@ -49,7 +49,7 @@ import torch._inductor
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.quantize import DENSE_MIN_ROWS, DEQUANT_MIN_ROWS, Int4Linear, Int8Linear
+from ..models.quantize import DENSE_MIN_ROWS, DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, dense_linear, has_dense
 from ..models.transformer import MKLDNN_MIN_ROWS, Transformer, apply_rope
 
 log = logging.getLogger("glmkit")
@@ -82,8 +82,8 @@ def linear(mod, x: Tensor) -> Tensor:
     row-count paths as the quantized modules' forward (models/quantize.py); B is fixed per bucket,
     so each bucket traces one of them."""
     rows = x.shape[0]
-    if isinstance(mod, (Int4Linear, Int8Linear)) and mod.dense is not None and rows >= DENSE_MIN_ROWS:
-        y = F.linear(x, mod.dense)
+    if isinstance(mod, (Int4Linear, Int8Linear)) and has_dense(mod) and rows >= DENSE_MIN_ROWS:
+        y = dense_linear(mod, x)
     elif isinstance(mod, Int4Linear):
         op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = op(x.contiguous(), mod.weight, mod.group_size, mod.scales_and_zeros)

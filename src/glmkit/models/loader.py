@@ -191,7 +191,8 @@ def _tie_output(model: Transformer, stored: QTensor | None, device, dtype: torch
         model.output.weight = emb       # one tensor, not two copies
         return
     if dense:
-        model.output.dense = emb
+        model.output.dense = emb        # plain, not prepacked (keep_dense): that would be a second copy, and
+                                        # measured no faster at 16 rows
 
 
 def _assign(model: torch.nn.Module, name: str, tensor, device, dtype: torch.dtype, quant: QuantConfig | None,

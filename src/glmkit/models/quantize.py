@@ -31,6 +31,8 @@ scale = (max - min) / 15 and zero = min + 8 * scale, so w ≈ (q - 8) * scale + 
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +149,47 @@ DENSE_MIN_ROWS = 8                 # from this many rows on, a layer with a dens
 DEQUANT_MIN_ROWS = 64             # from this many rows on, a large int8 layer dequantizes for the matmul
 
 
+_PACKED: dict[int, Tensor] = {}       # handle -> a dense copy prepacked for oneDNN (see keep_dense)
+_handles = itertools.count()
+
+
+@torch.library.custom_op("glmkit::packed_linear", mutates_args=())
+def packed_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """x [rows, K] times the prepacked weight `handle` (an op of its own: torch.compile cannot
+    trace oneDNN's opaque packed tensors, but can call an op that holds one)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[handle], None, "none", [None], "")
+
+
+@packed_linear.register_fake
+def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def keep_dense(mod: nn.Module, w: Tensor | None):
+    """Give a quantized Linear its dense copy `w` (or none).  In bf16 on CPU the copy is kept
+    prepacked in oneDNN's blocked layout instead: F.linear hands bf16 to oneDNN anyway, which then
+    reorders the weights on every call; prepacked, a decode step of 8-16 rows reads them ~1.5x
+    faster (docs/BENCHMARKS.md, "Speed round two"), with the same bits (oneDNN runs the same
+    kernel either way; tests/test_quantize.py checks it)."""
+    mod.dense, mod.packed = w, None
+    if w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        handle = next(_handles)
+        _PACKED[handle] = torch.ops.mkldnn._reorder_linear_weight(w)
+        weakref.finalize(mod, _PACKED.pop, handle, None)      # freed with the module
+        mod.dense, mod.packed = None, handle
+
+
+def has_dense(mod: nn.Module) -> bool:
+    return getattr(mod, "dense", None) is not None or getattr(mod, "packed", None) is not None
+
+
+def dense_linear(mod: nn.Module, x2: Tensor) -> Tensor:
+    """x2 [rows, K] times `mod`'s dense copy."""
+    if mod.packed is not None:
+        return packed_linear(x2, mod.packed, mod.out_features)
+    return F.linear(x2, mod.dense)
+
+
 def decode_rows(x: Tensor) -> int:
     """How many sequences `x` advances by one token each ([B, 1, K], or [B, K] from the compiled
     step); 0 for a prefill chunk ([1, T, K] with T > 1)."""
@@ -190,6 +233,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
         self.register_buffer("dense", None, persistent=False)      # see the module docstring
+        self.packed: int | None = None                              # or prepacked: keep_dense
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def load_float(self, w: Tensor, dtype: torch.dtype, dense: bool = False):
@@ -198,14 +242,14 @@ class Int8Linear(nn.Module):
     def load_quantized(self, qt: QTensor, device, dtype: torch.dtype, dense: bool = False):
         self.weight = kernel_ready(qt.q.to(device))
         self.scales = kernel_ready(qt.scales.to(device=device, dtype=dtype))
-        self.dense = qt.dequantize().to(device=device, dtype=dtype) if dense else None
+        keep_dense(self, qt.dequantize().to(device=device, dtype=dtype) if dense else None)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rows = x2.shape[0]
-        if self.dense is not None and decode_rows(x) >= DENSE_MIN_ROWS:
-            y = F.linear(x2, self.dense)
+        if has_dense(self) and decode_rows(x) >= DENSE_MIN_ROWS:
+            y = dense_linear(self, x2)
         elif rows >= DEQUANT_MIN_ROWS and x.device.type == "cpu":
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         else:
@@ -221,6 +265,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2))
         self.register_buffer("dense", None, persistent=False)      # see the module docstring
+        self.packed: int | None = None                              # or prepacked: keep_dense
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def load_float(self, w: Tensor, dtype: torch.dtype, dense: bool = False):
@@ -229,13 +274,13 @@ class Int4Linear(nn.Module):
     def load_quantized(self, qt: QTensor, device, dtype: torch.dtype, dense: bool = False):
         self.weight = kernel_ready(_pack_int4(qt.q, torch.device(device)))
         self.scales_and_zeros = kernel_ready(qt.scales.to(device=device, dtype=dtype))
-        self.dense = qt.dequantize().to(device=device, dtype=dtype) if dense else None
+        keep_dense(self, qt.dequantize().to(device=device, dtype=dtype) if dense else None)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = kernel_ready(x.reshape(-1, shape[-1]))
-        if self.dense is not None and decode_rows(x) >= DENSE_MIN_ROWS:
-            y = F.linear(x2, self.dense)
+        if has_dense(self) and decode_rows(x) >= DENSE_MIN_ROWS:
+            y = dense_linear(self, x2)
         elif x.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         else:
@@ -286,5 +331,5 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (Int8Linear, Int4Linear))
 
 
-__all__ = ["wants_dense_copy", "QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
+__all__ = ["wants_dense_copy", "has_dense", "dense_linear", "keep_dense", "QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
            "dequantize_int4", "is_quantized"]
