@@ -36,14 +36,17 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-CANDIDATES = 64  # nucleus search starts from this many most likely tokens
+CANDIDATES = (64, 1024)  # nucleus search: this many most likely tokens first, then more, then a full sort
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
-    """Index drawn with probability proportional to `probs` (exponential race: argmax p / E,
-    E ~ Exp(1); one pass, no cumulative sums)."""
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / race).argmax())
+    """Index drawn with probability proportional to `probs` (which need not sum to 1): one uniform
+    number against the running total.  (An exponential race, argmax p / E with E ~ Exp(1), draws
+    as many random numbers as there are tokens: 1 ms of a step per sequence over a 49k vocabulary,
+    against ~30 us for the running total.)"""
+    total = probs.cumsum(-1)
+    u = torch.rand((), generator=generator) * total[-1]
+    return min(int(torch.searchsorted(total, u, right=True)), probs.shape[-1] - 1)
 
 
 def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None) -> int:
@@ -60,12 +63,17 @@ def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: 
     k = min(params.top_k, V) if params.top_k else 0
     if not k and params.top_p >= 1.0:
         return _draw(logits.softmax(-1), generator)
-    vals, idx = torch.topk(logits, k or min(CANDIDATES, V))            # most likely first
     if k:
+        vals, idx = torch.topk(logits, k)                              # most likely first
         probs = vals.softmax(-1)                                       # top-k renormalizes first
     else:
-        probs = (vals - torch.logsumexp(logits, -1)).exp()             # shares of the whole vocabulary
-        if float(probs.sum()) < params.top_p:                          # nucleus wider than the candidates
+        lse = torch.logsumexp(logits, -1)
+        for n in CANDIDATES:
+            vals, idx = torch.topk(logits, min(n, V))
+            probs = (vals - lse).exp()                                 # shares of the whole vocabulary
+            if float(probs.sum()) >= params.top_p or n >= V:
+                break
+        else:                                                          # nucleus wider than the candidates
             filtered = filter_top_k_top_p(logits, 0, params.top_p)
             return _draw(filtered.softmax(-1), generator)
     if params.top_p < 1.0:
