@@ -48,22 +48,13 @@ class TemplateFormat:
         # longest first so that '<|im_start|>' wins over any shorter special it contains
         specials = sorted(tokenizer.specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        stops = {tokenizer.eos_id}
+        # the end-of-turn ids: the tokenizer's eos, those the checkpoint's generation_config.json
+        # names, and the usual end-of-turn markers
+        stops = {tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())} - {None}
         for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
             if name in tokenizer.specials:
                 stops.add(tokenizer.specials[name])
         self.stop_ids = frozenset(stops)
-
-    def _encode_trusted(self, text: str) -> list[int]:
-        if not self._special_re:
-            return self.tok.encode(text)
-        ids: list[int] = []
-        for part in self._special_re.split(text):
-            if part in self.tok.specials:
-                ids.append(self.tok.specials[part])
-            elif part:
-                ids += self.tok.encode(part)
-        return ids
 
     def encode(self, messages: list[dict]) -> list[int]:
         msgs = validate_messages(messages, roles=ROLES + ("observation",))
@@ -76,17 +67,33 @@ class TemplateFormat:
             rendered_msgs.append({"role": role, "content": mark})
         try:
             text = self.template.render(messages=rendered_msgs, add_generation_prompt=True,
-                                        bos_token="", eos_token="")
+                                        bos_token=getattr(self.tok, "bos_token", None) or "",
+                                        eos_token=getattr(self.tok, "eos_token", None) or "")
         except TemplateError as e:
             raise GlmkitError(f"the model's chat template rejected the conversation: {e}") from None
+        # The template's own text is split at its special tokens, which become ids; each run of text
+        # between them, message content included, is encoded whole, as transformers'
+        # apply_chat_template encodes it (pieces may merge across a content boundary).  Special
+        # tokens are looked for in the template's text only, never in the content.
         ids: list[int] = []
+        run: list[str] = []
         rest = text
-        for mark, content in marks:
-            if mark not in rest:
-                raise GlmkitError("the model's chat template alters message content; glmkit cannot apply it safely")
-            before, rest = rest.split(mark, 1)
-            ids += self._encode_trusted(before) + self.tok.encode(content)
-        return ids + self._encode_trusted(rest)
+        for mark, content in marks + [(None, None)]:
+            if mark is not None and mark not in rest:
+                if mark.strip("\x00") in text:     # there, but changed (or out of order)
+                    raise GlmkitError("the model's chat template alters message content; glmkit cannot apply it safely")
+                continue                           # the template leaves this message out (e.g. a system message)
+            before, rest = rest.split(mark, 1) if mark is not None else (rest, "")
+            parts = self._special_re.split(before) if self._special_re else [before]
+            for part in parts:
+                if part in self.tok.specials:
+                    ids += self.tok.encode("".join(run)) + [self.tok.specials[part]]
+                    run = []
+                elif part:
+                    run.append(part)
+            if content:
+                run.append(content)
+        return ids + self.tok.encode("".join(run))
 
     def reply_parser(self) -> "PlainReplyParser":
         return PlainReplyParser(self.tok)
@@ -101,7 +108,7 @@ class PlainReplyParser:
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer, getattr(tokenizer, "strip_leading_space", False))
         self.text = ""
         self.started = False
 

@@ -53,7 +53,7 @@ def read_config(path: Path) -> ModelConfig:
     if arch != "chatglm":
         archs = ", ".join(raw.get("architectures") or []) or "none given"
         raise CheckpointError(f"{cfg_file}: unsupported architecture model_type={arch!r} "
-                              f"(architectures: {archs}); glmkit loads ChatGLM3 directories and GGUF files")
+                              f"(architectures: {archs}); glmkit loads ChatGLM3, Llama, Mistral and Qwen2 directories and GGUF files")
     for flag, want in (("rmsnorm", True), ("post_layer_norm", True), ("add_bias_linear", False),
                        ("apply_residual_connection_post_layernorm", False)):
         if raw.get(flag, want) != want:

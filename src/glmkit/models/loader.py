@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from . import hf_chatglm, quantized_checkpoint
+from . import hf_chatglm, hf_llama, quantized_checkpoint
 from .config import ModelConfig
 from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for, wants_dense_copy,
                        replace_linears)
@@ -103,6 +103,11 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
         state, template = quantized_checkpoint.iter_state(path, meta), None
         prequantized = True
+    elif path.is_dir() and hf_llama.model_type(path) in hf_llama.FAMILIES:
+        cfg = hf_llama.read_config(path)
+        prequantized = False
+        tokenizer, template = hf_llama.tokenizer_and_template(path)
+        state = hf_llama.iter_state(path, cfg)
     elif path.is_dir():
         from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
         cfg = hf_chatglm.read_config(path)
