@@ -398,3 +398,38 @@ def test_prepacked_dense_copy_gives_the_bits_of_the_plain_one(rows):
     assert torch.equal(compiled(mod, x), torch.nn.functional.linear(x, w) * 2)
     keep_dense(mod, w.float())                 # float32: plain (MKL's GEMM, not oneDNN's)
     assert mod.packed is None and mod.dense is not None
+
+
+def test_a_large_bf16_model_runs_its_layers_on_prepacked_weights(tmp_path):
+    """Above DENSE_COPY_MAX_BYTES a bf16 model's Linears keep only oneDNN-prepacked weights
+    (PackedLinear, the faster way to read them at one row); its logits stay within bf16's rounding
+    of the float32 model's, and the compiled step gives the eager step's greedy tokens."""
+    from glmkit.engine import GenerationRequest, SamplingParams, Scheduler
+    from glmkit.engine.compiled_step import CompiledDecode
+    from glmkit.models.quantize import PackedLinear
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build")
+    ckpt = tmp_path / "synthetic"
+    _synthetic_checkpoint(ckpt)                    # ~300 MB of layers: above the limit
+    bf16 = glmkit.load(ckpt, dtype="bfloat16")
+    layer = bf16.model.layers[0]
+    assert all(isinstance(m, PackedLinear) for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                                                      layer.feed_forward.w2, bf16.model.output))
+    assert not any(isinstance(m, torch.nn.Linear) for m in bf16.model.modules())      # no plain copy kept
+    ref = glmkit.load(ckpt, dtype="float32")
+    ids = ref.encode_chat([{"role": "user", "content": "你好"}])
+    logits = []
+    for m in (bf16, ref):
+        m.model.setup_caches(1, len(ids))
+        logits.append(m.model(torch.tensor([ids]), torch.zeros(1, dtype=torch.long))[0].float())
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < 0.02
+    prompt = bf16.encode_chat([{"role": "user", "content": "写一首诗"}])
+    eager = Scheduler(bf16.model, max_batch=1)
+    want = [e.token for e in eager.submit(GenerationRequest(prompt, SamplingParams(temperature=0), 8))]
+    eager.stop()
+    compiled = CompiledDecode(bf16.model, 1, background=False)
+    s = Scheduler(bf16.model, max_batch=1, compile=compiled)
+    compiled.compile([1])
+    got = [e.token for e in s.submit(GenerationRequest(prompt, SamplingParams(temperature=0), 8))]
+    s.stop()
+    assert got == want and compiled.calls[1] > 0 and not compiled.failed

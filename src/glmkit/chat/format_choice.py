@@ -1,4 +1,5 @@
-"""Which chat format a checkpoint speaks: ChatGLM3's own protocol, or the chat template it ships."""
+"""Which chat format a checkpoint speaks: ChatGLM3's own protocol, ChatGLM2's prompt, or the chat
+template it ships."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from .template import TemplateFormat
 
 def chat_format_for(checkpoint) -> ChatFormat:
     if checkpoint.config.family == "chatglm":
+        if getattr(checkpoint, "prompt_format", None) == "chatglm2":
+            from .glm2 import GLM2Format
+            return GLM2Format(checkpoint.tokenizer)
         return GLM3Format(checkpoint.tokenizer)
     if checkpoint.chat_template:
         return TemplateFormat(checkpoint.tokenizer, checkpoint.chat_template)

@@ -49,7 +49,8 @@ import torch._inductor
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.quantize import DENSE_MIN_ROWS, DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, dense_linear, has_dense
+from ..models.quantize import (DENSE_MIN_ROWS, DEQUANT_MIN_ROWS, Int4Linear, Int8Linear, PackedLinear, dense_linear,
+                               has_dense)
 from ..models.transformer import MKLDNN_MIN_ROWS, Transformer, apply_rope
 
 log = logging.getLogger("glmkit")
@@ -92,6 +93,8 @@ def linear(mod, x: Tensor) -> Tensor:
             y = F.linear(x, mod.weight.to(x.dtype)) * mod.scales
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), mod.weight, mod.scales)
+    elif isinstance(mod, PackedLinear):
+        return mod(x)
     else:
         return F.linear(x, mod.weight, mod.bias)
     return y + mod.bias if mod.bias is not None else y

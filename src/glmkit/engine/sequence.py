@@ -8,14 +8,11 @@ import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .requests import GenerationRequest, TokenEvent
-
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
 
 
 @dataclass
@@ -45,10 +42,19 @@ class _Seq:
         return (self.req.prompt[:self.prefilled] + self.out)[:self.pos]
 
 
+class _Driver(Protocol):
+    """What a Handle needs from the Scheduler that made it (engine/scheduler.py): its thread, if it
+    runs one; running its steps in the caller's thread until `seq` has an event; waking it."""
+    _thread: object
+
+    def _drive(self, seq: _Seq, timeout: float | None) -> None: ...
+    def _wake(self) -> None: ...
+
+
 class Handle:
     """The caller's side of one sequence: iterate (or get()) its TokenEvents; cancel() to stop early."""
 
-    def __init__(self, seq: _Seq, scheduler: Scheduler):
+    def __init__(self, seq: _Seq, scheduler: _Driver):
         self._seq = seq
         self._scheduler = scheduler
 

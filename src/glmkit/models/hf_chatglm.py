@@ -41,6 +41,22 @@ def is_chatglm_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+CHATGLM2_NAMES = re.compile(r"chatglm2|codegeex2", re.IGNORECASE)
+
+
+def is_chatglm2(path: Path) -> bool:
+    """ChatGLM2-6B / -32k and CodeGeeX2-6B share ChatGLM3's config and tokenizer files field for
+    field; only their names tell them apart (the `_name_or_path` / `name_or_path` the release
+    wrote, or the directory's own name)."""
+    names = [path.name]
+    for file, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "name_or_path")):
+        try:
+            names.append(str(json.loads((path / file).read_text(encoding="utf-8")).get(key) or ""))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return any(CHATGLM2_NAMES.search(n) for n in names)
+
+
 def read_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     try:

@@ -12,7 +12,8 @@ import torch
 from ..errors import CheckpointError
 from . import hf_chatglm, hf_llama, quantized_checkpoint
 from .config import ModelConfig
-from .quantize import (Int4Linear, Int8Linear, QTensor, QuantConfig, int4_fits, is_quantized, module_for, wants_dense_copy,
+from .quantize import (DENSE_COPY_MAX_BYTES, Int4Linear, Int8Linear, PackedLinear, QTensor, QuantConfig, can_prepack,
+                       int4_fits, is_quantized, module_for, prepack_linears, wants_dense_copy,
                        replace_linears)
 from .transformer import Transformer
 
@@ -30,7 +31,8 @@ class Checkpoint:
     tokenizer: object
     config: ModelConfig
     source: Path
-    chat_template: str | None = None  # Jinja template shipped in a GGUF file
+    chat_template: str | None = None  # Jinja template shipped with the model (GGUF metadata, tokenizer_config.json)
+    prompt_format: str | None = None  # "chatglm2" for ChatGLM2-6B / CodeGeeX2-6B: ChatGLM3's files, an older prompt
 
 
 def default_model_path() -> Path:
@@ -119,7 +121,8 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     quantized = (quant.bits > 0) if quant is not None else prequantized
     torch_dtype = pick_dtype(dtype, device, quantized=quantized)
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
-    return Checkpoint(transformer, tokenizer, cfg, path, template)
+    prompt_format = "chatglm2" if cfg.family == "chatglm" and hf_chatglm.is_chatglm2(path) else None
+    return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -141,9 +144,9 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     if quant is not None:
         replace_linears(model, quant)
     # a small model keeps dense copies of its quantized weights for many-row matmuls (models/quantize.py)
-    dense = wants_dense_copy(sum(shape.numel() for name, shape in expected.items()
-                                 if name.startswith("layers.") and name.endswith(".weight") and len(shape) == 2)
-                             * dtype.itemsize, device)
+    layer_bytes = sum(shape.numel() for name, shape in expected.items()
+                      if name.startswith("layers.") and name.endswith(".weight") and len(shape) == 2) * dtype.itemsize
+    dense = wants_dense_copy(layer_bytes, device)
     seen: set[str] = set()
     bar = None
     if progress:
@@ -173,6 +176,13 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
+    if layer_bytes > DENSE_COPY_MAX_BYTES:
+        # a large float model on CPU: its bf16 layers' weights prepacked for oneDNN (models/quantize.py
+        # PackedLinear); not the output layer when it is the embedding (that would be a second copy)
+        prepack_linears(model.layers)
+        out = model.output
+        if type(out) is torch.nn.Linear and out.weight is not model.tok_embeddings.weight and can_prepack(out.weight):
+            model.output = PackedLinear(out)
     return model.eval().requires_grad_(False)
 
 

@@ -172,11 +172,50 @@ def keep_dense(mod: nn.Module, w: Tensor | None):
     faster (docs/BENCHMARKS.md, "Speed round two"), with the same bits (oneDNN runs the same
     kernel either way; tests/test_quantize.py checks it)."""
     mod.dense, mod.packed = w, None
-    if w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-        handle = next(_handles)
-        _PACKED[handle] = torch.ops.mkldnn._reorder_linear_weight(w)
-        weakref.finalize(mod, _PACKED.pop, handle, None)      # freed with the module
-        mod.dense, mod.packed = None, handle
+    if w is not None and can_prepack(w):
+        mod.dense, mod.packed = None, _register_packed(mod, w)
+
+
+def can_prepack(w: Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+
+def _register_packed(owner: nn.Module, w: Tensor) -> int:
+    handle = next(_handles)
+    _PACKED[handle] = torch.ops.mkldnn._reorder_linear_weight(w)
+    weakref.finalize(owner, _PACKED.pop, handle, None)      # freed with the module
+    return handle
+
+
+class PackedLinear(nn.Module):
+    """A large model's bf16 Linear on CPU, its weight kept prepacked for oneDNN (and not also plain).
+
+    At ChatGLM3-6B's sizes a decode step is bound by reading the weights: ATen's bf16 one-row
+    matmul read them at 15 GB/s on the 2-core host, oneDNN on the plain weight at 18.5 (it
+    reorders it on every call), oneDNN on the prepacked weight at 21 (docs/BENCHMARKS.md, "bf16
+    decode").  One kernel for every row count also means a row's result depends on no flag."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _register_packed(self, linear.weight.detach())
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = packed_linear(x.reshape(-1, self.in_features), self.packed, self.out_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Swap the bf16 CPU nn.Linear layers of `model` for PackedLinear; how many were swapped."""
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and can_prepack(mod.weight):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(mod))
+            swapped += 1
+    return swapped
 
 
 def has_dense(mod: nn.Module) -> bool:
@@ -331,5 +370,5 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (Int8Linear, Int4Linear))
 
 
-__all__ = ["wants_dense_copy", "has_dense", "dense_linear", "keep_dense", "QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
+__all__ = ["wants_dense_copy", "PackedLinear", "prepack_linears", "has_dense", "dense_linear", "keep_dense", "QuantConfig", "QTensor", "module_for", "Int8Linear", "Int4Linear", "replace_linears", "quantize_int8", "quantize_int4",
            "dequantize_int4", "is_quantized"]

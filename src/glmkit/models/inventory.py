@@ -1,0 +1,141 @@
+"""What models are here: `glmkit models`.
+
+A checkpoint is described from its metadata alone (config.json, the quantized marker, a GGUF
+header, file sizes), never by loading weights, so listing a folder of 6B checkpoints is instant.
+Parameter counts follow from the config's shapes (ModelConfig), the same shapes the loader checks
+every tensor against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from . import hf_chatglm, hf_llama, quantized_checkpoint
+from .config import ModelConfig
+
+ENV_DIRS = "GLMKIT_MODELS_DIR"
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    found: str           # how it was found: "default", "$MODEL_PATH", or the models folder
+    name: str
+    family: str
+    layout: str          # "ChatGLM (HF directory)", "GGUF", "glmkit quantized", ...
+    parameters: int
+    context: int
+    precision: str
+    bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    per_layer = (cfg.qkv_dim * cfg.dim + (cfg.qkv_dim if cfg.qkv_bias else 0)   # fused Q/K/V (+ bias)
+                 + cfg.n_head * cfg.head_dim * cfg.dim                          # attention output
+                 + 3 * cfg.ffn_dim * cfg.dim                                    # SwiGLU: gate, up, down
+                 + 2 * cfg.dim)                                                 # two norms
+    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tied_embeddings else 2)
+    return cfg.n_layer * per_layer + embeddings + cfg.dim
+
+
+def _size(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def describe(path: Path, found: str = "") -> ModelInfo:
+    """A checkpoint's description; CheckpointError with the reason when `path` is not one."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CheckpointError(f"{path}: not a GGUF file")
+        return _describe_gguf(path, found)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if quantized_checkpoint.is_quantized_dir(path):
+        meta = quantized_checkpoint.read_marker(path)
+        cfg = hf_chatglm.read_config(path)
+        precision = f"int{meta['bits']}" + (f" g{meta['group_size']}" if meta.get("group_size") else "")
+        return ModelInfo(str(path), found, cfg.name, "chatglm", "glmkit quantized", parameter_count(cfg),
+                         cfg.context_length, precision, _size(path.iterdir()))
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _describe_gguf(ggufs[0], found)
+        raise CheckpointError(f"{path}: no config.json" + (f" and {len(ggufs)} .gguf files (pass one)" if ggufs else
+                                                             " or .gguf file"))
+    kind = hf_llama.model_type(path)
+    if kind in hf_llama.FAMILIES:
+        cfg, layout, family = hf_llama.read_config(path), "transformers directory", kind
+    else:
+        cfg, layout = hf_chatglm.read_config(path), "ChatGLM directory"
+        family = "chatglm2" if hf_chatglm.is_chatglm2(path) else "chatglm"
+    files = hf_chatglm.weight_files(path)
+    try:
+        dtype = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or "?"
+    except ValueError:
+        dtype = "?"
+    return ModelInfo(str(path), found, cfg.name, family, layout, parameter_count(cfg), cfg.context_length,
+                     str(dtype).replace("float", "fp").replace("bfp", "bf"), _size(files))
+
+
+def _describe_gguf(path: Path, found: str) -> ModelInfo:
+    from .gguf_llama import GGUFFile
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    types = Counter(t.tensor_type.name for t in gf.reader.tensors if t.name.startswith("blk.") and len(t.shape) > 1)
+    params = sum(int(t.n_elements) for t in gf.reader.tensors)
+    return ModelInfo(str(path), found, cfg.name, cfg.family, "GGUF", params, cfg.context_length,
+                     types.most_common(1)[0][0] if types else "?", path.stat().st_size)
+
+
+def models_dirs(given: list[str] | None) -> list[Path]:
+    """--models-dir folders, then those in $GLMKIT_MODELS_DIR (os.pathsep-separated)."""
+    dirs = [Path(d).expanduser() for d in given or []]
+    dirs += [Path(d).expanduser() for d in os.environ.get(ENV_DIRS, "").split(os.pathsep) if d]
+    return list(dict.fromkeys(dirs))
+
+
+def discover(dirs: list[Path], include_default: bool = True) -> tuple[list[ModelInfo], list[tuple[str, str]]]:
+    """(models found, [(path, why it was skipped)])."""
+    from .loader import default_model_path
+    found: list[ModelInfo] = []
+    skipped: list[tuple[str, str]] = []
+    candidates: list[tuple[Path, str]] = []
+    if include_default:
+        try:
+            candidates.append((default_model_path(), "default"))
+        except CheckpointError as e:
+            skipped.append(("(embedded default)", str(e)))
+    if os.environ.get("MODEL_PATH"):
+        candidates.append((Path(os.environ["MODEL_PATH"]).expanduser(), "$MODEL_PATH"))
+    for d in dirs:
+        if not d.is_dir():
+            skipped.append((str(d), "not a directory"))
+            continue
+        for child in sorted(d.iterdir()):
+            if child.name.startswith("."):
+                continue
+            if child.is_dir() or child.suffix == ".gguf":
+                candidates.append((child, str(d)))
+    seen = set()
+    for path, how in candidates:
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            found.append(describe(path, how))
+        except CheckpointError as e:
+            skipped.append((str(path), str(e).removeprefix(f"{path}: ")))
+        except (OSError, ValueError) as e:
+            skipped.append((str(path), f"cannot be read ({e})"))
+    return found, skipped
