@@ -140,3 +140,15 @@ def test_fast_nucleus_matches_the_full_sort_distribution():
     for _ in range(3000):
         counts[sample_row(logits, SamplingParams(temperature=1.0, top_p=1.0), torch.tensor([], dtype=torch.long), g)] += 1
     assert torch.allclose(counts / 3000, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_a_filter_that_keeps_one_token_picks_greedys_token_among_ties():
+    """bf16 logits tie often; top_k=1 or a tiny top_p must pick the token argmax picks (the lowest id)."""
+    from glmkit.engine.sampling import SamplingParams, sample_row
+    logits = torch.zeros(1000)
+    logits[[700, 5, 300]] = 4.0                  # three-way tie at the top
+    none = torch.tensor([], dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    assert int(logits.argmax()) == 5
+    for params in (SamplingParams(temperature=1.5, top_p=1e-4), SamplingParams(temperature=1.0, top_k=1)):
+        assert {sample_row(logits, params, none, g) for _ in range(20)} == {5}

@@ -49,6 +49,15 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> int:
     return min(int(torch.searchsorted(total, u, right=True)), probs.shape[-1] - 1)
 
 
+def _top(logits: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest logits, most likely first and equal values by token id, as argmax breaks ties:
+    a filter that keeps one token then picks greedy's token (half-precision logits tie often)."""
+    vals, idx = torch.topk(logits, n)
+    by_id = torch.argsort(idx)
+    order = torch.sort(vals[by_id], descending=True, stable=True).indices
+    return vals[by_id][order], idx[by_id][order]
+
+
 def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None) -> int:
     """Pick the next token for one sequence. logits: [V] float32.
 
@@ -64,12 +73,12 @@ def sample_row(logits: Tensor, params: SamplingParams, seen: Tensor, generator: 
     if not k and params.top_p >= 1.0:
         return _draw(logits.softmax(-1), generator)
     if k:
-        vals, idx = torch.topk(logits, k)                              # most likely first
+        vals, idx = _top(logits, k)                                    # most likely first
         probs = vals.softmax(-1)                                       # top-k renormalizes first
     else:
         lse = torch.logsumexp(logits, -1)
         for n in CANDIDATES:
-            vals, idx = torch.topk(logits, min(n, V))
+            vals, idx = _top(logits, min(n, V))
             probs = (vals - lse).exp()                                 # shares of the whole vocabulary
             if float(probs.sum()) >= params.top_p or n >= V:
                 break

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from ..errors import CheckpointError
-from .streaming import bytes_to_text
+from .base import ByteTableTokenizer
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -37,7 +37,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-class GGUFBPETokenizer:
+class GGUFBPETokenizer(ByteTableTokenizer):
     strip_leading_space = False
 
     def __init__(self, tokens: list[str], token_types: list[int], merges: list[str], pre: str,
@@ -67,18 +67,3 @@ class GGUFBPETokenizer:
                 self._bytes.append(t.encode("utf-8"))
             else:
                 self._bytes.append(bytes(inv[c] for c in t) if all(c in inv for c in t) else t.encode("utf-8"))
-
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids if text else []
-
-    def special_id(self, name: str) -> int:
-        return self.specials[name]
-
-    def is_special(self, token_id: int) -> bool:
-        return not self.token_bytes(token_id)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes_to_text(b"".join(self.token_bytes(i) for i in ids))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .gguf_bpe import _bytes_to_unicode
-from .streaming import bytes_to_text
+from .base import ByteTableTokenizer
 
 
-class HFJsonTokenizer:
+class HFJsonTokenizer(ByteTableTokenizer):
     def __init__(self, path: Path, eos_token: str | None = None, bos_token: str | None = None):
         from tokenizers import Tokenizer
         try:
@@ -64,22 +64,6 @@ class HFJsonTokenizer:
             else:
                 out[i] = piece.replace("\u2581", " ").encode("utf-8")
         return out
-
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids if text else []
-
-    def special_id(self, name: str) -> int:
-        return self.specials[name]
-
-    def is_special(self, token_id: int) -> bool:
-        return not self.token_bytes(token_id)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
-
-    def decode(self, ids: list[int]) -> str:
-        text = bytes_to_text(b"".join(self.token_bytes(i) for i in ids))
-        return text[1:] if self.strip_leading_space and text.startswith(" ") else text
 
 
 def _is_byte_piece(piece: str) -> bool:
