@@ -180,3 +180,20 @@ def test_unsupported_config_is_one_clear_line(tmp_path):
                                                       "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(glmkit.CheckpointError, match=r"rope_scaling type 'yarn' is not supported"):
         glmkit.load(tmp_path)
+
+
+def test_glmkit_quantize_writes_a_checkpoint_that_loads_as_quantizing_on_load_does(family, tmp_path):
+    """`glmkit quantize` for these families: the written checkpoint loads without re-quantizing,
+    brings its tokenizer and template along, and decodes the tokens of --quantize on load."""
+    from glmkit.models import quantized_checkpoint
+    from glmkit.models.quantize import Int4Linear, QuantConfig
+    name, path, hf, ref_tok = family
+    out = tmp_path / "int4"
+    quantized_checkpoint.write(path, out, QuantConfig(4, 32))
+    saved = glmkit.load(out)
+    on_load = glmkit.load(path, quantize="int4", group_size=32)
+    assert isinstance(saved.model.layers[0].attention.wqkv, Int4Linear)
+    ids = saved.encode_chat(CONVERSATIONS[0])
+    assert ids == on_load.encode_chat(CONVERSATIONS[0]) and saved.format.stop_ids == on_load.format.stop_ids
+    run = dict(max_new_tokens=10, temperature=0, repetition_penalty=1.0, stop_ids=())
+    assert saved.generate(ids, **run) == on_load.generate(ids, **run)

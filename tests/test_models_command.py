@@ -34,6 +34,7 @@ def tree(tmp_path_factory):
     tok.save(str(root / "qwen-tiny" / "tokenizer.json"))
     (root / "qwen-tiny" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
                                                                           "chat_template": QWEN_TEMPLATE}))
+    quantized_checkpoint.write(root / "qwen-tiny", root / "qwen-int8", QuantConfig(8))
     # what must be skipped, each with its reason
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("not a model")
@@ -63,6 +64,8 @@ def test_lists_good_models_and_says_why_others_are_skipped(tree):
     assert found["tiny-int4"]["precision"] == "int4 g32" and found["tiny-int4"]["layout"] == "glmkit quantized"
     assert found["little.gguf"]["precision"] == "Q8_0" and found["little.gguf"]["layout"] == "GGUF"
     assert found["qwen-tiny"]["family"] == "qwen2" and found["qwen-tiny"]["context"] == 512
+    assert (found["qwen-int8"]["family"], found["qwen-int8"]["precision"]) == ("qwen2", "int8")
+    assert found["qwen-int8"]["parameters"] == found["qwen-tiny"]["parameters"]
     assert found["chatglm3-tiny"]["found"] == str(tree)
     assert any(m["found"] == "default" for m in found.values())          # the embedded default is listed too
     skipped = {line.split(":", 1)[0].removeprefix("skipped ").rsplit("/", 1)[-1]: line for line in r.stderr.splitlines()}

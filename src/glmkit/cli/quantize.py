@@ -9,11 +9,11 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     q = sub.add_parser("quantize", help="write a quantized checkpoint once, load it in seconds afterwards",
-                       description="Quantize a ChatGLM3 directory tensor by tensor (the float model is never "
+                       description="Quantize a model directory (ChatGLM3/ChatGLM2, Llama, Mistral, Qwen2) tensor by tensor (the float model is never "
                                    "held in memory) into a self-contained directory that glmkit loads with "
                                    "--model and no re-quantization.")
     q.set_defaults(run=cmd_quantize)
-    q.add_argument("source", help="ChatGLM3 directory (config.json, tokenizer.model, weights)")
+    q.add_argument("source", help="model directory (config.json, tokenizer files, weights)")
     q.add_argument("dest", help="new directory to write")
     q.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (group-wise) or 8 (per channel); default 4")
     q.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=128, help="int4 group size")

@@ -62,9 +62,9 @@ def describe(path: Path, found: str = "") -> ModelInfo:
         raise CheckpointError(f"{path}: no such file or directory")
     if quantized_checkpoint.is_quantized_dir(path):
         meta = quantized_checkpoint.read_marker(path)
-        cfg = hf_chatglm.read_config(path)
+        cfg, family = _config(path)
         precision = f"int{meta['bits']}" + (f" g{meta['group_size']}" if meta.get("group_size") else "")
-        return ModelInfo(str(path), found, cfg.name, "chatglm", "glmkit quantized", parameter_count(cfg),
+        return ModelInfo(str(path), found, cfg.name, family, "glmkit quantized", parameter_count(cfg),
                          cfg.context_length, precision, _size(path.iterdir()))
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
@@ -72,12 +72,8 @@ def describe(path: Path, found: str = "") -> ModelInfo:
             return _describe_gguf(ggufs[0], found)
         raise CheckpointError(f"{path}: no config.json" + (f" and {len(ggufs)} .gguf files (pass one)" if ggufs else
                                                              " or .gguf file"))
-    kind = hf_llama.model_type(path)
-    if kind in hf_llama.FAMILIES:
-        cfg, layout, family = hf_llama.read_config(path), "transformers directory", kind
-    else:
-        cfg, layout = hf_chatglm.read_config(path), "ChatGLM directory"
-        family = "chatglm2" if hf_chatglm.is_chatglm2(path) else "chatglm"
+    cfg, family = _config(path)
+    layout = "ChatGLM directory" if family.startswith("chatglm") else "transformers directory"
     files = hf_chatglm.weight_files(path)
     try:
         dtype = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or "?"
@@ -85,6 +81,14 @@ def describe(path: Path, found: str = "") -> ModelInfo:
         dtype = "?"
     return ModelInfo(str(path), found, cfg.name, family, layout, parameter_count(cfg), cfg.context_length,
                      str(dtype).replace("float", "fp").replace("bfp", "bf"), _size(files))
+
+
+def _config(path: Path) -> tuple[ModelConfig, str]:
+    """A directory's config and family name, whichever family its config.json names."""
+    kind = hf_llama.model_type(path)
+    if kind in hf_llama.FAMILIES:
+        return hf_llama.read_config(path), kind
+    return hf_chatglm.read_config(path), "chatglm2" if hf_chatglm.is_chatglm2(path) else "chatglm"
 
 
 def _describe_gguf(path: Path, found: str) -> ModelInfo:

@@ -99,11 +99,15 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         tokenizer = gf.tokenizer()
         state, template = gf.iter_state(cfg), gf.chat_template()
     elif quantized_checkpoint.is_quantized_dir(path):
-        from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
         meta = quantized_checkpoint.read_marker(path)
-        cfg = hf_chatglm.read_config(path)
-        tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
-        state, template = quantized_checkpoint.iter_state(path, meta), None
+        if hf_llama.model_type(path) in hf_llama.FAMILIES:
+            cfg = hf_llama.read_config(path)
+            tokenizer, template = hf_llama.tokenizer_and_template(path)
+        else:
+            from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
+            cfg = hf_chatglm.read_config(path)
+            tokenizer, template = ChatGLM3Tokenizer(path / "tokenizer.model"), None
+        state = quantized_checkpoint.iter_state(path, meta)
         prequantized = True
     elif path.is_dir() and hf_llama.model_type(path) in hf_llama.FAMILIES:
         cfg = hf_llama.read_config(path)

@@ -5,8 +5,9 @@
                           Linear `<name>.qweight` (int8 [N, K], or int4 as uint8 [N, K/2], two
                           values per byte, low nibble first) with `<name>.scales` (float32: [N] for
                           int8, [K/group, N, 2] scale and zero for int4)
-    config.json, tokenizer.model, tokenizer_config.json   copied from the source, so the
-                          directory is self-contained
+    config.json and the tokenizer's files (tokenizer.model, or tokenizer.json,
+    tokenizer_config.json, chat_template.jinja, generation_config.json)
+                          copied from the source, so the directory is self-contained
 
 The kernels' packed int4 layout is device-specific, so the file keeps a portable layout and the
 (cheap) packing happens at load time.
@@ -25,7 +26,7 @@ import torch
 
 from ..version import __version__
 from ..errors import CheckpointError, GlmkitError
-from . import hf_chatglm
+from . import hf_chatglm, hf_llama
 from .quantize import QTensor, QuantConfig, int4_fits, quantizable, quantize_int4, quantize_int8
 from .transformer import Transformer
 
@@ -33,7 +34,8 @@ MARKER = "glmkit-quant.json"
 FORMAT = "glmkit-quantized"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
-COPIED = ("config.json", "tokenizer.model", "tokenizer_config.json")
+COPIED = ("config.json", "tokenizer.model", "tokenizer_config.json",           # ChatGLM
+          "tokenizer.json", "chat_template.jinja", "generation_config.json")     # transformers families
 
 
 def is_quantized_dir(path: Path) -> bool:
@@ -64,19 +66,20 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict:
-    """Quantize a ChatGLM3 directory tensor by tensor into a glmkit quantized checkpoint."""
+    """Quantize a ChatGLM or transformers-family (Llama, Mistral, Qwen2) directory tensor by tensor
+    into a glmkit quantized checkpoint."""
     from safetensors.torch import save_file
     if qc.bits not in (4, 8):
         raise GlmkitError("glmkit quantize needs --bits 4 or 8")
     src, dst = Path(src), Path(dst)
     if not hf_chatglm.is_chatglm_dir(src):
-        raise CheckpointError(f"{src}: glmkit quantize reads ChatGLM3 directories (a GGUF file is already "
+        raise CheckpointError(f"{src}: glmkit quantize reads model directories (a GGUF file is already "
                               "quantized: load it as it is, or with --quantize)")
     if is_quantized_dir(src):
         raise CheckpointError(f"{src}: already a glmkit quantized checkpoint")
     if dst.exists() and any(dst.iterdir()):
         raise GlmkitError(f"{dst}: exists and is not empty; choose a new directory")
-    cfg = hf_chatglm.read_config(src)
+    cfg, state = read_source(src)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -87,7 +90,7 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(expected), desc="quantizing", unit="tensor", leave=False)
-    for file, name, t in hf_chatglm.iter_state(src):
+    for file, name, t in state:
         if name not in expected or tuple(t.shape) != tuple(expected[name]):
             raise CheckpointError(f"{file}: tensor for {name} has shape {tuple(t.shape)}, "
                                   f"config.json implies {tuple(expected.get(name, ()))}")
@@ -108,7 +111,9 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
             bar.update(1)
     if bar is not None:
         bar.close()
-    missing = sorted(n for n in expected if n not in tensors and n.rpartition(".")[0] + ".qweight" not in tensors)
+    shared = {"output.weight"} if cfg.tied_embeddings else set()       # the embedding, loaded once
+    missing = sorted(n for n in expected if n not in tensors and n.rpartition(".")[0] + ".qweight" not in tensors
+                     and n not in shared)
     if missing:
         raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "bits": qc.bits,
@@ -126,6 +131,14 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
             shutil.copy2(src / name, dst / name)
     (dst / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+def read_source(path: Path):
+    """(config, tensors) of a model directory, whichever family config.json names."""
+    if hf_llama.model_type(path) in hf_llama.FAMILIES:
+        cfg = hf_llama.read_config(path)
+        return cfg, hf_llama.iter_state(path, cfg)
+    return hf_chatglm.read_config(path), hf_chatglm.iter_state(path)
 
 
 def iter_state(path: Path, meta: dict) -> Iterator[tuple[Path, str, object]]:
