@@ -195,7 +195,7 @@ def test_quantized_checkpoint_missing_scales(tmp_path):
 def test_quantize_refuses_gguf_and_non_empty_destination(tmp_path):
     from glmkit.models import quantized_checkpoint
     from glmkit.models.loader import default_model_path
-    with pytest.raises(glmkit.CheckpointError, match="ChatGLM3 directories"):
+    with pytest.raises(glmkit.CheckpointError, match="reads model directories"):
         quantized_checkpoint.write(default_model_path(), tmp_path / "x", QuantConfig(4))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
