@@ -219,7 +219,7 @@ def prepack_linears(model: nn.Module) -> int:
 
 
 def has_dense(mod: nn.Module) -> bool:
-    return getattr(mod, "dense", None) is not None or getattr(mod, "packed", None) is not None
+    return mod.dense is not None or mod.packed is not None
 
 
 def dense_linear(mod: nn.Module, x2: Tensor) -> Tensor:

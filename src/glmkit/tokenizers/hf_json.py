@@ -24,8 +24,8 @@ class HFJsonTokenizer(ByteTableTokenizer):
     def __init__(self, path: Path, eos_token: str | None = None, bos_token: str | None = None):
         from tokenizers import Tokenizer
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            self._hf = Tokenizer.from_str(json.dumps(raw))
+            raw = json.loads(path.read_text(encoding="utf-8"))     # its metadata: specials, decoder
+            self._hf = Tokenizer.from_file(str(path))
         except FileNotFoundError:
             raise CheckpointError(f"{path.parent}: no tokenizer.json (needed for this model family)") from None
         except Exception as e:
