@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from glmkit.chat.openai_compat import to_template_messages
+from glmkit.chat.protocols import TaggedProtocol
 from glmkit.chat.protocols import TaggedCallParser
 from glmkit.chat.template import PlainReplyParser
 from glmkit.chat.tool_calls import RefusedCall, ToolCall
@@ -94,7 +94,7 @@ def test_round_trip_shows_the_model_its_call_and_the_result(client, smol):
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
                     "name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": '{"result": 42}'}]
-    prompt = smol.tokenizer.decode(smol.encode_chat(to_template_messages(messages, [CALC["function"]])))
+    prompt = smol.tokenizer.decode(smol.encode_chat(TaggedProtocol().api_messages(messages, [CALC["function"]])))
     assert prompt.startswith("system\nBe brief.\n\nYou can call functions") and '"name": "calculator"' in prompt
     assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>' in prompt
     assert 'tool\n{"result": 42}' in prompt

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-def hf_llama_from(model):
+def hf_transformers_from(model):
     """A transformers LlamaForCausalLM holding exactly our (dequantized) weights."""
     cfg = model.config
     hf_cfg = transformers.LlamaConfig(
@@ -50,7 +50,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf(smol_float):
-    return hf_llama_from(smol_float)
+    return hf_transformers_from(smol_float)
 
 
 @pytest.mark.parametrize("messages", PROMPTS)

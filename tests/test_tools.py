@@ -279,7 +279,7 @@ def test_cli_tools_builtin_one_shot(clean_env):
     proc = subprocess.run([glmkit_bin(), "chat", "--tools", "builtin", "-p", "What is 2+2?", "--temperature", "0",
                            "--max-new-tokens", "30"], capture_output=True, text=True, timeout=300, env=clean_env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() and "has no ChatGLM3 tool protocol; it is asked for <tool_call> JSON instead" in proc.stderr
+    assert proc.stdout.strip() and "has no tool protocol of its own; it is asked for <tool_call> JSON instead" in proc.stderr
 
 
 def test_cli_manual_mode_reads_observations(clean_env, tmp_path):

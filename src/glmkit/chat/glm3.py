@@ -72,7 +72,7 @@ class GLM3Format:
 
 class _Segment:
     def __init__(self, tok):
-        self.decoder = IncrementalDecoder(tok, strip_leading_space=True)
+        self.decoder = IncrementalDecoder(tok, strip_leading_space=getattr(tok, "strip_leading_space", False))
         self.head = ""            # text before the first newline: the metadata line
         self.metadata: str | None = None
         self.parts: list[str] = []  # raw content, as history keeps it (a list: appending stays linear)

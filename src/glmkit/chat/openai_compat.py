@@ -1,10 +1,11 @@
-"""OpenAI chat messages and tools <-> ChatGLM3 history messages.
+"""OpenAI chat messages and tools <-> the history messages a chat format reads.
 
-Roles: system/user/assistant map one to one; `tool` becomes ChatGLM3's `observation`; an
-assistant message carrying `tool_calls` becomes a ToolCall per call, which the model's format
-writes the way the model writes it (chat.glm3, chat.template).  OpenAI `tools` become the flat
-`{name, description, parameters}` list that ChatGLM3 reads from its system message.  The way
-back: `openai_tool_call` is a ToolCall as the API returns it.
+Roles: system/user/assistant map one to one; `tool` becomes the `observation` role; an
+assistant message carrying `tool_calls` becomes a ToolCall per call, which the model's protocol
+writes the way the model writes it (chat.glm3, chat.glm4, chat.template).  OpenAI `tools` become
+the flat `{name, description, parameters}` list that a system message carries.  Which of the two
+shapes below a model gets is its protocol's choice (chat.protocols).  The way back:
+`openai_tool_call` is a ToolCall as the API returns it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import json
 
 from ..errors import GlmkitError
-from .glm3 import TOOLS_PREAMBLE, tool_call_message
+from collections.abc import Callable
+
 from .json_schema import loads_bounded
-from .template import tool_call_text
 from .tool_calls import ToolCall, new_call_id
 
 
@@ -30,7 +31,7 @@ def flat_tools(tools: list[dict] | None) -> list[dict]:
     return out
 
 
-def _text(content) -> str:
+def content_text(content) -> str:
     """OpenAI content: a string, or a list of parts of which only text parts are supported."""
     if content is None:
         return ""
@@ -47,21 +48,22 @@ def _text(content) -> str:
     raise GlmkitError("message content must be a string or a list of text parts")
 
 
-def to_template_messages(messages: list[dict], tools: list[dict] | None = None) -> list[dict]:
-    """OpenAI request messages (+ flat tools) -> plain {role, content} messages for a model with a
-    chat template; tools and earlier calls in the tagged convention (chat.protocols)."""
-    from .protocols import TaggedProtocol
+def to_plain_messages(messages: list[dict], tools: list[dict], system_message: Callable[[list[dict], str | None], dict],
+                      call_text: Callable[[ToolCall], str]) -> list[dict]:
+    """OpenAI request messages (+ flat tools) -> plain {role, content} messages, for a model whose
+    calls are text inside its answer: `system_message(tools, system text)` lists the tools,
+    `call_text` writes an earlier call."""
     out: list[dict] = []
     if tools:
         system = next((m for m in messages if m.get("role") == "system"), None)
-        out.append(TaggedProtocol().system_message(tools, False, _text(system["content"]) if system else None))
+        out.append(system_message(tools, content_text(system["content"]) if system else None))
     for m in messages:
         role = m.get("role")
         if role == "system" and tools:
             continue
-        content = _text(m.get("content"))
+        content = content_text(m.get("content"))
         if role == "assistant" and m.get("tool_calls"):
-            calls = [tool_call_text(_call(c)) for c in m["tool_calls"]]
+            calls = [call_text(_call(c)) for c in m["tool_calls"]]
             content = "\n".join(([content] if content else []) + calls)
         out.append({"role": "observation" if role in ("tool", "function") else role, "content": content})
     return out
@@ -88,28 +90,31 @@ def _call(c: dict) -> ToolCall:
     return ToolCall(c.get("id") or new_call_id(), fn.get("name", ""), args)
 
 
-def to_glm_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """OpenAI request messages (+ flat tools) -> ChatGLM3 history messages."""
+def to_segment_messages(messages: list[dict], tools: list[dict], preamble: str,
+                        call_message: Callable[[ToolCall], dict]) -> list[dict]:
+    """OpenAI request messages (+ flat tools) -> history messages for a model whose calls are
+    segments of their own (ChatGLM3, GLM-4): the tools ride on the system message (its text, or
+    `preamble` when the request has none), `call_message` writes an earlier call."""
     out: list[dict] = []
     if tools:
         system = next((m for m in messages if m.get("role") == "system"), None)
-        out.append({"role": "system", "content": _text(system["content"]) if system else TOOLS_PREAMBLE,
+        out.append({"role": "system", "content": content_text(system["content"]) if system else preamble,
                     "tools": tools})
     for m in messages:
         role = m.get("role")
         if role == "system":
             if not tools:
-                out.append({"role": "system", "content": _text(m.get("content"))})
+                out.append({"role": "system", "content": content_text(m.get("content"))})
         elif role == "user":
-            out.append({"role": "user", "content": _text(m.get("content"))})
+            out.append({"role": "user", "content": content_text(m.get("content"))})
         elif role == "assistant":
-            text = _text(m.get("content"))
+            text = content_text(m.get("content"))
             calls = m.get("tool_calls") or []
             if text or not calls:
                 out.append({"role": "assistant", "content": text})
-            out += [tool_call_message(_call(c)) for c in calls]
+            out += [call_message(_call(c)) for c in calls]
         elif role in ("tool", "function"):
-            out.append({"role": "observation", "content": _text(m.get("content"))})
+            out.append({"role": "observation", "content": content_text(m.get("content"))})
         else:
             raise GlmkitError(f"unsupported role {role!r}")
     return out

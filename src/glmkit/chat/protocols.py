@@ -2,7 +2,8 @@
 
 ChatGLM3 was trained with its own protocol: a tool call is an assistant segment whose metadata
 line names the tool (its content a `tool_call(...)` literal), code is a segment named
-`interpreter`, and results come back in the observation role.
+`interpreter`, and results come back in the observation role.  GLM-4 keeps the segments and
+the observation role; its calls hold JSON arguments and its code segment is named `python`.
 
 Models without that protocol (the Llama-family default model, anything with a chat template) get
 the convention most open chat models are tuned on: the system prompt lists the tools as JSON, the
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 import json
 
+from . import glm3, glm4
 from .formats import ReplyEvent
-from .glm3 import TOOLS_PREAMBLE
-from .template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .openai_compat import to_plain_messages, to_segment_messages
+from .template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_text
 from .tool_calls import (DEPTH_ERROR, INTERPRETER, MAX_CALL_CHARS, Call, CodeCall, RefusedCall, ToolCall,
                          ToolCallError, check_code, check_literal, extract_code, find_fence, json_int, new_call_id,
                          parse_tool_call, validate_arguments)
@@ -48,13 +50,28 @@ def segment_heading(name: str, after_text: bool) -> str:
 
 class GLM3Protocol:
     observation_role = "observation"
+    native = True          # the model was trained to call tools this way
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         if tools:
-            return {"role": "system", "content": system or TOOLS_PREAMBLE, "tools": tools}
+            return {"role": "system", "content": system or glm3.TOOLS_PREAMBLE, "tools": tools}
         if interpreter:
             return {"role": "system", "content": system or GLM3_INTERPRETER_SYSTEM}
         return {"role": "system", "content": system} if system else None
+
+    def api_messages(self, messages: list[dict], tools: list[dict]) -> list[dict]:
+        """An OpenAI request's messages and flat tools as this model's history."""
+        return to_segment_messages(messages, tools, glm3.TOOLS_PREAMBLE, glm3.tool_call_message)
+
+    @staticmethod
+    def forced_start(name: str) -> str:
+        """How a reply that must call `name` begins (tool_choice naming a function)."""
+        return f"{name}\n"
+
+    @staticmethod
+    def call_name(metadata: str, runnable) -> str:
+        """What a segment's metadata line names, as glmkit calls it (the interpreter included)."""
+        return metadata
 
     def visible_text(self, events, tools: set[str]):
         """The reply's answer text.  A segment named after one of `tools` (what the caller runs,
@@ -63,7 +80,7 @@ class GLM3Protocol:
         in_call, shown_any = False, False
         for ev in events:
             if ev.kind == "segment":
-                in_call = ev.metadata in tools
+                in_call = self.call_name(ev.metadata, tools) in tools
                 if ev.metadata and not in_call:
                     yield segment_heading(ev.metadata, shown_any)
                     shown_any = True
@@ -73,32 +90,63 @@ class GLM3Protocol:
 
     def find_calls(self, segments: list[dict], runnable: set[str]) -> list[Call]:
         """One call per segment named after a runnable tool (or the interpreter), in order."""
-        named = [s for s in segments if s.get("metadata", "").strip() in runnable]
-        calls = [self._call(s["metadata"].strip(), s["content"]) for s in named[:MAX_CALLS_PER_REPLY]]
+        names = [self.call_name(s.get("metadata", "").strip(), runnable) for s in segments]
+        named = [(n, s) for n, s in zip(names, segments) if n in runnable]
+        calls = [self._call(n, s["content"]) for n, s in named[:MAX_CALLS_PER_REPLY]]
         if len(named) > MAX_CALLS_PER_REPLY:
             calls.append(RefusedCall(new_call_id(), "?", TOO_MANY_CALLS))
         return calls
 
-    @staticmethod
-    def _call(name: str, content: str) -> Call:
+    def _call(self, name: str, content: str) -> Call:
         try:
             if name == INTERPRETER:
                 return CodeCall(new_call_id(), extract_code(content))
-            return ToolCall(new_call_id(), name, parse_tool_call(content))
+            return ToolCall(new_call_id(), name, self.parse_arguments(content))
         except ToolCallError as e:
             return RefusedCall(new_call_id(), name, str(e))
 
-    def call_parser(self, reply_parser, tools: dict[str, dict | None]) -> "GLM3CallParser":
-        return GLM3CallParser(reply_parser, tools)
+    parse_arguments = staticmethod(parse_tool_call)    # a call segment's content -> its arguments
+
+    def call_parser(self, reply_parser, tools: dict[str, dict | None]) -> "SegmentCallParser":
+        return SegmentCallParser(reply_parser, tools, self.parse_arguments)
 
 
-class GLM3CallParser:
-    """ChatGLM3 reply parser events -> text, and a ToolCall (or RefusedCall) for each segment
-    named after one of `tools` ({name: parameters schema}) once it ends.  A segment with another
-    name is shown as text under a `[name]` heading: the client has no such tool to call."""
+class GLM4Protocol(GLM3Protocol):
+    """GLM-4's calls: the same segments, JSON arguments, code under `python` (chat.glm4)."""
 
-    def __init__(self, inner, tools: dict[str, dict | None]):
+    def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
+        listed = list(tools) + ([{"type": glm4.PYTHON}] if interpreter else [])
+        if listed:
+            return {"role": "system", "content": system or "", "tools": listed}
+        return {"role": "system", "content": system} if system else None
+
+    def api_messages(self, messages: list[dict], tools: list[dict]) -> list[dict]:
+        return to_segment_messages(messages, tools, "", glm4.tool_call_message)
+
+    @staticmethod
+    def call_name(metadata: str, runnable) -> str:
+        # `python` is the interpreter, unless the caller has a tool of that name and no interpreter
+        if metadata == glm4.PYTHON and INTERPRETER in runnable and glm4.PYTHON not in runnable:
+            return INTERPRETER
+        return metadata
+
+    @staticmethod
+    def parse_arguments(content: str) -> dict:
+        args = _load_json(content)
+        if not isinstance(args, dict):
+            raise ToolCallError("tool call arguments must be a JSON object")
+        return check_literal(args)
+
+
+class SegmentCallParser:
+    """ChatGLM3 / GLM-4 reply parser events -> text, and a ToolCall (or RefusedCall) for each
+    segment named after one of `tools` ({name: parameters schema}) once it ends, its content read
+    by `parse_arguments`.  A segment with another name is shown as text under a `[name]`
+    heading: the client has no such tool to call."""
+
+    def __init__(self, inner, tools: dict[str, dict | None], parse_arguments=parse_tool_call):
         self.inner, self.tools = inner, tools
+        self.parse_arguments = parse_arguments
         self.tool: str | None = None      # the tool whose call is being written
         self.parts: list[str] = []
         self.shown_any = False
@@ -136,7 +184,7 @@ class GLM3CallParser:
         if name is None:
             return []
         try:
-            call = ToolCall(new_call_id(), name, parse_tool_call(text))
+            call = ToolCall(new_call_id(), name, self.parse_arguments(text))
             validate_arguments(call.arguments, self.tools[name])
             return [call]
         except ToolCallError as e:
@@ -160,6 +208,16 @@ TAGGED_INTERPRETER_SYSTEM = (
 
 class TaggedProtocol:
     observation_role = "observation"   # the template format renders it as its `tool` role
+    native = False                     # a convention the model may or may not have been tuned on
+
+    def api_messages(self, messages: list[dict], tools: list[dict]) -> list[dict]:
+        """An OpenAI request's messages and flat tools as plain messages."""
+        return to_plain_messages(messages, tools, lambda t, system: self.system_message(t, False, system),
+                                 tool_call_text)
+
+    @staticmethod
+    def forced_start(name: str) -> str:
+        return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         parts = [system] if system else []
@@ -330,6 +388,8 @@ def _prefix_overlap(text: str, tag: str) -> int:
 
 
 def protocol_for(chat_format):
-    """ChatGLM3's format has its own protocol; every template model gets the tagged one."""
-    from .glm3 import GLM3Format
-    return GLM3Protocol() if isinstance(chat_format, GLM3Format) else TaggedProtocol()
+    """ChatGLM3's and GLM-4's formats have their own protocols; every other model (template
+    models, ChatGLM2) gets the tagged one."""
+    if isinstance(chat_format, glm4.GLM4Format):
+        return GLM4Protocol()
+    return GLM3Protocol() if isinstance(chat_format, glm3.GLM3Format) else TaggedProtocol()

@@ -27,9 +27,9 @@ def run(model, args, params) -> int:
     from ..chat.agent import Agent
     from ..chat.tools import ToolResult, load_tools
     tools = load_tools(args.tools)
-    if model.config.family != "chatglm":
+    if not model.protocol.native:
         asked = " and ".join(x for x, on in (("<tool_call> JSON", tools), ("```python blocks", args.code)) if on)
-        print(f"glmkit: note: {model.name} has no ChatGLM3 tool protocol; it is asked for {asked} instead, "
+        print(f"glmkit: note: {model.name} has no tool protocol of its own; it is asked for {asked} instead, "
               "which small models often ignore", file=sys.stderr)
 
     def manual(name, arguments):

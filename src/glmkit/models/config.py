@@ -24,7 +24,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     rope_dims: int = 0     # dims of each head that rotate (interleaved pairs); 0 = all
-    rope_scaling: dict | None = None   # rotary frequency scaling (Llama 3's, linear): models/hf_llama.py
+    rope_scaling: dict | None = None   # rotary frequency scaling (Llama 3's, linear): models/hf_transformers.py
     qkv_bias: bool = False
     tied_embeddings: bool = False
     name: str = "model"

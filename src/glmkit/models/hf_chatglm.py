@@ -1,4 +1,5 @@
-"""ChatGLM3 checkpoints exactly as downloaded: config.json, tokenizer.model and weights in
+"""ChatGLM checkpoints exactly as downloaded (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B's original
+layout: one block design, one set of tensor names): config.json, tokenizer.model and weights in
 safetensors or PyTorch pickle shards.
 
 Nothing of the directory's Python code is imported.  Pickles are read with
@@ -69,7 +70,7 @@ def read_config(path: Path) -> ModelConfig:
     if arch != "chatglm":
         archs = ", ".join(raw.get("architectures") or []) or "none given"
         raise CheckpointError(f"{cfg_file}: unsupported architecture model_type={arch!r} "
-                              f"(architectures: {archs}); glmkit loads ChatGLM3, Llama, Mistral and Qwen2 directories and GGUF files")
+                              f"(architectures: {archs}); glmkit loads ChatGLM2/3, GLM-4, Llama, Mistral and Qwen2 directories and GGUF files")
     for flag, want in (("rmsnorm", True), ("post_layer_norm", True), ("add_bias_linear", False),
                        ("apply_residual_connection_post_layernorm", False)):
         if raw.get(flag, want) != want:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from . import hf_chatglm, hf_llama, quantized_checkpoint
+from . import directory, hf_chatglm, quantized_checkpoint
 from .config import ModelConfig
 
 ENV_DIRS = "GLMKIT_MODELS_DIR"
@@ -73,7 +73,7 @@ def describe(path: Path, found: str = "") -> ModelInfo:
         raise CheckpointError(f"{path}: no config.json" + (f" and {len(ggufs)} .gguf files (pass one)" if ggufs else
                                                              " or .gguf file"))
     cfg, family = _config(path)
-    layout = "ChatGLM directory" if family.startswith("chatglm") else "transformers directory"
+    layout = directory.layout(path)
     files = hf_chatglm.weight_files(path)
     try:
         dtype = json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or "?"
@@ -84,11 +84,8 @@ def describe(path: Path, found: str = "") -> ModelInfo:
 
 
 def _config(path: Path) -> tuple[ModelConfig, str]:
-    """A directory's config and family name, whichever family its config.json names."""
-    kind = hf_llama.model_type(path)
-    if kind in hf_llama.FAMILIES:
-        return hf_llama.read_config(path), kind
-    return hf_chatglm.read_config(path), "chatglm2" if hf_chatglm.is_chatglm2(path) else "chatglm"
+    """A directory's config and family name, whichever family it is."""
+    return directory.read_config(path), directory.family(path)
 
 
 def _describe_gguf(path: Path, found: str) -> ModelInfo:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from . import hf_chatglm, hf_llama, quantized_checkpoint
+from . import directory, quantized_checkpoint
 from .config import ModelConfig
 from .quantize import (DENSE_COPY_MAX_BYTES, Int4Linear, Int8Linear, PackedLinear, QTensor, QuantConfig, can_prepack,
                        int4_fits, is_quantized, module_for, prepack_linears, wants_dense_copy,
@@ -32,7 +32,7 @@ class Checkpoint:
     config: ModelConfig
     source: Path
     chat_template: str | None = None  # Jinja template shipped with the model (GGUF metadata, tokenizer_config.json)
-    prompt_format: str | None = None  # "chatglm2" for ChatGLM2-6B / CodeGeeX2-6B: ChatGLM3's files, an older prompt
+    prompt_format: str | None = None  # "chatglm2" (ChatGLM3's files, an older prompt) or "glm4" (models/directory.py)
 
 
 def default_model_path() -> Path:
@@ -98,34 +98,21 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         prequantized = gf.has_quantized_linears()
         tokenizer = gf.tokenizer()
         state, template = gf.iter_state(cfg), gf.chat_template()
-    elif quantized_checkpoint.is_quantized_dir(path):
-        meta = quantized_checkpoint.read_marker(path)
-        if hf_llama.model_type(path) in hf_llama.FAMILIES:
-            cfg = hf_llama.read_config(path)
-            tokenizer, template = hf_llama.tokenizer_and_template(path)
-        else:
-            from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
-            cfg = hf_chatglm.read_config(path)
-            tokenizer, template = ChatGLM3Tokenizer(path / "tokenizer.model"), None
-        state = quantized_checkpoint.iter_state(path, meta)
-        prequantized = True
-    elif path.is_dir() and hf_llama.model_type(path) in hf_llama.FAMILIES:
-        cfg = hf_llama.read_config(path)
-        prequantized = False
-        tokenizer, template = hf_llama.tokenizer_and_template(path)
-        state = hf_llama.iter_state(path, cfg)
+        prompt_format = None
     elif path.is_dir():
-        from ..tokenizers.chatglm3 import ChatGLM3Tokenizer
-        cfg = hf_chatglm.read_config(path)
-        prequantized = False
-        tokenizer = ChatGLM3Tokenizer(path / "tokenizer.model")
-        state, template = hf_chatglm.iter_state(path), None
+        cfg = directory.read_config(path)
+        tokenizer, template = directory.tokenizer_and_template(path)
+        if quantized_checkpoint.is_quantized_dir(path):
+            state = quantized_checkpoint.iter_state(path, quantized_checkpoint.read_marker(path))
+            prequantized = True
+        else:
+            state, prequantized = directory.iter_state(path, cfg), False
+        prompt_format = directory.prompt_format(path)
     else:
-        raise CheckpointError(f"{path}: not a model (expected a ChatGLM3 directory with config.json, or a .gguf file)")
+        raise CheckpointError(f"{path}: not a model (expected a model directory with config.json, or a .gguf file)")
     quantized = (quant.bits > 0) if quant is not None else prequantized
     torch_dtype = pick_dtype(dtype, device, quantized=quantized)
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
-    prompt_format = "chatglm2" if cfg.family == "chatglm" and hf_chatglm.is_chatglm2(path) else None
     return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
 
 

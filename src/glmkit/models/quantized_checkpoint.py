@@ -26,7 +26,7 @@ import torch
 
 from ..version import __version__
 from ..errors import CheckpointError, GlmkitError
-from . import hf_chatglm, hf_llama
+from . import directory, hf_chatglm
 from .quantize import QTensor, QuantConfig, int4_fits, quantizable, quantize_int4, quantize_int8
 from .transformer import Transformer
 
@@ -66,7 +66,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict:
-    """Quantize a ChatGLM or transformers-family (Llama, Mistral, Qwen2) directory tensor by tensor
+    """Quantize a model directory of any family (models/directory.py) tensor by tensor
     into a glmkit quantized checkpoint."""
     from safetensors.torch import save_file
     if qc.bits not in (4, 8):
@@ -134,11 +134,9 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
 
 
 def read_source(path: Path):
-    """(config, tensors) of a model directory, whichever family config.json names."""
-    if hf_llama.model_type(path) in hf_llama.FAMILIES:
-        cfg = hf_llama.read_config(path)
-        return cfg, hf_llama.iter_state(path, cfg)
-    return hf_chatglm.read_config(path), hf_chatglm.iter_state(path)
+    """(config, tensors) of a model directory, whichever family it is."""
+    cfg = directory.read_config(path)
+    return cfg, directory.iter_state(path, cfg)
 
 
 def iter_state(path: Path, meta: dict) -> Iterator[tuple[Path, str, object]]:

@@ -38,7 +38,7 @@ def rope_table(cfg: ModelConfig, length: int, dtype: torch.dtype, device=None) -
     half = cfg.rope_dims // 2
     inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.rope_dims, 2, dtype=torch.float, device=device) / cfg.rope_dims))
     if cfg.rope_scaling:
-        from .hf_llama import scale_inv_freq
+        from .hf_transformers import scale_inv_freq
         inv_freq = scale_inv_freq(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float, device=device), inv_freq)
     assert angles.shape[-1] == half

@@ -8,14 +8,12 @@ server.run_tools.  Every check of a request's parameters is in its model (openai
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from ..chat.openai_compat import to_glm_messages, to_template_messages
-from ..chat.protocols import TaggedCallParser, protocol_for
-from ..chat.template import TOOL_CALL_OPEN, PlainReplyParser
+from ..chat.protocols import TaggedCallParser
+from ..chat.template import PlainReplyParser
 from ..errors import GlmkitError
 from .completions import Answer, submit
 from .errors import APIError, StrictJSONRoute
@@ -67,17 +65,15 @@ async def chat_completions(body: ChatCompletionRequest, server: Server):
         return await run_tools(server, body, params, max_new, json_check)
     tools = body.flat_tools() if body.tool_choice != "none" else []
     forced = body.forced_tool(tools)
-    glm3 = chat_model.config.family == "chatglm"
+    protocol = chat_model.protocol
     try:
-        messages = body.message_dicts()
-        glm = to_glm_messages(messages, tools) if glm3 else to_template_messages(messages, tools)
-        prompt = await asyncio.to_thread(chat_model.encode_chat, glm)
+        history = protocol.api_messages(body.message_dicts(), tools)
+        prompt = await asyncio.to_thread(chat_model.encode_chat, history)
     except GlmkitError as e:
         raise APIError(400, str(e), param="messages") from None
-    # a forced tool: the reply starts as that tool's call (ChatGLM3: its metadata line)
-    start = (f"{forced}\n" if glm3 else f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced)}, "arguments": ') \
-        if forced else ""
-    protocol, schemas = protocol_for(chat_model.format), {t["name"]: t.get("parameters") for t in tools}
+    # a forced tool: the reply starts as that tool's call (ChatGLM3, GLM-4: its metadata line)
+    start = protocol.forced_start(forced) if forced else ""
+    schemas = {t["name"]: t.get("parameters") for t in tools}
     choices = submit(chat_model.backend, body.n, prompt, params, chat_model.format.stop_ids, max_new,
                      lambda: protocol.call_parser(chat_model.format.reply_parser(), schemas), body.stops(),
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,

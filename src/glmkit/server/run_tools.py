@@ -16,7 +16,7 @@ import time
 import uuid
 
 from ..chat.agent import Agent, Finished, Observation, TextDelta
-from ..chat.openai_compat import openai_tool_call, to_glm_messages
+from ..chat.openai_compat import content_text, openai_tool_call
 from ..chat.tool_definitions import Tool
 from ..engine.requests import SamplingParams
 from ..errors import GlmkitError
@@ -34,7 +34,7 @@ def _check(server, body: ChatCompletionRequest) -> None:
                        param="glmkit_run_tools")
     if body.stream or body.n != 1:
         raise APIError(400, "glmkit_run_tools works with stream=false and n=1", param="glmkit_run_tools")
-    if server.chat_model.config.family != "chatglm":
+    if not server.chat_model.protocol.native:
         raise APIError(400, f"model {server.model_id!r} has no tool-calling protocol", param="glmkit_run_tools")
     if body.logprobs:
         raise APIError(400, "logprobs are not available with glmkit_run_tools", param="logprobs")
@@ -49,19 +49,20 @@ async def run_tools(server, body: ChatCompletionRequest, params: SamplingParams,
     config = server.config
     client_tools = [Tool(t["name"], t["description"], t["parameters"]) for t in body.flat_tools()]
     tools = client_tools + [t for t in config.server_tools.values() if t.name not in {c.name for c in client_tools}]
+    messages = body.message_dicts()
+    system = next((m for m in messages if m.get("role") == "system"), None)
     try:
-        history = to_glm_messages(body.message_dicts(), [t.spec() for t in tools])
+        # the first system message is the agent's (which lists the tools); the rest is history
+        history = server.chat_model.protocol.api_messages([m for m in messages if m is not system], [])
+        system_text = content_text(system.get("content")) if system else None
     except GlmkitError as e:
         raise APIError(400, str(e), param="messages") from None
     model = ScheduledModel(server.chat_model, threading.Event(), max_new_tokens, stop=body.stops(), params=params)
     # the request's own kernel, in a temporary workspace, made only if the model writes code
     kernel = (config.code_interpreter.lease(f"request-{uuid.uuid4().hex}")
               if config.code_interpreter is not None else None)
-    agent = Agent(model, tools, max_steps=config.max_steps, interpreter=kernel)
-    if tools or any(m["role"] == "system" for m in history):
-        agent.messages = history    # the request's own system message (to_glm_messages put the tools in it)
-    else:
-        agent.messages += history   # after the interpreter's system prompt
+    agent = Agent(model, tools, max_steps=config.max_steps, system=system_text, interpreter=kernel)
+    agent.messages += history
 
     def work():
         try:

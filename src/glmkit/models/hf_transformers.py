@@ -1,13 +1,16 @@
-"""Llama-family checkpoints as transformers saves them: Llama 2 / 3.x, Mistral, Qwen2 / Qwen2.5.
+"""Checkpoints as transformers saves them: Llama 2 / 3.x, Mistral, Qwen2 / Qwen2.5, and GLM-4's
+transformers-native layout (`GlmForCausalLM`, model_type glm).
 
-A directory with config.json (`model_type` llama, mistral or qwen2), safetensors (or pickle) shards,
-tokenizer.json and tokenizer_config.json (or chat_template.jinja) for the chat template.  The
-families differ only in what their config says, which becomes ModelConfig switches: QKV bias
-(Qwen2), tied embeddings, rope base and scaling, grouped KV heads, a sliding window.
+A directory with config.json, safetensors (or pickle) shards, tokenizer.json and
+tokenizer_config.json (or chat_template.jinja) for the chat template.  The families differ only
+in what their config says, which becomes ModelConfig switches: QKV bias (Qwen2, GLM), tied
+embeddings, rope base and scaling, rotary on part of each head (GLM), grouped KV heads, a
+sliding window.
 
-Weights stream one tensor at a time into glmkit's Llama blocks: Q/K/V and gate/up are fused, and
-the rows of Q and K (and Q/K biases) are permuted from transformers' rotary layout (each head's
-first half rotates with its second half) into ours (adjacent pairs), as llama.cpp's converter does.
+Weights stream one tensor at a time into glmkit's blocks: Q/K/V and gate/up are fused (GLM
+ships gate/up fused already).  Llama-family rows of Q and K (and Q/K biases) are permuted from
+transformers' rotary layout (each head's first half rotates with its second half) into ours
+(adjacent pairs), as llama.cpp's converter does; GLM rotates adjacent pairs already, as ChatGLM does.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from ..errors import CheckpointError
 from .config import ModelConfig
 from .hf_chatglm import iter_tensors, weight_files
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "glm")
+GLM = "glm"      # GlmForCausalLM: ChatGLM's blocks under transformers' names
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_KEYS = {
@@ -37,7 +41,8 @@ _LAYER_KEYS = {
 _FUSED = {"self_attn.q_proj.weight": ("attention.wqkv.weight", 0, 3), "self_attn.k_proj.weight": ("attention.wqkv.weight", 1, 3),
           "self_attn.v_proj.weight": ("attention.wqkv.weight", 2, 3), "self_attn.q_proj.bias": ("attention.wqkv.bias", 0, 3),
           "self_attn.k_proj.bias": ("attention.wqkv.bias", 1, 3), "self_attn.v_proj.bias": ("attention.wqkv.bias", 2, 3),
-          "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0, 2), "mlp.up_proj.weight": ("feed_forward.w13.weight", 1, 2)}
+          "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0, 2), "mlp.up_proj.weight": ("feed_forward.w13.weight", 1, 2),
+          "mlp.gate_up_proj.weight": ("feed_forward.w13.weight", 0, 1)}       # GLM: fused as ours
 _TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -75,12 +80,16 @@ def read_config(path: Path) -> ModelConfig:
             # attention over a sliding window is not implemented: the context ends at the window, so a
             # longer prompt gets the usual "longer than the context" error rather than wrong attention
             context = int(window)
+        glm = kind == GLM
+        # GLM rotates a part of each head (half, in GLM-4), in adjacent pairs as ChatGLM does
+        rotary = float(raw.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or (0.5 if glm else 1.0))
         return ModelConfig(
-            family="llama", n_layer=int(raw["num_hidden_layers"]), dim=dim, n_head=heads,
+            family="chatglm" if glm else "llama", n_layer=int(raw["num_hidden_layers"]), dim=dim, n_head=heads,
             n_kv_head=int(raw.get("num_key_value_heads") or heads), head_dim=head_dim,
             ffn_dim=int(raw["intermediate_size"]), vocab_size=int(raw["vocab_size"]), context_length=context,
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_base=theta, rope_dims=head_dim,
-            rope_scaling=_rope_scaling(rope, cfg_file), qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias")),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_base=theta, rope_dims=int(head_dim * rotary),
+            rope_scaling=_rope_scaling(rope, cfg_file),
+            qkv_bias=kind == "qwen2" or bool(raw.get("attention_bias", glm)),
             tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
             name=Path(raw.get("_name_or_path") or path.name).name or path.name)
     except KeyError as e:
@@ -139,9 +148,12 @@ def iter_state(path: Path, cfg: ModelConfig) -> Iterator[tuple[Path, str, torch.
             yield file, f"layers.{layer}.{_LAYER_KEYS[key]}", tensor
             continue
         ours, slot, n = _FUSED[key]
-        if key.startswith("self_attn.q_proj"):
+        if n == 1:
+            yield file, f"layers.{layer}.{ours}", tensor
+            continue
+        if cfg.family == "llama" and key.startswith("self_attn.q_proj"):
             tensor = _interleave(tensor, cfg.n_head)
-        elif key.startswith("self_attn.k_proj"):
+        elif cfg.family == "llama" and key.startswith("self_attn.k_proj"):
             tensor = _interleave(tensor, cfg.n_kv_head)
         full = f"layers.{layer}.{ours}"
         parts = pending.setdefault(full, [None] * n)
