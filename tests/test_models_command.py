@@ -35,7 +35,19 @@ def tree(tmp_path_factory):
     (root / "qwen-tiny" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
                                                                           "chat_template": QWEN_TEMPLATE}))
     quantized_checkpoint.write(root / "qwen-tiny", root / "qwen-int8", QuantConfig(8))
+    # a LoRA adapter for the ChatGLM3 directory, as PEFT saves one (adapter_config.json, safetensors)
+    from safetensors.torch import save_file
+    (root / "tiny-lora").mkdir()
+    (root / "tiny-lora" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query_key_value"],
+        "base_model_name_or_path": str(root / "chatglm3-tiny")}))
+    prefix = "base_model.model.transformer.encoder.layers.0.self_attention.query_key_value"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 64, dtype=torch.bfloat16),
+               f"{prefix}.lora_B.weight": torch.zeros(96, 4, dtype=torch.bfloat16)},
+              str(root / "tiny-lora" / "adapter_model.safetensors"))
     # what must be skipped, each with its reason
+    (root / "lora-no-weights").mkdir()
+    (root / "lora-no-weights" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("not a model")
     (root / "bad-json").mkdir()
@@ -69,7 +81,13 @@ def test_lists_good_models_and_says_why_others_are_skipped(tree):
     assert found["chatglm3-tiny"]["found"] == str(tree)
     assert any(m["found"] == "default" for m in found.values())          # the embedded default is listed too
     skipped = {line.split(":", 1)[0].removeprefix("skipped ").rsplit("/", 1)[-1]: line for line in r.stderr.splitlines()}
-    assert set(skipped) == {"notes", "bad-json", "unknown-arch", "missing-shard", "truncated.gguf", "random.gguf"}
+    assert set(skipped) == {"notes", "bad-json", "unknown-arch", "missing-shard", "truncated.gguf", "random.gguf",
+                            "lora-no-weights"}
+    assert "adapter with no weights" in skipped["lora-no-weights"]
+    lora = found["tiny-lora"]
+    assert (lora["family"], lora["layout"], lora["parameters"], lora["precision"]) == \
+        ("chatglm3", "LORA adapter r=4", 4 * 64 + 96 * 4, "bf16")
+    assert lora["base"] == str(tree / "chatglm3-tiny")
     assert "no config.json" in skipped["notes"]
     assert "not valid JSON" in skipped["bad-json"]
     assert "gpt_neox" in skipped["unknown-arch"]

@@ -10,7 +10,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list the models here: family, parameters, context, precision, size",
                        description="List the embedded default model, $MODEL_PATH, and every checkpoint in the "
                                    "--models-dir folders (and $GLMKIT_MODELS_DIR, separated by ':'): ChatGLM "
-                                   "and transformers directories, glmkit-quantized checkpoints and GGUF files. "
+                                   "and transformers directories, glmkit-quantized checkpoints, GGUF files and "
+                                   "PEFT adapters (LoRA). "
                                    "Nothing is loaded: the figures come from each checkpoint's metadata.")
     p.set_defaults(run=cmd_models)
     p.add_argument("--models-dir", action="append", metavar="DIR", help="a folder of models (repeatable)")
@@ -34,8 +35,9 @@ def cmd_models(args) -> int:
             print(json.dumps(m.as_dict(), ensure_ascii=False))
     else:
         rows = [("NAME", "FAMILY", "LAYOUT", "PARAMS", "CONTEXT", "PRECISION", "SIZE", "PATH")]
-        rows += [(m.name, m.family, m.layout, _human(m.parameters, ["", "K", "M", "B"]), str(m.context), m.precision,
-                  _human(m.bytes, [" B", " kB", " MB", " GB"]), m.path) for m in found]
+        rows += [(m.name, m.family, m.layout, _human(m.parameters, ["", "K", "M", "B"]), str(m.context or "-"),
+                  m.precision, _human(m.bytes, [" B", " kB", " MB", " GB"]),
+                  m.path + (f"  (adapter for {m.base})" if m.base else "")) for m in found]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

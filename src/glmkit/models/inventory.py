@@ -1,4 +1,4 @@
-"""What models are here: `glmkit models`.
+"""What models are here: `glmkit models` (checkpoints, and PEFT adapters for them).
 
 A checkpoint is described from its metadata alone (config.json, the quantized marker, a GGUF
 header, file sizes), never by loading weights, so listing a folder of 6B checkpoints is instant.
@@ -9,6 +9,7 @@ every tensor against.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ class ModelInfo:
     context: int
     precision: str
     bytes: int
+    base: str = ""       # an adapter's base model, as its adapter_config.json names it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +62,8 @@ def describe(path: Path, found: str = "") -> ModelInfo:
         return _describe_gguf(path, found)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
+    if (path / ADAPTER_CONFIG).is_file():
+        return _describe_adapter(path, found)
     if quantized_checkpoint.is_quantized_dir(path):
         meta = quantized_checkpoint.read_marker(path)
         cfg, family = _config(path)
@@ -86,6 +90,59 @@ def describe(path: Path, found: str = "") -> ModelInfo:
 def _config(path: Path) -> tuple[ModelConfig, str]:
     """A directory's config and family name, whichever family it is."""
     return directory.read_config(path), directory.family(path)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _describe_adapter(path: Path, found: str) -> ModelInfo:
+    """A PEFT adapter directory (LoRA and kin): its kind and rank, its base model, and what its
+    weights hold, read from the safetensors header (a pickle's shapes would need loading it)."""
+    cfg_file = path / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: an adapter with no weights (expected {' or '.join(ADAPTER_WEIGHTS)})")
+    params, precision = 0, "?"
+    if weights.suffix == ".safetensors":
+        header = _safetensors_header(weights)
+        tensors = [t for k, t in header.items() if k != "__metadata__"]
+        params = sum(math.prod(t["shape"]) for t in tensors)
+        dtypes = Counter(t["dtype"] for t in tensors)
+        precision = dtypes.most_common(1)[0][0].lower().replace("f", "fp").replace("bfp", "bf") if dtypes else "?"
+    base = str(cfg.get("base_model_name_or_path") or "")
+    family = "?"
+    if base and Path(base).expanduser().is_dir():
+        try:
+            family = directory.family(Path(base).expanduser())
+        except (OSError, ValueError):
+            pass
+    kind = str(cfg.get("peft_type") or "adapter").replace("_", "-")
+    layout = f"{kind} adapter" + (f" r={cfg['r']}" if isinstance(cfg.get("r"), int) else "")
+    return ModelInfo(str(path), found, path.name, family, layout, params, 0, precision,
+                     _size([cfg_file, weights]), base)
+
+
+def _safetensors_header(f: Path) -> dict:
+    """The JSON header of a safetensors file: tensor names, dtypes and shapes, without the data."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict) or not all(isinstance(t, dict) and isinstance(t.get("shape"), list)
+                                                   for k, t in header.items() if k != "__metadata__"):
+            raise ValueError("unexpected header")
+        return header
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
 
 
 def _describe_gguf(path: Path, found: str) -> ModelInfo:
