@@ -85,23 +85,31 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     name = request.param
-    cls, cfg_cls, extra, make_tok, specials, bos, eos, template, tied = FAMILIES[name]
     out = tmp_path_factory.mktemp(name)
+    hf, ref_tok = write_family(name, out)
+    return name, out, hf, ref_tok
+
+
+def write_family(name, out, **overrides):
+    """A tiny `name` checkpoint in `out`, as transformers saves it; `overrides` go to its config.
+    Returns (the transformers model, its tokenizer with the chat template)."""
+    cls, cfg_cls, extra, make_tok, specials, bos, eos, template, tied = FAMILIES[name]
     tok = make_tok(specials)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": bos, "eos_token": eos, "chat_template": template, "tokenizer_class": "PreTrainedTokenizerFast"}))
     torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
-        initializer_range=0.3, bos_token_id=tok.token_to_id(bos) if bos else None, eos_token_id=tok.token_to_id(eos),
-        **extra)
+    config = getattr(transformers, cfg_cls)(**{
+        **dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+               initializer_range=0.3, bos_token_id=tok.token_to_id(bos) if bos else None,
+               eos_token_id=tok.token_to_id(eos)),
+        **extra, **overrides})
     hf = getattr(transformers, cls)(config).eval()
     hf.save_pretrained(out)
     ref_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token=bos, eos_token=eos)
     ref_tok.chat_template = template
-    return name, out, hf, ref_tok
+    return hf, ref_tok
 
 
 def reference_ids(ref_tok, messages):

@@ -8,7 +8,7 @@ model's backend (`model.with_backend(ScriptedBackend(model.backend, ...))`, or `
 
 A script is the text a model would write: segments separated by '<|assistant|>', each starting
 with its metadata line.  It ends the way the model ends such a reply: <|observation|> after a
-tool or interpreter segment (ChatGLM3), else end-of-sequence."""
+tool or interpreter segment (ChatGLM3, GLM-4), else end-of-sequence."""
 
 from __future__ import annotations
 
@@ -68,7 +68,13 @@ class ScriptedBackend:
         return self.inner.context_length
 
     def _ids(self, reply) -> list[int]:
-        return scripted_reply_ids(self.tokenizer, reply) if isinstance(reply, str) else list(reply)
+        if not isinstance(reply, str):
+            return list(reply)
+        # a tool segment ends with <|observation|> where the format stops there (ChatGLM3, GLM-4;
+        # not ChatGLM2, whose tokenizer has the id but whose prompt has no tool protocol)
+        segments = _is_chatglm(self.tokenizer) and \
+            self.tokenizer.special_id("<|observation|>") in getattr(self.chat_format, "stop_ids", ())
+        return scripted_reply_ids(self.tokenizer, reply, chatglm=segments)
 
     def script_for(self, prompt: Sequence[int]) -> list[int]:
         with self._lock:
