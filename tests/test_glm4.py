@@ -389,6 +389,12 @@ def test_api_tool_calls_in_glm4s_protocol(server):
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "广州"}
     r = client.chat.completions.create(model="default", messages=ask("evil"), tools=[TOOL])
     assert not r.choices[0].message.tool_calls and "refused" in r.choices[0].message.content
+    # no script: the random model writes the arguments itself, constrained by the strict schema
+    strict = {"type": "function", "function": dict(WEATHER, strict=True, parameters=dict(
+        WEATHER["parameters"], properties={"city": {"enum": ["北京", "上海"]}}, additionalProperties=False))}
+    r = client.chat.completions.create(model="default", messages=ask("天气?"), tools=[strict], temperature=1.0,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"] in ("北京", "上海")
 
 
 def test_api_round_trip_writes_the_call_and_result_in_glm4s_format(server, models):

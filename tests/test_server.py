@@ -223,3 +223,44 @@ def test_a_port_in_use_is_one_clear_error_not_a_hang(smol_server):
     proc = subprocess.run([glmkit_bin(), "serve", "--port", port, "--no-embeddings", "--no-console"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "address already in use" in proc.stderr.lower()
+
+
+def test_response_format_constrains_the_reply(client):
+    """json_schema and json_object replies always parse and match (decoding is constrained), at
+    temperature 1, streamed and not; a schema the grammar library cannot compile is a 400."""
+    import json
+
+    import jsonschema
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0},
+                                               "tags": {"type": "array", "items": {"enum": ["big", "old"]}, "maxItems": 2}},
+              "required": ["city", "population", "tags"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model="default", messages=FRANCE, temperature=1.0, n=3, max_tokens=80,
+                                       response_format=fmt)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    chunks = client.chat.completions.create(model="default", messages=FRANCE, temperature=1.0, max_tokens=80,
+                                            response_format={"type": "json_object"}, stream=True)
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}}}
+    with pytest.raises(openai.BadRequestError, match="cannot be used to constrain"):
+        client.chat.completions.create(model="default", messages=FRANCE, response_format=bad)
+
+
+def test_strict_tool_arguments_always_match_the_schema(client):
+    """A named tool with strict: true: the call's arguments are decoded under its schema."""
+    import json
+
+    import jsonschema
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "unit": {"enum": ["celsius", "fahrenheit"]},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "unit", "days"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": params, "strict": True}}
+    r = client.chat.completions.create(model="default", messages=FRANCE, temperature=1.0, n=3, max_tokens=60,
+                                       tools=[tool], tool_choice={"type": "function", "function": {"name": "forecast"}})
+    for c in r.choices:
+        [call] = c.message.tool_calls
+        assert call.function.name == "forecast" and c.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), params)

@@ -68,7 +68,8 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def decode_speed(model, prompts: list[list[int]], new_tokens: int, compiled=None) -> dict:
+def decode_speed(model, prompts: list[list[int]], new_tokens: int, compiled=None,
+                 params: SamplingParams | None = None) -> dict:
     """Time to the first token of every row (prefill), then per decode step, through a Scheduler
     with one slot per prompt (decoding through `compiled`, a CompiledDecode, if given).  Its steps
     run in this thread, as for the Python API (the server's engine thread runs the same steps; see
@@ -76,7 +77,8 @@ def decode_speed(model, prompts: list[list[int]], new_tokens: int, compiled=None
     sched = Scheduler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens,
                       compile=compiled or False)
     t0 = time.perf_counter()
-    handles = [sched.submit(GenerationRequest(p, SamplingParams(temperature=0), new_tokens)) for p in prompts]
+    params = params or SamplingParams(temperature=0)
+    handles = [sched.submit(GenerationRequest(p, params, new_tokens)) for p in prompts]
     firsts = [h.get() for h in handles]           # prefill and the first token of every row
     t1 = time.perf_counter()
     rest = [sum(1 for _ in h) for h, ev in zip(handles, firsts) if not ev.finish]

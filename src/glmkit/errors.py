@@ -21,3 +21,7 @@ class ContextLengthError(GlmkitError):
         super().__init__(message)
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+class GrammarError(GlmkitError):
+    """A schema or grammar that cannot constrain decoding; the message says why (HTTP 400)."""

@@ -51,6 +51,8 @@ def segment_heading(name: str, after_text: bool) -> str:
 class GLM3Protocol:
     observation_role = "observation"
     native = True          # the model was trained to call tools this way
+    json_prefix = "\n"     # a JSON answer is a plain segment: its metadata line comes first, empty
+    call_suffix = None     # a call's arguments are Python-like `tool_call(...)`, not JSON: not constrained
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         if tools:
@@ -113,6 +115,7 @@ class GLM3Protocol:
 
 class GLM4Protocol(GLM3Protocol):
     """GLM-4's calls: the same segments, JSON arguments, code under `python` (chat.glm4)."""
+    call_suffix = ""       # after the forced name line, the arguments are the whole segment
 
     def system_message(self, tools: list[dict], interpreter: bool, system: str | None) -> dict | None:
         listed = list(tools) + ([{"type": glm4.PYTHON}] if interpreter else [])
@@ -209,6 +212,8 @@ TAGGED_INTERPRETER_SYSTEM = (
 class TaggedProtocol:
     observation_role = "observation"   # the template format renders it as its `tool` role
     native = False                     # a convention the model may or may not have been tuned on
+    json_prefix = ""                   # a JSON answer is the whole reply
+    call_suffix = f"}}\n{TOOL_CALL_CLOSE}"   # after forced_start's `"arguments": `, the object, then the close
 
     def api_messages(self, messages: list[dict], tools: list[dict]) -> list[dict]:
         """An OpenAI request's messages and flat tools as plain messages."""

@@ -23,6 +23,9 @@ class SamplingParams:
     top_k: int = 0                  # 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
+    # tokens generated after any forced prefix must follow this grammar (engine/grammar.py): a
+    # compiled, immutable object whose matcher() gives each row its own place in it
+    grammar: object | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.temperature) or self.temperature < 0:

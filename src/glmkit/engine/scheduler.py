@@ -102,6 +102,8 @@ class Scheduler:
         if req.params.seed is not None:
             seq.generator = torch.Generator().manual_seed(req.params.seed)
         seq.seen = torch.tensor(sorted(set(req.prompt)), dtype=torch.long)
+        if req.params.grammar is not None:
+            seq.matcher = req.params.grammar.matcher()
         with self._cv:
             if self.max_queue is not None and len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
@@ -310,6 +312,9 @@ class Scheduler:
         req = s.req
         if s.generated < len(req.forced_prefix):
             tok = req.forced_prefix[s.generated]      # the model ran; the choice is fixed
+        elif s.matcher is not None:                   # a grammar: only the tokens it allows
+            tok = sample_row(s.matcher.mask(logits), req.params, s.seen, s.generator)
+            s.matcher.consume(tok)
         else:
             tok = sample_row(logits, req.params, s.seen, s.generator)
         ev = TokenEvent(tok)

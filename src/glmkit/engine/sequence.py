@@ -26,6 +26,7 @@ class _Seq:
     next_token: int | None = None      # sampled, not yet fed to the model
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None   # token ids the repetition penalty applies to
+    matcher: object = None             # the row's place in its request's grammar (engine/grammar.py)
     cancelled: bool = False
     out: list[int] = field(default_factory=list)     # tokens emitted so far
     notify: object = None              # called (from the scheduler thread) after each event

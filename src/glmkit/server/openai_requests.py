@@ -44,9 +44,16 @@ class ResponseFormat(_Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JSONSchemaFormat | None = None   # required for type json_schema
 
+    def schema(self) -> dict | None:
+        """The JSON schema the reply must match (json_object: any object), or None for text."""
+        if self.type == "text":
+            return None
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else {"type": "object"}
+
     def checker(self):
-        """response_format is validated, not enforced during decoding: a function that says what
-        is wrong with a reply (None when it is acceptable), or None for plain text."""
+        """A function that says what is wrong with a reply (None when it is acceptable), or None
+        for plain text.  Decoding is constrained to the schema where the engine can do it; the
+        check stays for replies it could not constrain (a tool call instead, a forced prefix)."""
         if self.type == "text":
             return None
         if self.type == "json_schema" and self.json_schema is None:
@@ -58,8 +65,7 @@ class ResponseFormat(_Lenient):
             try:
                 value = loads_bounded(content)
             except ValueError as e:
-                return f"the model's reply is not valid JSON ({e}); glmkit validates " \
-                       "response_format but does not constrain decoding, so ask for JSON in the prompt too"
+                return f"the model's reply is not valid JSON ({e})"
             if kind == "json_object" and not isinstance(value, dict):
                 return "the model's reply is JSON but not an object"
             if schema is not None:
@@ -220,6 +226,10 @@ class ChatCompletionRequest(SamplingFields):
                 budget -= check_schema(schema, budget)
             except SchemaRefused as e:
                 raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def strict_tool(self, name: str) -> bool:
+        """Whether the tool `name` asks for arguments that always match its schema (strict)."""
+        return any(t.function.name == name and t.function.strict for t in self.tools or [])
 
     def forced_tool(self, tools: list[dict]) -> str | None:
         """The tool whose call the reply must be (tool_choice 'required' or named), or None."""

@@ -8,13 +8,14 @@ server.run_tools.  Every check of a request's parameters is in its model (openai
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..chat.protocols import TaggedCallParser
 from ..chat.template import PlainReplyParser
-from ..errors import GlmkitError
+from ..errors import GlmkitError, GrammarError
 from .completions import Answer, submit
 from .errors import APIError, StrictJSONRoute
 from .metrics import render_metrics
@@ -64,6 +65,12 @@ async def chat_completions(body: ChatCompletionRequest, server: Server):
     if body.glmkit_run_tools:
         return await run_tools(server, body, params, max_new, json_check)
     tools = body.flat_tools() if body.tool_choice != "none" else []
+    if json_check and not tools:     # with tools the reply may be a call instead: checked, not constrained
+        try:
+            grammar = await asyncio.to_thread(chat_model.json_grammar, body.response_format.schema())
+        except GrammarError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        params = replace(params, grammar=grammar)
     forced = body.forced_tool(tools)
     protocol = chat_model.protocol
     try:
@@ -74,6 +81,13 @@ async def chat_completions(body: ChatCompletionRequest, server: Server):
     # a forced tool: the reply starts as that tool's call (ChatGLM3, GLM-4: its metadata line)
     start = protocol.forced_start(forced) if forced else ""
     schemas = {t["name"]: t.get("parameters") for t in tools}
+    if forced and body.strict_tool(forced):      # the arguments after the forced start follow the schema
+        try:
+            grammar = await asyncio.to_thread(chat_model.json_grammar, schemas[forced] or {"type": "object"}, True)
+        except GrammarError as e:
+            raise APIError(400, str(e), param="tools") from None
+        if grammar is not None:
+            params = replace(params, grammar=grammar)
     choices = submit(chat_model.backend, body.n, prompt, params, chat_model.format.stop_ids, max_new,
                      lambda: protocol.call_parser(chat_model.format.reply_parser(), schemas), body.stops(),
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,
