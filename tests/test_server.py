@@ -264,3 +264,17 @@ def test_strict_tool_arguments_always_match_the_schema(client):
         [call] = c.message.tool_calls
         assert call.function.name == "forecast" and c.finish_reason == "tool_calls"
         jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_tokenize_and_detokenize(smol_server):
+    """llama.cpp server's /tokenize and /detokenize: text typed as a special token stays text."""
+    text = "Hello <|im_start|> wörld 🙂"
+    ids = httpx.post(smol_server + "/tokenize", json={"content": text}).json()["tokens"]
+    assert 1 not in ids and len(ids) > 5                   # 1 is <|im_start|>
+    assert httpx.post(smol_server + "/detokenize", json={"tokens": ids}).json()["content"] == text
+    pieces = httpx.post(smol_server + "/tokenize", json={"content": "Hi 🙂", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == httpx.post(smol_server + "/tokenize", json={"content": "Hi 🙂"}).json()["tokens"]
+    assert pieces[0]["piece"] == "Hi"
+    r = httpx.post(smol_server + "/detokenize", json={"tokens": [10**9]})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+    assert httpx.post(smol_server + "/detokenize", json={"tokens": [1, *ids, 2]}).json()["content"] == text

@@ -258,3 +258,14 @@ class EmbeddingRequest(_Lenient):
     model: str | None = None
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+
+
+class TokenizeRequest(_Lenient):
+    """llama.cpp server's /tokenize: text -> ids (as ordinary text: never special tokens)."""
+    content: str = Field(max_length=1_000_000)
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    """llama.cpp server's /detokenize: ids -> the text users would see (special tokens dropped)."""
+    tokens: list[int] = Field(max_length=1_000_000)

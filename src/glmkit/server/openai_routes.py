@@ -1,5 +1,5 @@
 """The OpenAI-compatible endpoints, one APIRouter: /v1/chat/completions, /v1/completions, /v1/models,
-and the operator's /health and /metrics.
+llama.cpp server's /tokenize and /detokenize, and the operator's /health and /metrics.
 
 A chat request becomes a prompt here (the model's chat format, its tool-call protocol, a forced
 tool's start of call); server.completions answers it; glmkit_run_tools requests go to
@@ -19,7 +19,7 @@ from ..errors import GlmkitError, GrammarError
 from .completions import Answer, submit
 from .errors import APIError, StrictJSONRoute
 from .metrics import render_metrics
-from .openai_requests import ChatCompletionRequest, CompletionRequest
+from .openai_requests import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .openai_responses import ChatCompletion, Completion, ErrorResponse, Health, ModelCard, ModelList
 from .run_tools import run_tools
 from .state import Server, ServerState
@@ -122,6 +122,35 @@ async def completions(body: CompletionRequest, server: Server):
     if body.stream:
         return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
     return await answer.whole()
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, server: Server):
+    """llama.cpp server's shape: {"tokens": [...]}, or with_pieces: [{"id", "piece"}] (the
+    piece as text where its bytes are UTF-8, else its bytes as a list)."""
+    tok = server.chat_model.tokenizer
+    ids = await asyncio.to_thread(tok.encode, body.content)
+    if not body.with_pieces:
+        return {"tokens": ids}
+    pieces = []
+    for i in ids:
+        data = tok.token_bytes(i)
+        try:
+            piece = data.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = list(data)
+        pieces.append({"id": i, "piece": piece})
+    return {"tokens": pieces}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, server: Server):
+    tok = server.chat_model.tokenizer
+    vocab = server.chat_model.config.vocab_size
+    bad = next((i for i in body.tokens if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+    return {"content": await asyncio.to_thread(tok.decode, body.tokens)}
 
 
 def _include_usage(body) -> bool:
