@@ -278,3 +278,15 @@ def test_the_stop_endpoint_returns_once_the_answer_is_stored(base):
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["extras"] == {"stopped": True}
     t.join(30)
     assert not t.is_alive()             # and the stream ended
+
+
+def test_the_api_runs_tools_for_the_default_model_too(base):
+    """glmkit_run_tools is accepted for a model with no tool protocol of its own (the tagged
+    convention), as the console and the terminal run the same agent on it."""
+    r = httpx.post(base + "/v1/chat/completions", timeout=120, json={
+        "model": "default", "messages": [{"role": "user", "content": "multiply"}], "temperature": 0,
+        "max_tokens": 40, "glmkit_run_tools": True})
+    assert r.status_code == 200, r.text
+    step = r.json()["glmkit_steps"][0]
+    assert (step["name"], step["arguments"], json.loads(step["observation"])["result"]) == \
+        ("calculator", {"expression": "6*7"}, 42)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..chat.protocols import TaggedCallParser
@@ -54,7 +54,7 @@ def model(name: str, server: Server):
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}}})
-async def chat_completions(body: ChatCompletionRequest, server: Server):
+async def chat_completions(body: ChatCompletionRequest, server: Server, request: Request):
     _check_model(body.model, server.model_id)
     json_check = body.json_checker()
     if body.tools or json_check:
@@ -63,7 +63,7 @@ async def chat_completions(body: ChatCompletionRequest, server: Server):
     params = body.to_sampling_params(chat_model.default_sampling)
     max_new = body.max_new_tokens(server.config.max_tokens_limit)
     if body.glmkit_run_tools:
-        return await run_tools(server, body, params, max_new, json_check)
+        return await run_tools(server, body, params, max_new, json_check, request)
     tools = body.flat_tools() if body.tool_choice != "none" else []
     if json_check and not tools:     # with tools the reply may be a call instead: checked, not constrained
         try:
