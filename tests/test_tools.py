@@ -1,6 +1,8 @@
 """Tool definitions, the safe parser against a hostile corpus, built-in tools and the agent loop."""
 
 import json
+import os
+import time
 import threading
 from pathlib import Path
 from typing import Annotated, Literal
@@ -135,33 +137,56 @@ def test_schema_from_type_hints():
         "unit": {"enum": ["celsius", "fahrenheit"], "type": "string", "default": "celsius"}}}
 
 
-def test_run_tool_validates_times_out_and_catches():
+def test_run_tool_validates_times_out_and_catches(tmp_path):
     ok = run_tool(as_tool(get_weather), {"city": "Paris"})
     assert ok.ok and json.loads(ok.observation)["city"] == "Paris"
     bad = run_tool(as_tool(get_weather), {"city": 3})
     assert not bad.ok and "city" in bad.error
-
-    release, finished = threading.Event(), threading.Event()
+    pid_file = tmp_path / "pid"
 
     @tool(timeout=0.5)
     def slow() -> str:
-        release.wait(60)         # runs until the test lets it go
-        finished.set()
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(60)
         return "late"
 
     @tool
     def broken() -> str:
         raise RuntimeError("database is down")
 
-    try:
-        late = run_tool(as_tool(slow), {})
-        # the result came back while the tool was still running: run_tool did not wait for it
-        assert not finished.is_set()
-        assert not late.ok and late.error == "tool slow did not finish within 0.5 s"
-    finally:
-        release.set()
+    @tool
+    def crashing() -> str:
+        os._exit(7)              # takes the interpreter down: only its worker's
+
+    t0 = time.monotonic()
+    late = run_tool(as_tool(slow), {})
+    assert time.monotonic() - t0 < 10
+    assert not late.ok and late.error == "tool slow did not finish within 0.5 s (it was stopped)"
+    pid = int(pid_file.read_text())
+    assert pid != os.getpid() and not os.path.exists(f"/proc/{pid}")    # killed, not abandoned
     boom = run_tool(as_tool(broken), {})
-    assert not boom.ok and "database is down" in boom.observation
+    assert not boom.ok and "RuntimeError: database is down" in boom.observation
+    crash = run_tool(as_tool(crashing), {})
+    assert not crash.ok and "crashed" in crash.error and "exit code 7" in crash.error
+    assert run_tool(as_tool(get_weather), {"city": "Oslo"}).ok       # and the next call runs as usual
+
+
+def test_an_agent_continues_after_a_tool_is_stopped(tiny32k):
+    """The agent gets an error observation for a call killed at its timeout, and answers."""
+    from glmkit.chat.agent import Agent, Finished, Observation
+    from glmkit.chat.scripted import ScriptedBackend
+
+    @tool(timeout=0.5)
+    def hang(x: int) -> int:
+        """never returns"""
+        time.sleep(60)
+        return x
+    script = 'hang\n ```python\ntool_call(x=1)\n```'
+    model = tiny32k.with_backend(ScriptedBackend(tiny32k.backend, [script]))
+    events = list(Agent(model, [hang], max_steps=1).run("go", max_new_tokens=40, temperature=0))
+    [obs] = [e for e in events if isinstance(e, Observation)]
+    assert not obs.result.ok and "did not finish within 0.5 s" in obs.result.observation
+    assert isinstance(events[-1], Finished) and events[-1].reason == "answered"
 
 
 def test_long_observations_are_truncated():

@@ -1,12 +1,12 @@
 """Tools the model may call: loading them (the builtin demo tools, a tools file) and running them.
 
-Running a tool validates the arguments against its schema first and applies a timeout; whatever
-happens, the result is an observation the model can read (JSON), never an exception that escapes.
+Running a tool validates the arguments against its schema first, then runs it in a worker process
+with a timeout (a call past it is killed); whatever happens, the result is an observation the model
+can read (JSON), never an exception that escapes.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +82,77 @@ def _truncate(text: str, limit: int = MAX_OBSERVATION_CHARS) -> str:
     return text[:limit] + f"… [truncated {len(text) - limit} characters]"
 
 
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="glmkit-tool")
+MAX_WORKERS = 4      # tool calls running at once, each in its own worker process
+
+
+class _Workers:
+    """Where Python tools run: a worker process per call, at most MAX_WORKERS at a time.
+
+    A process, not a thread, so that a call past its timeout can be killed (Python cannot stop a
+    thread) and a tool that crashes the interpreter (os._exit, a segfault in an extension) takes
+    only its own process with it.  Each is forked fresh from this process, so it has every tool as
+    loaded here (a tools file, a function defined in a notebook) without pickling the function,
+    and no call sees what an earlier one left behind.  Arguments and results cross as pickles."""
+
+    def __init__(self, size: int = MAX_WORKERS):
+        import threading
+        self._slots = threading.BoundedSemaphore(size)
+
+    def call(self, fn, arguments: dict, timeout: float):
+        """fn(**arguments) in a worker: its value, or TimeoutError (the worker killed), or
+        ToolCrashed / the exception the tool raised (as _ToolRaised)."""
+        import multiprocessing
+        ctx = multiprocessing.get_context("fork")
+        with self._slots:
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_work, args=(send, fn, arguments), daemon=True, name="glmkit-tool")
+            proc.start()
+            send.close()                     # the child's end: EOF here once the child is gone
+            try:
+                if not receive.poll(timeout):
+                    raise TimeoutError
+                try:
+                    kind, payload = receive.recv()
+                except EOFError:             # the child died without a word
+                    proc.join(5)
+                    raise ToolCrashed(f"its process ended with exit code {proc.exitcode}") from None
+            finally:
+                receive.close()
+                if proc.is_alive():
+                    proc.kill()              # a timeout: the call is stopped, not abandoned
+                proc.join(5)
+        if kind == "ok":
+            return payload
+        raise _ToolRaised(*payload)
+
+
+class ToolCrashed(Exception):
+    """A tool's worker process died without an answer."""
+
+
+class _ToolRaised(Exception):
+    """What a tool raised in its worker: (type name, message)."""
+
+
+def _work(send, fn, arguments):
+    """In the worker: run the tool, send back ("ok", value) or ("error", (type, message))."""
+    try:
+        value = fn(**arguments)
+        try:
+            send.send(("ok", value))
+        except Exception:                    # a value that does not pickle: its text instead
+            send.send(("ok", str(value)))
+    except BaseException as e:
+        send.send(("error", (type(e).__name__, str(e))))
+    finally:
+        send.close()
+
+
+_workers = _Workers()
 
 
 def run_tool(t: Tool, arguments: dict) -> ToolResult:
-    """Validate, run with a timeout, and turn the outcome into an observation."""
+    """Validate, run in a worker process with a timeout, and turn the outcome into an observation."""
     def fail(msg: str) -> ToolResult:
         return ToolResult(False, json.dumps({"error": msg}, ensure_ascii=False), error=msg)
     try:
@@ -95,13 +161,15 @@ def run_tool(t: Tool, arguments: dict) -> ToolResult:
         return fail(str(e))
     if t.function is None:
         return fail(f"tool {t.name} has no implementation here")
-    future = _pool.submit(t.function, **arguments)
     try:
-        value = future.result(timeout=t.timeout)
-    except concurrent.futures.TimeoutError:
-        return fail(f"tool {t.name} did not finish within {t.timeout:g} s")
-    except Exception as e:  # the tool's own bug: reported to the model, not raised
-        return fail(f"tool {t.name} raised {type(e).__name__}: {e}")
+        value = _workers.call(t.function, arguments, t.timeout)
+    except TimeoutError:
+        return fail(f"tool {t.name} did not finish within {t.timeout:g} s (it was stopped)")
+    except ToolCrashed as e:
+        return fail(f"tool {t.name} crashed: {e}")
+    except _ToolRaised as e:             # the tool's own bug: reported to the model, not raised
+        kind, message = e.args
+        return fail(f"tool {t.name} raised {kind}: {message}")
     try:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
