@@ -45,12 +45,12 @@ def client(base):
 
 
 def ask(client, text, **kw):
-    return client.messages.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": text}],
+    return client.messages.create(model="claude-sonnet-4-6", messages=[{"role": "user", "content": text}],
                                   **{"max_tokens": 60, **T0, **kw})
 
 
 def test_plain_message(client):
-    r = client.messages.create(model="claude-sonnet-4-5", messages=FRANCE, max_tokens=20, **T0)
+    r = client.messages.create(model="claude-sonnet-4-6", messages=FRANCE, max_tokens=20, **T0)
     assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_")
     assert r.model.startswith("SmolLM2")          # any name is accepted; the served model is named
     [block] = r.content
