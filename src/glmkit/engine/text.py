@@ -28,6 +28,7 @@ class StopStrings:
         self._matched = [0] * len(self.stops)   # per stop: how much of it the text now ends with
         self._held = ""
         self.hit = False
+        self.matched: str | None = None         # after a hit: the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Text safe to show now; sets `hit` when a stop string completes."""
@@ -35,7 +36,7 @@ class StopStrings:
             return "" if self.hit else text
         buf, base = self._held + text, len(self._held)
         for pos, ch in enumerate(text):
-            done = 0
+            done, which = 0, None
             for j, s in enumerate(self.stops):
                 k = self._matched[j]
                 while k and ch != s[k]:
@@ -43,10 +44,12 @@ class StopStrings:
                 if ch == s[k]:
                     k += 1
                 if k == len(s):
-                    done, k = max(done, k), self._fail[j][k - 1]
+                    if k > done:
+                        done, which = k, s
+                    k = self._fail[j][k - 1]
                 self._matched[j] = k
             if done:      # the first stop string to complete (the longest, if several end here) ends the text
-                self.hit, self._held = True, ""
+                self.hit, self.matched, self._held = True, which, ""
                 return buf[:base + pos + 1 - done]
         keep = max(self._matched)
         self._held = buf[len(buf) - keep:] if keep else ""

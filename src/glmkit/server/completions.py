@@ -103,6 +103,7 @@ class Piece:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    items: list = field(default_factory=list)     # the text and calls in the order they came
 
 
 class Choice:
@@ -129,7 +130,7 @@ class Choice:
             if self.tokens.finish_reason:
                 self.handle.cancel()         # after a stop string the engine must stop too
                 items += self.tokens.finish()
-            piece = Piece(logprobs=(self.tokens.logprobs or [])[seen:])
+            piece = Piece(logprobs=(self.tokens.logprobs or [])[seen:], items=items)
             for item in items:
                 if isinstance(item, str):
                     piece.content += item

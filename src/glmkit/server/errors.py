@@ -1,4 +1,6 @@
-"""Every refusal the server sends is one OpenAI-shaped error body: {"error": {message, type, param, code}}.
+"""Every refusal the server sends is one OpenAI-shaped error body: {"error": {message, type, param, code}},
+except on the Anthropic Messages API's paths (server.anthropic_api), whose clients read Anthropic's
+{"type": "error", "error": {type, message}}: `for_path` reshapes a refusal there.
 
 Here are APIError (what a route raises), the exception handlers that turn everything else a
 request can cause (a pydantic validation error, a full queue, a prompt too long, a GlmkitError
@@ -49,6 +51,27 @@ class BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int):
         super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def for_path(path: str, response: JSONResponse) -> JSONResponse:
+    """An error response as the client of `path` reads it: Anthropic's shape under /v1/messages,
+    the response itself elsewhere (its status and headers, Retry-After included, are kept)."""
+    if path != "/v1/messages" and not path.startswith("/v1/messages/"):
+        return response
+    message = json.loads(response.body)["error"]["message"]
+    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+    return JSONResponse(anthropic_error_body(response.status_code, message), response.status_code, headers)
 
 
 # -- request bodies: strict JSON -----------------------------------------------------------------
@@ -138,11 +161,15 @@ class StrictJSONRoute(APIRoute):
 
 # -- exception handlers --------------------------------------------------------------------------
 def add_error_handlers(app) -> None:
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(QueueFull, _queue_full)
-    app.add_exception_handler(GlmkitError, _request_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for exc, handler in ((APIError, _api_error), (QueueFull, _queue_full), (GlmkitError, _request_error),
+                         (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error)):
+        app.add_exception_handler(exc, _shaped(handler))
+
+
+def _shaped(handler):
+    async def shaped(request: Request, exc: Exception):
+        return for_path(request.url.path, await handler(request, exc))
+    return shaped
 
 
 async def _api_error(request: Request, exc: APIError):

@@ -13,7 +13,7 @@ import uuid
 from starlette.requests import Request
 
 from .auth import authorized, needs_key
-from .errors import BodyTooLarge, error_response
+from .errors import BodyTooLarge, error_response, for_path
 from .metrics import route_label
 
 log = logging.getLogger("glmkit.server")
@@ -71,7 +71,7 @@ class Guard:
                 if started:
                     return                  # a response already began: nothing more can be said
             if resp is not None:
-                await resp(scope, receive, tagged_send)
+                await for_path(path, resp)(scope, receive, tagged_send)
         finally:
             key = (route_label(scope, self.routes), status)
             self.counts[key] = self.counts.get(key, 0) + 1
