@@ -136,6 +136,9 @@ class _ToolRaised(Exception):
 
 def _work(send, fn, arguments):
     """In the worker: run the tool, send back ("ok", value) or ("error", (type, message))."""
+    import sys
+    if "torch" in sys.modules:           # a forked child must not enter the parent's OpenMP pool
+        sys.modules["torch"].set_num_threads(1)
     try:
         value = fn(**arguments)
         try:
