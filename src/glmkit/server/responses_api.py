@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -64,12 +66,13 @@ async def create_response(body: ResponsesRequest, request: Request, server: Serv
         history = kept["messages"]
     new = body.input_messages()
     chat = body.chat_request(history + new)
-    json_check = chat.json_checker()
-    if chat.tools or json_check:
-        await asyncio.to_thread(chat.check_schemas)     # jsonschema's meta-schema check is slow
-    params = chat.to_sampling_params(server.chat_model.default_sampling)
     max_new = body.max_new_tokens(server.config.max_tokens_limit)
-    prompt, [choice] = await chat_choices(server, chat, params, max_new, json_check)
+    with _responses_params():
+        json_check = chat.json_checker()
+        if chat.tools or json_check:
+            await asyncio.to_thread(chat.check_schemas)     # jsonschema's meta-schema check is slow
+        params = chat.to_sampling_params(server.chat_model.default_sampling)
+        prompt, [choice] = await chat_choices(server, chat, params, max_new, json_check)
     run = ResponseRun(server.model_id, body, params, len(prompt), choice, json_check,
                       store if body.store else None, owner, history + new)
     if body.stream:
@@ -97,7 +100,28 @@ async def delete_response(rid: str, request: Request, server: Server):
         await asyncio.to_thread(store.delete_response, _owner(request, server), rid)
     except NotFound:
         raise _not_found(rid) from None
-    return {"id": rid, "object": "response.deleted", "deleted": True}
+    return {"id": rid, "object": "response", "deleted": True}
+
+
+# the chat request's field names, as this request names them
+_PARAMS = [(re.compile(r"^messages\b"), "input"), (re.compile(r"^response_format(\.json_schema)?"), "text.format"),
+           (re.compile(r"^tools\[(\d+)\]\.function\."), r"tools[\1].")]
+
+
+@contextmanager
+def _responses_params():
+    """A refusal of the chat machinery names the field of the Responses request, not the chat
+    request's (`text.format.schema`, not `response_format.json_schema.schema`)."""
+    try:
+        yield
+    except APIError as e:
+        if e.param:
+            new = e.param
+            for pattern, to in _PARAMS:
+                new = pattern.sub(to, new)
+            e.message = e.message.replace(e.param + ":", new + ":")
+            e.param = new
+        raise
 
 
 class ResponseRun:
