@@ -64,6 +64,17 @@ async def chat_completions(body: ChatCompletionRequest, server: Server, request:
     max_new = body.max_new_tokens(server.config.max_tokens_limit)
     if body.glmkit_run_tools:
         return await run_tools(server, body, params, max_new, json_check, request)
+    prompt, choices = await chat_choices(server, body, params, max_new, json_check)
+    answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body))
+    if body.stream:
+        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await answer.whole()
+
+
+async def chat_choices(server: ServerState, body: ChatCompletionRequest, params, max_new: int, json_check):
+    """A chat request's prompt and its submitted choices (constrained to response_format's schema,
+    or to a forced strict tool's): /v1/chat/completions and /v1/responses share this."""
+    chat_model = server.chat_model
     tools = body.flat_tools() if body.tool_choice != "none" else []
     if json_check and not tools:     # with tools the reply may be a call instead: checked, not constrained
         try:
@@ -92,10 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, server: Server, request:
                      lambda: protocol.call_parser(chat_model.format.reply_parser(), schemas), body.stops(),
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                      forced_prefix=chat_model.tokenizer.encode(start) if start else ())
-    answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body))
-    if body.stream:
-        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
-    return await answer.whole()
+    return prompt, choices
 
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})

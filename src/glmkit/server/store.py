@@ -43,6 +43,19 @@ MIGRATIONS = [
         UNIQUE (conversation_id, seq)
     );
     """,
+    # 2: /v1/responses kept for previous_response_id: the whole conversation through each response
+    # (input and output, as OpenAI chat messages) and the response object that GET returns
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created REAL NOT NULL,
+        previous_id TEXT,
+        messages TEXT NOT NULL,
+        response TEXT NOT NULL
+    );
+    CREATE INDEX responses_owner ON responses(owner, created);
+    """,
 ]
 
 
@@ -164,6 +177,34 @@ class Store:
             if db.execute("SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone() is None:
                 raise NotFound(cid)
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND seq > ?", (cid, keep_through_seq))
+
+    # -- /v1/responses ----------------------------------------------------------------------
+    def save_response(self, owner: str, rid: str, previous_id: str | None, messages: list[dict],
+                      response: dict) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                       (rid, owner, time.time(), previous_id, json.dumps(messages, ensure_ascii=False, allow_nan=False),
+                        json.dumps(response, ensure_ascii=False, allow_nan=False)))
+
+    def get_response(self, owner: str, rid: str) -> dict:
+        """{"messages": the conversation through it, "response": the response object}; NotFound
+        for an id that is not there or is another owner's (the two look the same)."""
+        row = self._db().execute("SELECT messages, response FROM responses WHERE id = ? AND owner = ?",
+                                 (rid, owner)).fetchone()
+        if row is None:
+            raise NotFound(rid)
+        try:
+            messages, response = json.loads(row["messages"]), json.loads(row["response"])
+        except (TypeError, ValueError, RecursionError):
+            raise NotFound(rid) from None       # an unreadable row (a hand edit) is as good as gone
+        if not isinstance(messages, list) or not isinstance(response, dict):
+            raise NotFound(rid)
+        return {"messages": messages, "response": response}
+
+    def delete_response(self, owner: str, rid: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM responses WHERE id = ? AND owner = ?", (rid, owner)).rowcount == 0:
+                raise NotFound(rid)
 
     # -- export ----------------------------------------------------------------------------
     def export_json(self, owner: str, cid: str) -> str:
