@@ -4,6 +4,9 @@
 schema, the model listing, and Ollama's error shape."""
 
 import json
+import subprocess
+import sys
+import time
 
 import httpx
 import jsonschema
@@ -18,9 +21,9 @@ CALC = {"type": "function", "function": {"name": "calculator", "description": "A
 SCRIPT = {"What is 6*7?": 'Let me compute.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}'
                           '\n</tool_call>'}
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-GREEDY = {"temperature": 0, "num_predict": 20}
+GREEDY = {"temperature": 0, "num_predict": 10}
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "role"],
-          "properties": {"name": {"type": "string", "maxLength": 10},
+          "properties": {"name": {"type": "string", "maxLength": 8},
                          "age": {"type": "integer", "minimum": 0, "maximum": 130},
                          "role": {"enum": ["admin", "user", "guest"]}}}
 
@@ -42,7 +45,7 @@ def test_chat_stream_equals_non_stream(client):
     full = client.chat(model="default", messages=FRANCE, options=GREEDY, stream=False)
     assert full.done and full.done_reason in ("stop", "length") and full.message.role == "assistant"
     assert full.message.content.strip() and not full.message.tool_calls
-    assert full.prompt_eval_count > 10 and 0 < full.eval_count <= 20
+    assert full.prompt_eval_count > 10 and 0 < full.eval_count <= GREEDY["num_predict"]
     assert full.total_duration >= full.eval_duration > 0 and full.load_duration == 0
     chunks = list(client.chat(model="default", messages=FRANCE, options=GREEDY, stream=True))
     assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
@@ -50,15 +53,14 @@ def test_chat_stream_equals_non_stream(client):
     last = chunks[-1]
     assert last.done_reason == full.done_reason and last.eval_count == full.eval_count
     assert last.prompt_eval_count == full.prompt_eval_count
-
-
-def test_num_predict_and_stop(client):
-    r = client.chat(model="default", messages=FRANCE, options={"temperature": 0, "num_predict": 2})
-    assert r.done_reason == "length" and r.eval_count == 2
-    full = client.chat(model="default", messages=FRANCE, options=GREEDY).message.content
-    word = full.split()[1]
+    # options: num_predict cuts the reply, a stop string ends it before the string
+    short = client.chat(model="default", messages=FRANCE, options={"temperature": 0, "num_predict": 2})
+    assert short.done_reason == "length" and short.eval_count == 2
+    assert full.message.content.startswith(short.message.content)
+    word = full.message.content.split()[1]
     cut = client.chat(model="default", messages=FRANCE, options={**GREEDY, "stop": [word]})
-    assert cut.message.content == full[:full.index(word)] and cut.done_reason == "stop"
+    assert cut.message.content == full.message.content[:full.message.content.index(word)]
+    assert cut.done_reason == "stop"
 
 
 def test_tool_call_and_round_trip(client):
@@ -75,17 +77,18 @@ def test_tool_call_and_round_trip(client):
     assert "".join(ch.message.content or "" for ch in chunks) == "Let me compute.\n"
     # the result goes back as a tool message; the model answers (not scripted: free text)
     messages += [r.message, {"role": "tool", "content": "42", "tool_name": "calculator"}]
-    after = client.chat(model="default", messages=messages, tools=[CALC], options=GREEDY)
+    after = client.chat(model="default", messages=messages, tools=[CALC], options={"temperature": 0, "num_predict": 3})
     assert after.done and isinstance(after.message.content, str)
 
 
-def test_format_schema_at_temperature_one(client):
-    for i in range(3):
-        r = client.chat(model="default", messages=[{"role": "user", "content": "Describe a person as JSON."}],
-                        format=PERSON, options={"temperature": 1.0, "top_p": 1.0, "num_predict": 60})
-        jsonschema.validate(json.loads(r.message.content), PERSON)
+def test_format(client):
+    """Decoded under the schema: a sampled reply still parses and matches (bounded: short)."""
+    r = client.chat(model="default", messages=[{"role": "user", "content": "Describe a person as JSON."}],
+                    format=PERSON, options={"temperature": 1.0, "top_p": 1.0, "seed": 7, "num_predict": 40})
+    assert r.done_reason == "stop"
+    jsonschema.validate(json.loads(r.message.content), PERSON)
     r = client.generate(model="default", prompt="Give me a JSON object.", format="json",
-                        options={"temperature": 1.0, "num_predict": 60, "seed": 1})
+                        options={"temperature": 0, "num_predict": 40})
     assert r.done_reason == "stop" and isinstance(json.loads(r.response), dict)
 
 
@@ -97,8 +100,8 @@ def test_generate_stream_and_not(client):
     assert "".join(c.response for c in chunks) == full.response and chunks[-1].done
     assert chunks[-1].done_reason == full.done_reason
     raw = client.generate(model="default", prompt="The capital of France is", raw=True,
-                          options={"temperature": 0, "num_predict": 5})
-    assert raw.done_reason == "length" and raw.eval_count == 5
+                          options={"temperature": 0, "num_predict": 2})
+    assert raw.done_reason == "length" and raw.eval_count == 2
     # a raw prompt has fewer tokens than the same text in the chat format
     assert raw.prompt_eval_count < full.prompt_eval_count
 
@@ -150,6 +153,12 @@ def test_a_client_that_goes_away_stops_the_generation(server):
         health = httpx.get(server + "/health").json()
         if health["running"] == 0:
             break
-        import time
         time.sleep(0.1)
     assert health["running"] == 0 and health["waiting"] == 0
+
+
+def test_the_routes_load_without_torch():
+    """Like the other routers: only create_app's scheduler needs torch (the listing imports it late)."""
+    code = "import sys, glmkit.server.ollama_api; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

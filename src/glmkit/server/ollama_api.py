@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -68,7 +69,7 @@ async def chat(body: ChatRequest, server: Server):
     started = time.perf_counter_ns()
     _check_model(body.model, server)
     if not body.messages:           # Ollama loads the model and answers at once
-        return _loaded(body, server, {"message": {"role": "assistant", "content": ""}})
+        return _loaded(server, {"message": {"role": "assistant", "content": ""}})
     chat_model, protocol = server.chat_model, server.chat_model.protocol
     tools = body.flat_tools()
     params, json_check = await _format(body, server, constrain=not tools, tools=body.tools or [])
@@ -87,7 +88,7 @@ async def generate(body: GenerateRequest, server: Server):
     started = time.perf_counter_ns()
     _check_model(body.model, server)
     if not body.prompt:             # Ollama loads the model and answers at once
-        return _loaded(body, server, {"response": ""})
+        return _loaded(server, {"response": ""})
     chat_model = server.chat_model
     tokenizer = chat_model.tokenizer
     if body.raw:
@@ -136,7 +137,8 @@ async def show(body: ShowRequest, server: Server):
     return {"modified_at": entry["modified_at"], "details": entry["details"],
             "parameters": "\n".join(f"{k:<30} {v}" for k, v in defaults.items()),
             "template": chat_model.checkpoint.chat_template or "",    # ChatGLM's formats are code, not a template
-            "modelfile": f"# served by glmkit {__version__}\nFROM {chat_model.checkpoint.source}\n",
+            # the file's name, not its path: the server's directories are nobody's business
+            "modelfile": f"# served by glmkit {__version__}\nFROM {Path(chat_model.checkpoint.source).name}\n",
             "model_info": {"general.architecture": family, "general.name": chat_model.name,
                            "general.parameter_count": info.get("parameters", 0),
                            f"{family}.context_length": server.scheduler.max_seq_len,
@@ -192,7 +194,7 @@ class _Reply:
     choice: Choice
     prompt_tokens: int
     started: int                        # time.perf_counter_ns() when the request arrived
-    json_check: object = None           # format not constrained (tools): what is wrong with a reply
+    json_check: Callable[[str], str | None] | None = None   # format, not constrained (tools): what is wrong
     first: int | None = field(default=None)   # when the first token came: prompt evaluation ends
 
     def _part(self, text: str, calls=(), done: bool = False) -> dict:
@@ -253,7 +255,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _loaded(body: _Generation, server: ServerState, empty: dict) -> dict:
+def _loaded(server: ServerState, empty: dict) -> dict:
     """Ollama's answer to a request with nothing to generate: the model is loaded (it always is)."""
     return {"model": server.model_id, "created_at": _now(), **empty, "done": True, "done_reason": "load"}
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..chat.json_schema import MAX_CONTAINERS, SchemaRefused, check_schema
+from ..chat.json_schema import MAX_CONTAINERS, SchemaRefused, check_schema, containers
 from ..chat.openai_compat import flat_tools
 from ..engine.requests import SamplingParams
 from .errors import APIError
@@ -94,6 +94,12 @@ class Options(_Lenient):
 class FunctionCall(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     arguments: dict[str, Any] = Field(default_factory=dict)    # an object, not JSON text (unlike OpenAI)
+
+    @field_validator("arguments")
+    @classmethod
+    def _bounded(cls, v):
+        containers(v)       # as deep as the chat layer reads arguments (ValueError: a 400), never a RecursionError
+        return v
 
 
 class ToolCall(_Lenient):
