@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..engine.scheduler import Scheduler
-from . import anthropic_api, console, embeddings, openai_routes, responses_api
+from . import anthropic_api, console, embeddings, ollama_api, openai_routes, responses_api
 from .errors import StrictJSONRoute, add_error_handlers
 from .middleware import Guard
 from .state import ServerConfig, ServerState
@@ -56,7 +56,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    routers = [openai_routes.router, anthropic_api.router, responses_api.router]
+    routers = [openai_routes.router, anthropic_api.router, responses_api.router, ollama_api.router]
     if embedder is not None:
         routers.append(embeddings.router)
     if config.data_dir is not None:
