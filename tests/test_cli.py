@@ -226,3 +226,24 @@ def test_ctrl_c_stops_a_running_cell_and_the_next_answer_runs_code(tiny32k, tmp_
     assert "[failed] ```result\nStopped; the kernel was restarted" in err      # not "Timed out after 30 s"
     assert "[interrupted]" in out
     assert "[result] ```result\n42\n```" in err
+
+
+def test_help_and_argument_errors_import_nothing_heavy():
+    """`glmkit --help` and a bad argument load neither torch, the server, jsonschema nor jinja2
+    (they take seconds to import; a user asking for help should not wait)."""
+    import subprocess
+    import sys
+    probe = ("import sys, contextlib, io\n"
+             "from glmkit.cli import main\n"
+             "for argv in (['--help'], ['chat', '--threads', 'two'], ['serve', '--help']):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+             "        try:\n"
+             "            main(argv)\n"
+             "        except SystemExit:\n"
+             "            pass\n"
+             "heavy = [m for m in ('torch', 'jsonschema', 'jinja2', 'fastapi', 'glmkit.server', 'glmkit.chat_model')\n"
+             "         if m in sys.modules]\n"
+             "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
