@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from glmkit.models.quantize import QTensor, _pack_int4, quantize_int4, quantize_int8  # noqa: E402
+from glmkit.models.quantize import QTensor, pack_int4, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {"chatglm3-6b": [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696)],
           "smollm2-135m": [(960, 576), (576, 576), (3072, 576), (576, 1536)]}
@@ -54,7 +54,7 @@ def main():
             w = torch.randn(n, k) * 0.02
             q8, s8 = quantize_int8(w)
             q4 = QTensor(4, *quantize_int4(w, g), g)
-            layers.append(dict(q8=q8, s8=s8.bfloat16(), p4=_pack_int4(q4.q, torch.device("cpu")),
+            layers.append(dict(q8=q8, s8=s8.bfloat16(), p4=pack_int4(q4.q, torch.device("cpu")),
                                sz=q4.scales.bfloat16(), dense=q4.dequantize().bfloat16()))
         for m in rows:
             xs = [torch.randn(m, k).bfloat16() for _, k in shapes]

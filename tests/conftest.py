@@ -1,6 +1,8 @@
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,18 @@ import pytest
 # `glmkit` commands started by tests decode eagerly: a background compilation in each would cost a
 # minute of CPU per process (tests/test_compiled_step.py tests the compiled step)
 os.environ.setdefault("GLMKIT_NO_COMPILE", "1")
+
+# one GGUF start cache (models/gguf_cache.py) for the whole run, outside the user's ~/.cache: the
+# first default-model load converts the file once and every later one, in-process or a test's
+# server, starts from it.  Removed when the run ends (pytest_unconfigure).
+_OWN_CACHE = "GLMKIT_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["GLMKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="glmkit-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["GLMKIT_CACHE_DIR"], ignore_errors=True)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "chatglm3-tiny"          # safetensors shards

@@ -32,7 +32,7 @@ def weights(seed=0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def write_gguf(path, qtype, arch="llama", tied=False):
+def write_gguf(path, qtype, arch="llama", tied=False, seed=0):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(128)
@@ -50,7 +50,7 @@ def write_gguf(path, qtype, arch="llama", tied=False):
     w.add_token_merges([])
     w.add_eos_token_id(2)
     w.add_chat_template(TEMPLATE)
-    for name, t in weights().items():
+    for name, t in weights(seed).items():
         if tied and name == "output.weight":
             continue                           # the output layer is the embedding matrix
         if t.ndim == 1 or qtype == Q.F32:

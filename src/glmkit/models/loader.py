@@ -92,14 +92,8 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
     if _is_gguf(path):  # by magic bytes, whatever the file is called
-        from .gguf_llama import GGUFFile
-        gf = GGUFFile(path)
-        cfg = gf.config()
-        prequantized = gf.has_quantized_linears()
-        tokenizer = gf.tokenizer()
-        state, template = gf.iter_state(cfg), gf.chat_template()
-        prompt_format = None
-    elif path.is_dir():
+        return _load_gguf(path, device, dtype, progress, quant)
+    if path.is_dir():
         cfg = directory.read_config(path)
         tokenizer, template = directory.tokenizer_and_template(path)
         if quantized_checkpoint.is_quantized_dir(path):
@@ -114,6 +108,39 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     torch_dtype = pick_dtype(dtype, device, quantized=quantized)
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
     return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
+
+
+def _load_gguf(path: Path, device: str, dtype, progress: bool, quant: QuantConfig | None) -> Checkpoint:
+    """A GGUF file, from its cached conversion when there is a good one (models/gguf_cache.py)."""
+    from . import gguf_cache
+    from .gguf_llama import GGUFFile
+    # only files with quantized layers are cached (the default model's kind), so the load dtype is
+    # known before the file is read
+    cacheable = gguf_cache.applies(path, device, quant)
+    cached_dtype = pick_dtype(dtype, device, quantized=True)
+    entry = gguf_cache.lookup(path, cached_dtype) if cacheable else None
+    if entry is not None:
+        try:
+            transformer = build(entry.config, entry.iter_state(), cached_dtype, device, progress, source=path)
+            return Checkpoint(transformer, entry.tokenizer(), entry.config, path, entry.chat_template)
+        except (gguf_cache.CacheUnusable, CheckpointError) as e:
+            gguf_cache.discard(path, cached_dtype, f"the cached copy of {path.name} is not used ({e}); rebuilding it")
+    gf = GGUFFile(path)
+    cfg = gf.config()
+    prequantized = gf.has_quantized_linears()
+    tokenizer = gf.tokenizer()
+    torch_dtype = pick_dtype(dtype, device, quantized=(quant.bits > 0) if quant is not None else prequantized)
+    state = gf.iter_state(cfg)
+    recorder = None
+    if cacheable and prequantized:
+        gguf_cache.note(f"first load of {path.name}: keeping a converted copy in {gguf_cache.cache_root()} "
+                        "so later starts take a second")
+        recorder = gguf_cache.Recorder(path, torch_dtype)
+        state = recorder.wrap(state)
+    transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
+    if recorder is not None:
+        recorder.save(cfg, tokenizer.state(), gf.chat_template())
+    return Checkpoint(transformer, tokenizer, cfg, path, gf.chat_template())
 
 
 def _is_gguf(path: Path) -> bool:

@@ -82,6 +82,7 @@ class QTensor:
     scales: Tensor
     group_size: int = 0
     dense: Tensor | None = None    # the float values, when the reader had them anyway (GGUF): saves a dequantization
+    packed: Tensor | None = None   # int4: q in the CPU kernel's layout, when a cache kept it (models/gguf_cache.py)
 
     @property
     def shape(self) -> torch.Size:
@@ -255,7 +256,7 @@ def kernel_ready(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _pack_int4(q: Tensor, device: torch.device, inner_k_tiles: int = 8) -> Tensor:
+def pack_int4(q: Tensor, device: torch.device, inner_k_tiles: int = 8) -> Tensor:
     """q [N, K] uint8 values 0..15 -> the kernel's packed layout on `device`."""
     if device.type == "cuda":
         packed_pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
@@ -311,7 +312,9 @@ class Int4Linear(nn.Module):
         self.load_quantized(QTensor(4, *quantize_int4(w, self.group_size), self.group_size), w.device, dtype, dense)
 
     def load_quantized(self, qt: QTensor, device, dtype: torch.dtype, dense: bool = False):
-        self.weight = kernel_ready(_pack_int4(qt.q, torch.device(device)))
+        device = torch.device(device)
+        packed = qt.packed if qt.packed is not None and device.type == "cpu" else pack_int4(qt.q, device)
+        self.weight = kernel_ready(packed)
         self.scales_and_zeros = kernel_ready(qt.scales.to(device=device, dtype=dtype))
         keep_dense(self, qt.dequantize().to(device=device, dtype=dtype) if dense else None)
 

@@ -67,3 +67,19 @@ class GGUFBPETokenizer(ByteTableTokenizer):
                 self._bytes.append(t.encode("utf-8"))
             else:
                 self._bytes.append(bytes(inv[c] for c in t) if all(c in inv for c in t) else t.encode("utf-8"))
+
+    def state(self) -> dict:
+        """Everything this tokenizer is, as JSON values: models/gguf_cache.py keeps it so that a
+        later start skips the GGUF reader and the table building above (about a second)."""
+        return {"hf": self._hf.to_str(), "bytes": [b.decode("latin-1") for b in self._bytes],
+                "specials": self.specials, "eos_id": self.eos_id, "bos_id": self.bos_id}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GGUFBPETokenizer":
+        tok = cls.__new__(cls)
+        tok._hf = HFTokenizer.from_str(state["hf"])
+        tok._bytes = [s.encode("latin-1") for s in state["bytes"]]
+        tok.vocab_size = len(tok._bytes)
+        tok.specials = {str(k): int(v) for k, v in state["specials"].items()}
+        tok.eos_id, tok.bos_id = int(state["eos_id"]), state["bos_id"]
+        return tok
