@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 
 from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
@@ -59,9 +60,13 @@ def load_model(args, progress: bool, compile: bool = True):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       progress=progress, quantize=args.quantize, group_size=args.group_size,
-                       compile=compile and not args.no_compile)
+    from .spinner import spinner
+    # `progress`: a spinner on a terminal (the GGUF start cache's note, if any, prints above it)
+    with spinner(f"loading {os.path.basename(os.path.normpath(args.model or os.environ.get('MODEL_PATH') or 'the default model'))}") \
+            if progress else nullcontext():
+        return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                           quantize=args.quantize, group_size=args.group_size,
+                           compile=compile and not args.no_compile)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

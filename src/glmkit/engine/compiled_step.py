@@ -45,7 +45,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch._inductor
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -152,6 +151,8 @@ class CompiledDecode:
         # 0.85 ms of a 13 ms step on the default model.  Safe here because a loaded model's modules
         # and weights never change, and each CompiledDecode compiles for its one model
         # (isolate_recompiles); the inputs (tokens, positions, the cache views) keep their guards.
+        import torch._inductor   # here, not at the top: it imports torch._dynamo, seconds that an eager
+                                 # start (`glmkit chat -p`) should not pay
         options = {**torch._inductor.list_mode_options(self.mode), "emulate_precision_casts": True,
                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._fns = {b: torch.compile(decode, options=options, fullgraph=True, recompile_limit=1,
