@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                       help="do not log this chat (default: logged in $GLMKIT_DATA_DIR or ~/.local/share/glmkit)")
     chat.add_argument("-v", "--verbose", action="store_true",
                       help="after each reply, print its tokens, tokens/s and prompt tokens on stderr")
+    chat.add_argument("--server", metavar="URL",
+                      help="talk to a running `glmkit serve` at URL (e.g. http://127.0.0.1:8000) instead of "
+                           "loading a model: starts at once ($GLMKIT_API_KEY is sent as its API key)")
     chat.add_argument("--tools", metavar="SPEC",
                       help="let the model call tools: 'builtin' (calculator, time, unit converter, random "
                            "number), a .py file of @glmkit.tool functions, or a .json/.yaml file of schemas")
@@ -64,9 +67,15 @@ def cmd_chat(args) -> int:
     history, logged_system, cid = resume(args.continue_latest, args.cid)
     system = args.system if args.system is not None else logged_system
     recorder = Recorder(None if args.no_log else ChatLog(log_path()), "", cid)
-    # one prompt (-p) decodes eagerly: it ends before a first compilation would, and would share the
-    # CPU with it.  A session starts compiling now, while the user types (engine/compiled_step.py)
-    model = load_model(args, progress=sys.stderr.isatty(), compile=args.prompt is None)
+    if args.server:
+        if args.tools or args.code:
+            raise GlmkitError("--tools and --code run the model here; with --server only the plain chat is available")
+        from .remote import RemoteModel
+        model = RemoteModel(args.server)
+    else:
+        # one prompt (-p) decodes eagerly: it ends before a first compilation would, and would share the
+        # CPU with it.  A session starts compiling now, while the user types (engine/compiled_step.py)
+        model = load_model(args, progress=sys.stderr.isatty(), compile=args.prompt is None)
     model.start_compiling()
     recorder.model_name = model.name
     settings = Settings(model, args, sampling_params(args, model))
