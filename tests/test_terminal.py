@@ -346,3 +346,38 @@ def test_last_code_block_rules():
     cut = "```python\nm = 2\n```\nand then"
     assert last_code_block(msgs + [{"role": "assistant", "content": cut}], {cut: "was cut"}) == ("m = 2", "was cut")
     assert last_code_block([], {}) is None
+
+
+def test_chat_through_a_running_server(env, tiny):
+    """--server: the same greedy reply as the local model, from `glmkit serve`'s streaming API."""
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([glmkit_bin(), "serve", "--model", str(TINY), "--port", str(port), "--no-embeddings",
+                               "--no-console"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "glmkit serve did not start"
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        proc = run(["chat", "--server", url, "-p", "hello", "--temperature", "0", "--max-new-tokens", "8", "-v"], env)
+        assert proc.returncode == 0, proc.stderr
+        expected = "".join(tiny.stream_chat([{"role": "user", "content": "hello"}], temperature=0, max_new_tokens=8))
+        assert proc.stdout == expected + "\n"
+        assert re.search(r"^\[\d+ tokens, [\d.]+ tokens/s, prompt \d+ tokens\]$", proc.stderr, re.M), proc.stderr
+        row = logged(env)[0]
+        assert row["prompt"] == "hello" and row["model"] == "chatglm3-tiny" and row["reply"] == expected
+        bad = run(["chat", "--server", url, "-p", "hello", "--top-p", "0"], env)
+        assert bad.returncode == 1 and bad.stderr.strip() == "glmkit: error: top_p must be in (0, 1], got 0.0"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
