@@ -381,3 +381,25 @@ def test_chat_through_a_running_server(env, tiny):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_tools_session_commands_and_log(env):
+    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY_32K), "--tools", "builtin", "--temperature", "0",
+                                         "--max-new-tokens", "6"], env=env, encoding="utf-8", timeout=60,
+                          dimensions=(40, 200))
+    child.expect("You: ")
+    child.sendline("/tools")
+    child.expect_exact("tools: calculator, current_time, convert_units, random_number")
+    child.expect("You: ")
+    child.sendline("/set top_k 5")
+    child.expect_exact("[top_k = 5]")
+    child.expect("You: ")
+    child.sendline("/run")            # only with --code
+    child.expect_exact("unknown command /run, /help lists them")
+    child.expect("You: ")
+    child.sendline("hello there")
+    child.expect("chatglm3-tiny-32k: ")
+    child.expect("You: ")
+    finish(child)
+    rows = logged(env)
+    assert [r["prompt"] for r in rows] == ["hello there"] and rows[0]["input_tokens"] > 500   # the tools' schemas

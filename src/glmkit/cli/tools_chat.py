@@ -37,12 +37,12 @@ def run(model, args, params, recorder: Recorder | None = None, system: str | Non
     from ..chat.capabilities import small_model_note
     from ..chat.tools import ToolResult, load_tools
     tools = load_tools(args.tools)
+    note = small_model_note(model)
     if not model.protocol.native:
         asked = " and ".join(x for x, on in (("<tool_call> JSON", tools), ("```python blocks", args.code)) if on)
-        print(f"glmkit: note: {model.name} has no tool protocol of its own; it is asked for {asked} instead, "
-              "which small models often ignore", file=sys.stderr)
-    note = small_model_note(model)
-    if note:
+        print(f"glmkit: note: {model.name} has no tool protocol of its own; it is asked for {asked} instead"
+              + ("" if note else ", which small models often ignore"), file=sys.stderr)
+    if note:        # once, in the words the web console can share (chat/capabilities.py)
         print(f"glmkit: note: {note}", file=sys.stderr)
     watched = Watched(model)
 
