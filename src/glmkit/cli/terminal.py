@@ -1,6 +1,7 @@
 """What the plain chat and the tools chat share at the terminal: the person's lines (and the words
-that clear or end a session), Ctrl-C during an answer as a cancel event, and a question asked in
-the middle of an answer (--manual's observation)."""
+that clear or end a session; \"\"\" blocks and pastes as one message), what is piped into stdin,
+Ctrl-C during an answer as a cancel event, a question asked in the middle of an answer (--manual's
+observation), and --verbose's line."""
 
 from __future__ import annotations
 
