@@ -20,6 +20,8 @@ SUM = "What is 2+3?"
 
 
 def run(args, env, **kw):
+    if "input" not in kw:
+        kw["stdin"] = subprocess.DEVNULL      # `glmkit chat` reads piped stdin: never the test runner's
     return subprocess.run([glmkit_bin(), *args], capture_output=True, text=True, timeout=300, env=env, **kw)
 
 

@@ -1,26 +1,45 @@
-"""`glmkit chat`: its options, and the plain terminal chat, one prompt (-p) or a session.
+"""`glmkit chat`: its options, and the plain terminal chat, one prompt (-p, or piped in) or a session.
 
-The model's SamplingParams are made once here (cmd_chat) and passed down as `params=`; with
---tools or --code the agent runs the chat instead (tools_chat.py).  Both share terminal.py."""
+The model's SamplingParams are made once here (cmd_chat) and passed down as `params=` (a session's
+/set makes new ones: slash.Settings); with --tools or --code the agent runs the chat instead
+(tools_chat.py).  Both share terminal.py (lines, Ctrl-C), render.py (Markdown at a terminal),
+slash.py (/commands) and chat_log.py (every exchange logged, and -c/--cid to resume one)."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 from .. import __version__
 from ..errors import GlmkitError
 from . import tools_chat
+from .chat_log import ChatLog, Recorder, log_path, resume
 from .options import add_model_options, add_sampling_options, existing_dir, load_model, positive, sampling_params
-from .terminal import HINT, ctrl_c_cancels, say, user_lines
+from .render import renderer
+from .slash import Commands, Settings
+from .terminal import HINT, ctrl_c_cancels, is_command, one_shot_prompt, piped_stdin, say, stats_line, user_lines
 
 
 def add_parser(sub) -> None:
     chat = sub.add_parser("chat", help="chat in the terminal (or answer one prompt with -p)",
-                          description="Chat in the terminal. Type `clear` to start over, `stop` (or Ctrl-D) to "
-                                      "quit; Ctrl-C interrupts an answer and keeps the conversation.")
+                          description="Chat in the terminal. /help lists the commands (/set, /system, /save, "
+                                      "...); a line \"\"\" starts a multi-line message; Ctrl-C interrupts an answer "
+                                      "and keeps the conversation; /bye, `stop` or Ctrl-D quits.  Every exchange is "
+                                      "logged (see `glmkit logs`) unless --no-log.  Text piped in is the prompt, or "
+                                      "is added to -p's after a blank line.")
     chat.set_defaults(run=cmd_chat)
     chat.add_argument("-p", "--prompt", help="answer this one prompt, print only the reply, and exit")
     chat.add_argument("-s", "--system", help="system prompt for the conversation")
+    chat.add_argument("-c", "--continue", dest="continue_latest", action="store_true",
+                      help="continue the most recent logged conversation (its messages are the history)")
+    chat.add_argument("--cid", metavar="ID", help="continue the logged conversation with this id (see `glmkit logs`)")
+    chat.add_argument("--no-log", action="store_true",
+                      help="do not log this chat (default: logged in $GLMKIT_DATA_DIR or ~/.local/share/glmkit)")
+    chat.add_argument("-v", "--verbose", action="store_true",
+                      help="after each reply, print its tokens, tokens/s and prompt tokens on stderr")
+    chat.add_argument("--server", metavar="URL",
+                      help="talk to a running `glmkit serve` at URL (e.g. http://127.0.0.1:8000) instead of "
+                           "loading a model: starts at once ($GLMKIT_API_KEY is sent as its API key)")
     chat.add_argument("--tools", metavar="SPEC",
                       help="let the model call tools: 'builtin' (calculator, time, unit converter, random "
                            "number), a .py file of @glmkit.tool functions, or a .json/.yaml file of schemas")
@@ -29,7 +48,8 @@ def add_parser(sub) -> None:
     chat.add_argument("--max-steps", type=positive, default=5, help="most tool calls per message (default 5)")
     chat.add_argument("--code", action="store_true",
                       help="code-interpreter mode: the model writes Python, glmkit runs it in a sandbox "
-                           "(bubblewrap: no network, only the workspace is visible, resource limits)")
+                           "(bubblewrap: no network, only the workspace is visible, resource limits); "
+                           "/run runs the last code block of the conversation")
     chat.add_argument("--workspace", metavar="DIR", default=None, type=existing_dir,
                       help="with --code: existing directory the code sees as /mnt/data (default: a temporary one, "
                            "removed on exit)")
@@ -40,61 +60,143 @@ def add_parser(sub) -> None:
 
 
 def cmd_chat(args) -> int:
-    # one prompt (-p) decodes eagerly: it ends before a first compilation would, and would share the
-    # CPU with it.  A session starts compiling now, while the user types (engine/compiled_step.py)
-    model = load_model(args, progress=sys.stderr.isatty(), compile=args.prompt is None)
+    # what needs no model is checked first: a wrong --cid or an empty pipe fails in a moment
+    args.prompt = one_shot_prompt(args.prompt, piped_stdin())
+    if args.prompt is not None and not args.prompt.strip():
+        raise GlmkitError("nothing to answer: the prompt (and what was piped in) is empty")
+    history, logged_system, cid = resume(args.continue_latest, args.cid)
+    system = args.system if args.system is not None else logged_system
+    recorder = Recorder(None if args.no_log else ChatLog(log_path()), "", cid)
+    if args.server:
+        if args.tools or args.code:
+            raise GlmkitError("--tools and --code run the model here; with --server only the plain chat is available")
+        from .remote import RemoteModel
+        model = RemoteModel(args.server)
+    else:
+        # one prompt (-p) decodes eagerly: it ends before a first compilation would, and would share the
+        # CPU with it.  A session starts compiling now, while the user types (engine/compiled_step.py)
+        model = load_model(args, progress=sys.stderr.isatty(), compile=args.prompt is None)
     model.start_compiling()
-    params = sampling_params(args, model)
+    recorder.model_name = model.name
+    settings = Settings(model, args, sampling_params(args, model))
     if args.tools or args.code:
-        return tools_chat.run(model, args, params)
-    base = [{"role": "system", "content": args.system}] if args.system else []
+        return tools_chat.run(model, args, settings, recorder, system, history)
+    session = PlainSession(model, args, settings, recorder, system, history)
     if args.prompt is not None:
-        for piece in model.stream_chat(base + [{"role": "user", "content": args.prompt}], params=params,
-                                       max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                                       stop=args.stop):
-            say(piece)
-        say("\n")
+        session.answer(args.prompt, renderer(), one_shot=True)
         return 0
-    return interactive(model, args, params, base)
+    return interactive(session)
 
 
-def interactive(model, args, params, base: list[dict]) -> int:
-    """A session: each answer streams; Ctrl-C ends it early and keeps what was shown; the oldest
-    turns are dropped when the conversation outgrows the context."""
-    from ..chat.reply_stream import Cancelled, Reply
-    print(f"glmkit {__version__} · {model.name} · context {model.context_length} tokens")
-    print(HINT)
-    history = list(base)
-    # room kept for the reply when old turns are dropped: a quarter of the context, at most a reply
-    reserve = min(args.max_new_tokens, max(16, (args.max_length or model.context_length) // 4))
-    for text in user_lines():
-        if text == "clear":
-            history = list(base)
-            print("[conversation cleared]\n")
-            continue
-        messages = history + [{"role": "user", "content": text}]
-        reply = Reply()
-        shown: list[str] = []
-        with ctrl_c_cancels() as cancel:
+class PlainSession:
+    """A conversation with the model: its system prompt, its user and assistant messages, the
+    sampling (Settings) and the log it is written to.  What /commands act on (slash.Commands)."""
+
+    def __init__(self, model, args, settings: Settings, recorder: Recorder, system: str | None, history: list[dict]):
+        self.model, self.args, self.settings, self.recorder = model, args, settings, recorder
+        self.system, self.history = system, list(history)
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.recorder.conversation_id
+
+    def clear(self) -> None:
+        self.history = []
+        self.recorder.new_conversation()
+
+    def set_system(self, text: str) -> None:
+        self.system = text
+
+    def conversation(self) -> list[dict]:
+        return list(self.history)
+
+    def load(self, messages: list[dict], system: str | None) -> None:
+        self.history = list(messages)
+        if system is not None:
+            self.system = system
+        self.recorder.new_conversation()    # a loaded conversation is logged from here as a new one
+
+    def tool_names(self) -> list[str]:
+        return []
+
+    def answer(self, text: str, out, one_shot: bool = False) -> None:
+        """Stream the answer to `text` through `out` (render.py).  A session's: Ctrl-C ends it early
+        and keeps what was shown; the oldest turns are dropped when the conversation outgrows the
+        context; an error is shown and the session goes on.  A one-shot's (-p): Ctrl-C ends the
+        command and an error is main's to report, as before."""
+        from ..chat.reply_stream import Cancelled, Reply
+        a, model = self.args, self.model
+        base = [{"role": "system", "content": self.system}] if self.system else []
+        messages = base + self.history + [{"role": "user", "content": text}]
+        reply, shown = Reply(), []
+        # room kept for the reply when old turns are dropped: a quarter of the context, at most a reply
+        reserve = min(a.max_new_tokens, max(16, (a.max_length or model.context_length) // 4))
+        started = time.monotonic()
+        with (ctrl_c_cancels() if not one_shot else _nothing()) as cancel:
             try:
-                messages, dropped = model.fit(messages, reserve, args.max_length)
-                if dropped:
-                    print(f"[dropped the {dropped} oldest message(s) to fit the context of {model.context_length} "
-                          "tokens]", file=sys.stderr)
-                say(f"{model.name}: ")
-                for piece in model.stream_chat(messages, params=params, max_new_tokens=args.max_new_tokens,
-                                               max_length=args.max_length, stop=args.stop, reply=reply, cancel=cancel):
+                if not one_shot or self.history:        # a fresh -p reports an overlong prompt as it always did
+                    messages, dropped = model.fit(messages, reserve, a.max_length)
+                    if dropped:
+                        print(f"[dropped the {dropped} oldest message(s) to fit the context of "
+                              f"{model.context_length} tokens]", file=sys.stderr)
+                out.start(None if one_shot else model.name)
+                for piece in model.stream_chat(messages, params=self.settings.params, max_new_tokens=a.max_new_tokens,
+                                               max_length=a.max_length, stop=a.stop, reply=reply, cancel=cancel):
                     shown.append(piece)
-                    say(piece)
+                    out.write(piece)
             except Cancelled:
                 # keep what was shown: the next question may refer to it
-                say(" [interrupted]")
+                out.end(" [interrupted]")
                 reply.messages = [{"role": "assistant", "content": "".join(shown)}] if shown else []
+            except KeyboardInterrupt:      # a one-shot's Ctrl-C: leave the terminal as it was (cursor shown)
+                out.pause()
+                raise
             except GlmkitError as e:
+                if one_shot:
+                    out.pause()
+                    raise
+                out.pause()
                 print(f"\n[error: {e}]\n", file=sys.stderr)
-                continue
-        say("\n\n")
+                return
+            else:
+                out.end()
+        elapsed = time.monotonic() - started
+        say("\n" if one_shot or out.ends_line else "\n\n")
         if reply.finish_reason == "length":
-            print("[the reply reached the token limit]\n", file=sys.stderr)
-        history = messages + reply.messages
+            print(f"[the reply reached the token limit (max_new_tokens {a.max_new_tokens})]"
+                  + ("" if one_shot else "\n"), file=sys.stderr)
+        if a.verbose:
+            print(stats_line(reply, elapsed), file=sys.stderr)
+        self.history = [m for m in messages if m["role"] != "system"] + reply.messages
+        self.recorder.record(text, self.system, "".join(shown), reply, elapsed)
+
+
+class _nothing:
+    """No Ctrl-C handler (a one-shot's Ctrl-C ends the command) and no cancel event."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def interactive(session: PlainSession) -> int:
+    model = session.model
+    print(f"glmkit {__version__} · {model.name} · context {model.context_length} tokens")
+    if session.history:
+        print(f"[continuing conversation {session.conversation_id}: {len(session.history)} messages]")
+    print(HINT)
+    commands = Commands(session, model, session.settings)
+    out = renderer()
+    for text in user_lines():
+        if text == "clear":
+            session.clear()
+            print("[conversation cleared]\n")
+            continue
+        if is_command(text):
+            if not commands.handle(text):
+                break
+            continue
+        session.answer(text, out)
     return 0

@@ -1,6 +1,7 @@
 """What the plain chat and the tools chat share at the terminal: the person's lines (and the words
-that clear or end a session), Ctrl-C during an answer as a cancel event, and a question asked in
-the middle of an answer (--manual's observation)."""
+that clear or end a session; \"\"\" blocks and pastes as one message), what is piped into stdin,
+Ctrl-C during an answer as a cancel event, a question asked in the middle of an answer (--manual's
+observation), and --verbose's line."""
 
 from __future__ import annotations
 
@@ -11,31 +12,65 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 EXIT_COMMANDS = {"stop", "exit", "quit", ":q", "/bye"}
-HINT = "Type a message. `clear` starts over, `stop` quits, Ctrl-C interrupts an answer.\n"
+HINT = ('Type a message. /help lists the commands; """ starts a multi-line message (end it with """); '
+        "Ctrl-C interrupts an answer, Ctrl-D or /bye quits.\n")
+FENCE = '"""'
+
+
+class Message(str):
+    """Text that is a message whatever it starts with: a \"\"\" block or a paste, never a command."""
 
 
 def user_lines() -> Iterator[str]:
-    """The person's messages; `clear` comes through as the word; stop/exit/Ctrl-D end it."""
+    """The person's messages; `clear` comes through as the word; stop/exit/Ctrl-D end it.
+
+    A line `\"\"\"` (or `\"\"\"text`) starts a block that a line ending in `\"\"\"` ends, sent as one
+    Message (Ollama's way).  A bracketed paste of several lines also comes back from readline as
+    one line holding newlines: it is one Message too, not one message per line."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (line editing, history and bracketed paste for input())
     except ImportError:
         pass
     while True:
         try:
             text = input("You: ")
+            if text.lstrip().startswith(FENCE):
+                text = Message(read_block(text.lstrip()[len(FENCE):]))
+            elif "\n" in text:
+                text = Message(text)
         except EOFError:
             print()
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:       # also abandons a block being typed
             print()
             continue
         cmd = text.strip().lower()
-        if cmd in EXIT_COMMANDS:
-            return
-        if cmd == "clear":
-            yield "clear"
-        elif text.strip():
+        if not isinstance(text, Message):
+            if cmd in EXIT_COMMANDS:
+                return
+            if cmd == "clear":
+                yield "clear"
+                continue
+        if text.strip():
             yield text
+
+
+def read_block(first: str) -> str:
+    """The rest of a \"\"\" block whose first line (after the \"\"\") is `first`."""
+    lines = []
+    line = first
+    while True:
+        end = line.rstrip()
+        if end.endswith(FENCE) and (lines or end != ""):
+            lines.append(end[:-len(FENCE)])
+            return "\n".join(lines).strip("\n")
+        lines.append(line)
+        line = input("... ")
+
+
+def is_command(text: str) -> bool:
+    """A typed line that starts with "/" (a block or a paste never is: its text goes to the model)."""
+    return not isinstance(text, Message) and text.lstrip().startswith("/")
 
 
 @contextmanager
@@ -72,3 +107,38 @@ def say(text: str) -> None:
     """Answer text as it streams: shown at once."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def piped_stdin() -> str | None:
+    """What is piped or redirected into the command (`cat notes.txt | glmkit chat -p ...`); None
+    when stdin is a terminal, or a device such as /dev/null (nothing was given: a service started
+    with stdin closed still answers its -p)."""
+    import os
+    import stat
+    try:
+        if sys.stdin is None or sys.stdin.isatty():
+            return None
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
+        return None
+    # not UTF-8 (a binary file piped by mistake): U+FFFD for what cannot be read, not a traceback
+    return sys.stdin.buffer.read().decode("utf-8", "replace")
+
+
+def one_shot_prompt(prompt: str | None, piped: str | None) -> str | None:
+    """The message of a one-shot answer: -p, then what was piped in after a blank line; what was
+    piped in alone without -p; None for an interactive session."""
+    if piped is None:
+        return prompt
+    piped = piped.strip("\n")
+    if prompt is None:
+        return piped
+    return f"{prompt}\n\n{piped}" if piped else prompt
+
+
+def stats_line(reply, seconds: float) -> str:
+    """--verbose's line after a reply: its tokens, their rate and the prompt's tokens."""
+    rate = reply.completion_tokens / seconds if seconds > 0 else 0.0
+    return f"[{reply.completion_tokens} tokens, {rate:.1f} tokens/s, prompt {reply.prompt_tokens} tokens]"
