@@ -11,6 +11,12 @@ import pytest
 # minute of CPU per process (tests/test_compiled_step.py tests the compiled step)
 os.environ.setdefault("GLMKIT_NO_COMPILE", "1")
 
+# `glmkit chat -p` reads piped stdin as part of the prompt (as `llm` does), and every subprocess a
+# test starts inherits this process's stdin: whatever the runner gave pytest (a CI pipe that never
+# closes would make each such chat wait for ever) is replaced by an empty one.  A test that pipes
+# text in says so with input=.
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+
 # one GGUF start cache (models/gguf_cache.py) for the whole run, outside the user's ~/.cache: the
 # first default-model load converts the file once and every later one, in-process or a test's
 # server, starts from it.  Removed when the run ends (pytest_unconfigure).
