@@ -12,9 +12,9 @@ import pytest
 os.environ.setdefault("GLMKIT_NO_COMPILE", "1")
 
 # `glmkit chat -p` reads piped stdin as part of the prompt (as `llm` does), and every subprocess a
-# test starts inherits this process's stdin: whatever the runner gave pytest (a CI pipe that never
-# closes would make each such chat wait for ever) is replaced by an empty one.  A test that pipes
-# text in says so with input=.
+# test starts inherits this process's stdin.  pytest's fd capture gives tests an empty one, but not
+# under -s: whatever the runner gave pytest (a CI pipe that never closes would make each such chat
+# wait for ever) is replaced here too.  A test that pipes text in says so with input=.
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 
 # one GGUF start cache (models/gguf_cache.py) for the whole run, outside the user's ~/.cache: the
