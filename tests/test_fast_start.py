@@ -56,3 +56,19 @@ def test_an_eager_one_shot_never_imports_the_compiler(clean_env):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_quitting_while_the_step_still_compiles_exits_cleanly(clean_env, tmp_path):
+    """A session compiles its decode step in the background for about a minute; quitting before
+    that ends used to abort in PyTorch's teardown (SIGABRT, "terminate called ...")."""
+    env = dict(clean_env, GLMKIT_DATA_DIR=str(tmp_path))
+    env.pop("GLMKIT_NO_COMPILE", None)
+    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY)], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect("You: ")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert (child.exitstatus, child.signalstatus) == (0, None), child.before
+    assert "terminate called" not in child.before

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args)
+        return leave(args.run(args))
     except GlmkitError as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 1
@@ -44,3 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         # `glmkit chat -p ... | head` closed the pipe: not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def leave(status: int) -> int:
+    """The command's exit status, or the exit itself while a background compilation still runs
+    (engine/compiled_step.py's `glmkit-compile` thread, e.g. a session quit in its first minute):
+    the interpreter's teardown would then abort in PyTorch's C++ ("terminate called without an
+    active exception", SIGABRT).  Everything of ours is done by now (replies shown, the log
+    committed, kernels and workspaces closed by the command), so the process ends at once."""
+    import threading
+    if any(t.name == "glmkit-compile" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 0)
+    return status

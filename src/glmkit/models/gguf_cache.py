@@ -83,7 +83,9 @@ def entry_dir(path: Path, dtype: torch.dtype) -> Path:
 
 
 def note(text: str) -> None:
-    print(f"glmkit: {text}", file=sys.stderr, flush=True)
+    # on a terminal, from the start of a cleared line: the loading spinner may be on this one
+    clear = "\r\033[K" if sys.stderr.isatty() else ""
+    print(f"{clear}glmkit: {text}", file=sys.stderr, flush=True)
 
 
 class Entry:
