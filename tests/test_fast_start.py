@@ -63,8 +63,11 @@ def test_quitting_while_the_step_still_compiles_exits_cleanly(clean_env, tmp_pat
     that ends used to abort in PyTorch's teardown (SIGABRT, "terminate called ...")."""
     env = dict(clean_env, GLMKIT_DATA_DIR=str(tmp_path))
     env.pop("GLMKIT_NO_COMPILE", None)
-    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY)], env=env, encoding="utf-8", timeout=120)
+    child = pexpect.spawn(glmkit_bin(), ["chat", "--model", str(TINY), "--max-new-tokens", "4"], env=env,
+                          encoding="utf-8", timeout=120)
     try:
+        child.expect("You: ")
+        child.sendline("hi")             # a reply while the compilation runs
         child.expect("You: ")
         child.sendline("/bye")
         child.expect(pexpect.EOF)
