@@ -22,7 +22,8 @@ COMMON = ("--no-console", "--no-embeddings", "--max-tokens", "30000")
 TRACK = {"type": "function", "function": {"name": "track", "description": "追踪指定股票的实时价格",
                                            "parameters": {"type": "object",
                                                           "properties": {"symbol": {"type": "string"}}}}}
-SCRIPT = {"帮我查询股票10111的价格": 'track\n ```python\ntool_call(symbol="10111")\n```'}
+SCRIPT = {"帮我查询股票10111的价格": 'track\n ```python\ntool_call(symbol="10111")\n```',
+          "算一下": 'calculator\n ```python\ntool_call(expression="6 * 7")\n```'}
 HI = [{"role": "user", "content": "你好，介绍一下你自己"}]
 
 
@@ -34,7 +35,7 @@ def servers(request, tmp_path_factory):
     path = str(request.param)
     with running_server("--model", path, "--dtype", "float32", *COMMON) as (engine, _):
         with running_server("--engine", engine, "--engine-kind", "glmkit", "--model", path,
-                            "--scripted-replies", str(script), *COMMON) as (gateway, _):
+                            "--scripted-replies", str(script), "--tools", "builtin", *COMMON) as (gateway, _):
             yield engine, gateway, request.param
 
 
@@ -106,6 +107,24 @@ def test_tool_call_over_remote_engine(servers):
     calls = [t for ch in chunks[:-1] for t in ch["choices"][0]["delta"].get("tool_calls") or []]
     assert [(t["function"]["name"], t["function"]["arguments"]) for t in calls] == \
         [("track", call["function"]["arguments"])]
+
+
+def test_agent_runs_over_remote_engine(servers):
+    """glmkit_run_tools: the gateway runs the tool, then the engine answers after its observation."""
+    engine, gateway, path = servers
+    if path != TINY_32K:
+        pytest.skip("the builtin tools' system prompt is longer than tiny's 256-token context")
+    before = metric(engine, "glmkit_requests_total")
+    r = post(gateway, "/v1/chat/completions", {"messages": [{"role": "user", "content": "算一下"}], "temperature": 0,
+                                               "max_tokens": 48, "glmkit_run_tools": True})
+    assert r.status_code == 200, r.text
+    step = r.json()["glmkit_steps"][0]
+    assert step == {"type": "tool", "name": "calculator", "arguments": {"expression": "6 * 7"}, "ok": True,
+                    "observation": json.dumps({"expression": "6 * 7", "result": 42})}
+    # the scripted call is forced whole (it ends at its stop id) and needs no engine; the answer
+    # after the observation is the engine's
+    assert metric(engine, "glmkit_requests_total") == before + 1
+    assert r.json()["usage"]["completion_tokens"] > 0
 
 
 def test_stop_string_and_stop_ids(servers, in_process):
@@ -182,6 +201,14 @@ def test_remote_backend_python_api(servers, in_process):
         model.serve_with(None)
     assert model.json_grammar({"type": "object"}) is None     # the reply is validated instead
     remote.close()
+
+
+def test_remote_backend_loads_without_torch():
+    import subprocess
+    import sys
+    code = "import sys, glmkit.engine.remote; print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 # -- an engine that is not there -------------------------------------------------------------------
