@@ -9,7 +9,9 @@ never as text: nothing is tokenized twice and no special token is lost.
 What a remote engine cannot do is refused, not approximated: a grammar (constrained decoding
 needs the logits here).  A forced prefix is sent as part of the prompt and its tokens are given
 to the caller as the first events, which is what the local engine does too (the model runs on
-them, the choice is fixed).
+them, the choice is fixed); their logprobs are not reported, and a prefix that ends the reply
+(a scripted reply, ending at its stop id) needs no engine at all.  A finish reason must come
+with the last token's chunk, as vLLM and glmkit send it.
 
 httpx is imported on first use: this module's exception is imported by the server's answer code,
 which a local model also runs."""
@@ -41,7 +43,9 @@ class RemoteBackend:
 
     def __init__(self, url: str, kind: str, tokenizer, chat_format, model_id: str, context_length: int,
                  timeout: float = 60.0, api_key: str | None = None, engine_model: str | None = None):
-        """`timeout`: seconds to connect, and at most between two events of a stream (a first
+        """`kind`: "glmkit" or "vllm", the server at `url`; both speak the same token-id dialect of
+        /v1/completions, so it changes nothing on the wire (it says what the operator expects).
+        `timeout`: seconds to connect, and at most between two events of a stream (a first
         token after a long queue included).  `engine_model`: the model name the engine serves
         (default: its first in /v1/models, read by check())."""
         if kind not in KINDS:
@@ -111,10 +115,7 @@ class RemoteBackend:
                 "logprobs": logprobs or 0, "return_tokens_as_token_ids": True,
                 "stop_token_ids": sorted(stop_ids),
                 # the caller's stop ids are the only stops: end-of-sequence is one only when among them
-                "ignore_eos": self.tokenizer.eos_id not in stop_ids,
-                # vLLM would otherwise drop special tokens (role markers) from the text: harmless for
-                # the ids, but keep the text the ids spell
-                "skip_special_tokens": False}
+                "ignore_eos": self.tokenizer.eos_id not in stop_ids}
         if params.top_k:
             body["top_k"] = params.top_k
         if params.repetition_penalty != 1.0:
@@ -137,7 +138,8 @@ class RemoteLoad:
     the sequences in flight from here, and the tokens they received.  The engine's own queue and
     batch are on its own /metrics."""
 
-    max_batch = 0               # the engine's batch is its own
+    max_batch = 0               # the engine's batch and queue are its own
+    queue_length = 0
 
     def __init__(self, backend: RemoteBackend):
         self.backend = backend
@@ -147,8 +149,6 @@ class RemoteLoad:
     @property
     def running(self) -> int:
         return len(self.backend.streams)
-
-    queue_length = 0
 
     @property
     def max_seq_len(self) -> int:
