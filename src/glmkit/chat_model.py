@@ -13,7 +13,7 @@ from .chat.formats import ReplyEvent
 from .chat.protocols import protocol_for
 from .chat.reply_stream import Reply, ReplyStream
 from .engine import LocalBackend, SamplingParams, Scheduler, budget
-from .errors import ContextLengthError
+from .errors import ContextLengthError, GlmkitError
 from .models import Checkpoint, load_checkpoint
 from .models.quantize import QuantConfig
 
@@ -33,7 +33,6 @@ class ChatModel:
         self.checkpoint = checkpoint
         self.compile = compile
         self.progress = progress
-        self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
         self.format = chat_format_for(checkpoint)
@@ -45,6 +44,30 @@ class ChatModel:
         self._vocabulary = None          # the vocabulary as the grammar library sees it (json_grammar)
         self._lock = threading.Lock()
 
+    @classmethod
+    def over(cls, checkpoint: Checkpoint, backend) -> ChatModel:
+        """A model whose tokens come from `backend` (engine.remote.RemoteBackend: an engine in
+        another process), with `checkpoint`'s tokenizer, config and chat format; its weights are
+        not loaded here (models.directory.without_weights), and what needs them is refused."""
+        view = cls(checkpoint)
+        view._backend = backend
+        return view
+
+    @property
+    def remote(self) -> bool:
+        return self.checkpoint.model is None
+
+    @property
+    def model(self):
+        """The Transformer, for what runs in this process; a clear error where it runs elsewhere."""
+        if self.checkpoint.model is None:
+            raise GlmkitError(self._elsewhere("the model's weights"))
+        return self.checkpoint.model
+
+    def _elsewhere(self, what: str) -> str:
+        url = getattr(self._backend, "url", "another process")
+        return f"{what} are not in this process: the model runs in the engine at {url}"
+
     # -- the engine ------------------------------------------------------------------------
     @property
     def backend(self) -> LocalBackend:
@@ -52,7 +75,7 @@ class ChatModel:
         made on first use (its KV cache grows with use; without a thread of its own, the threads
         waiting for tokens run its steps), or the one given to serve_with()."""
         with self._lock:
-            if self._backend is None:
+            if self._backend is None:        # (a remote model has had its backend from the start)
                 self._use(Scheduler(self.model, max_queue=None, compile=self.compile,
                                     progress=self.compile_progress))
             return self._backend
@@ -60,7 +83,7 @@ class ChatModel:
     def start_compiling(self):
         """With compile=True: begin compiling the one-row decode step in the background now, rather
         than at the first reply (the terminal chat calls this while the user types)."""
-        if self.compile:
+        if self.compile and not self.remote:
             scheduler = self.backend.scheduler
             if scheduler.compiled is not None:
                 scheduler.compiled.request(1)
@@ -73,6 +96,8 @@ class ChatModel:
     def serve_with(self, scheduler: Scheduler) -> LocalBackend:
         """Generate through `scheduler` (the server's, sized for its load) from now on; the
         previous one stops.  The KV cache lives in the model, so it has one scheduler at a time."""
+        if self.remote:
+            raise GlmkitError(self._elsewhere("the model's weights and KV cache"))
         with self._lock:
             return self._use(scheduler)
 
@@ -97,6 +122,10 @@ class ChatModel:
         None where the protocol's calls are not JSON).  GrammarError (with the reason) when the
         schema cannot be compiled."""
         from .engine.grammar import Vocabulary
+        if self.remote:
+            # the engine samples without our grammar: callers validate the reply instead, as they
+            # do for replies that could not be constrained
+            return None
         if call and self.protocol.call_suffix is None:
             return None
         with self._lock:

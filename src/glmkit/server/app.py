@@ -25,14 +25,19 @@ __all__ = ["ServerConfig", "create_app"]
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
     config = config or ServerConfig()
-    compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
-    if config.kv_cache_mb:
-        scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
-                                          max_queue=config.max_queue, **compiled)
+    if chat_model.remote:
+        # tokens come from an engine elsewhere (engine/remote.py): what the routes ask of a
+        # scheduler (/health, /metrics, the server's lifetime) is its RemoteLoad
+        scheduler = chat_model.backend.scheduler
     else:
-        scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
-                              max_queue=config.max_queue, **compiled)
-    chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
+        compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
+        if config.kv_cache_mb:
+            scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
+                                              max_queue=config.max_queue, **compiled)
+        else:
+            scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+                                  max_queue=config.max_queue, **compiled)
+        chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
     if config.scripted_replies:
         from ..chat.scripted import ScriptedBackend
         chat_model = chat_model.with_backend(ScriptedBackend(chat_model.backend, by_message=config.scripted_replies))

@@ -23,8 +23,9 @@ from ..chat.backend import TokenStream
 from ..chat.openai_compat import openai_tool_call
 from ..chat.reply_stream import ReplyTokens
 from ..chat.tool_calls import RefusedCall, ToolCall
-from ..engine.requests import SamplingParams
-from ..errors import ContextLengthError
+from ..engine.requests import SamplingParams, TokenEvent
+from ..errors import ContextLengthError, GlmkitError
+from ..engine.remote import EngineUnavailable
 from .errors import APIError, error_body
 from .openai_responses import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChoiceLogprobs,
                             ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta, ToolCallOut,
@@ -104,18 +105,32 @@ class Piece:
     calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     items: list = field(default_factory=list)     # the text and calls in the order they came
+    events: list[TokenEvent] = field(default_factory=list)   # the engine's, for /v1/completions' logprobs
 
 
 class Choice:
     """One choice: a submitted sequence and the ReplyTokens reading it; `content` and `calls`
     hold what was shown so far."""
 
-    def __init__(self, handle: TokenStream, parser, stop: list[str], tokenizer=None):
-        """`tokenizer`: given when the client asked for logprobs."""
+    def __init__(self, handle: TokenStream, parser, stop: list[str], tokenizer=None,
+                 reason_ids: frozenset[int] = frozenset()):
+        """`tokenizer`: given when the client asked for logprobs.  `reason_ids`: stop ids that
+        `stop_reason` names (vLLM's stop_token_ids; not end-of-sequence, which vLLM leaves unnamed)."""
         self.handle = handle
         self.tokens = ReplyTokens(_AsClientsSeeIt(parser), stop, tokenizer)
         self.content = ""
         self.calls: list[ToolCall] = []
+        self.events: list[TokenEvent] = []
+        self.reason_ids = reason_ids
+
+    @property
+    def stop_reason(self) -> int | str | None:
+        """vLLM's stop_reason: the stop string or requested stop token id that ended the choice."""
+        if self.tokens.stopped_by_string:
+            return self.tokens.stops.matched
+        if self.tokens.finish_reason == "stop" and self.events and self.events[-1].token in self.reason_ids:
+            return self.events[-1].token
+        return None
 
     @property
     def finish_reason(self) -> str | None:
@@ -130,7 +145,8 @@ class Choice:
             if self.tokens.finish_reason:
                 self.handle.cancel()         # after a stop string the engine must stop too
                 items += self.tokens.finish()
-            piece = Piece(logprobs=(self.tokens.logprobs or [])[seen:], items=items)
+            self.events.append(ev)
+            piece = Piece(logprobs=(self.tokens.logprobs or [])[seen:], items=items, events=[ev])
             for item in items:
                 if isinstance(item, str):
                     piece.content += item
@@ -145,15 +161,19 @@ class Choice:
 
 def submit(backend, n: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], max_new: int,
            new_parser: Callable, stop: list[str], logprobs: int | None = None, forced_prefix=(),
-           prompt_param: str = "messages") -> list[Choice]:
+           prompt_param: str = "messages", reason_ids: frozenset[int] = frozenset(),
+           choices: list[Choice] | None = None) -> list[Choice]:
     """Submit n choices (choice i samples with seed + i); none, if the engine refuses one.
-    `new_parser()`: a fresh reply parser per choice; `logprobs`: None, or the top-k to report."""
-    choices: list[Choice] = []
+    `new_parser()`: a fresh reply parser per choice; `logprobs`: None, or the top-k to report.
+    `choices`: those already submitted for the same request (a batch of prompts), appended to and
+    cancelled with these if the engine refuses one."""
+    choices = [] if choices is None else choices
     try:
         for i in range(n):
             seeded = params if params.seed is None else replace(params, seed=params.seed + i)
             handle = backend.submit(prompt, seeded, stop_ids, max_new, logprobs, forced_prefix)
-            choices.append(Choice(handle, new_parser(), stop, backend.tokenizer if logprobs is not None else None))
+            choices.append(Choice(handle, new_parser(), stop, backend.tokenizer if logprobs is not None else None,
+                                  reason_ids))
     except BaseException as e:
         for c in choices:      # choices already admitted for this request give their slots back
             c.handle.cancel()
@@ -172,6 +192,8 @@ class Answer:
     choices: list[Choice]
     json_check: Callable[[str], str | None] | None = None    # response_format: what is wrong with a reply
     include_usage: bool = False                              # stream_options.include_usage
+    # /v1/completions with logprobs: how a token is named there (its text, or vLLM's "token_id:<id>")
+    token_name: Callable[[int], str] | None = None
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -188,9 +210,12 @@ class Answer:
         return await asyncio.to_thread(self.json_check, choice.content)
 
     async def whole(self) -> ChatCompletion | Completion:
-        for c in self.choices:
-            async for _ in c.pieces():
-                pass
+        try:
+            for c in self.choices:
+                async for _ in c.pieces():
+                    pass
+        except EngineUnavailable as e:     # a remote engine (engine/remote.py) failed or went away
+            raise APIError(502, str(e), "engine_error", code="engine_unavailable") from None
         for i, c in enumerate(self.choices):
             if problem := await self._problem(c):
                 raise APIError(422, f"choice {i}: {problem}", "invalid_response_error", param="response_format",
@@ -204,8 +229,8 @@ class Answer:
                 logprobs=ChoiceLogprobs(content=c.tokens.logprobs) if c.tokens.logprobs is not None else None)
                 for i, c in enumerate(self.choices)])
         return Completion(**head, choices=[CompletionChoice(
-            index=i, text=c.content, finish_reason=c.finish_reason, logprobs=_completion_logprobs(c.tokens.logprobs))
-            for i, c in enumerate(self.choices)])
+            index=i, text=c.content, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=self._completion_logprobs(c.events, 0)) for i, c in enumerate(self.choices)])
 
     async def sse(self) -> AsyncIterator[str]:
         """The choices one after another as `data:` events, then the usage (if asked) and [DONE].
@@ -214,15 +239,20 @@ class Answer:
             for i, c in enumerate(self.choices):
                 if self.chat:
                     yield self._event(self._chunk(i, Delta(role="assistant", content="")))
-                calls = 0
+                calls = sent = 0
                 async for piece in c.pieces():
+                    if not self.chat:       # as vLLM: a chunk per token, the last with the finish reason
+                        yield self._event(self._text_chunk(i, c, piece, sent))
+                        sent += len(piece.content)
+                        continue
                     if piece.content or piece.calls or piece.logprobs:
                         tool_calls = [ToolCallOut(**openai_tool_call(t, index=calls + k))
                                       for k, t in enumerate(piece.calls)]
                         calls += len(tool_calls)
                         yield self._event(self._chunk(i, Delta(content=piece.content or None,
                                                                tool_calls=tool_calls or None), piece.logprobs))
-                yield self._event(self._chunk(i, Delta(), finish=c.finish_reason))
+                if self.chat:
+                    yield self._event(self._chunk(i, Delta(), finish=c.finish_reason))
                 if problem := await self._problem(c):   # validated, not constrained: said in the stream
                     yield "data: " + json.dumps(error_body(f"choice {i}: {problem}", "invalid_response_error",
                                                            "response_format", "json_validation_failed")) + "\n\n"
@@ -231,26 +261,40 @@ class Answer:
                 yield self._event(cls(id=self.id, created=self.created, model=self.model, choices=[],
                                       usage=self.usage()))
             yield "data: [DONE]\n\n"
+        except GlmkitError as e:    # the engine failed mid-stream (a remote one went away): said, then ended
+            yield "data: " + json.dumps(error_body(str(e), "engine_error", code="engine_unavailable")) + "\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             for c in self.choices:
                 c.handle.cancel()
 
     def _chunk(self, i: int, delta: Delta, logprobs: list[dict] | None = None, finish: str | None = None):
-        head = dict(id=self.id, created=self.created, model=self.model)
-        if self.chat:
-            return ChatCompletionChunk(**head, choices=[ChunkChoice(
-                index=i, delta=delta, finish_reason=finish,
-                logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None)])
-        return Completion(**head, choices=[CompletionChoice(index=i, text=delta.content or "", finish_reason=finish,
-                                                            logprobs=_completion_logprobs(logprobs))])
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[ChunkChoice(
+            index=i, delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None)])
+
+    def _text_chunk(self, i: int, c: Choice, piece: Piece, sent: int) -> Completion:
+        last = c.tokens.finish_reason is not None
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[CompletionChoice(
+            index=i, text=piece.content, finish_reason=c.finish_reason if last else None,
+            stop_reason=c.stop_reason if last else None, logprobs=self._completion_logprobs(piece.events, sent))])
+
+    def _completion_logprobs(self, events: list[TokenEvent], offset: int) -> CompletionLogprobs | None:
+        """vLLM's completion logprobs for `events`, the first token at `offset` in the text."""
+        name = self.token_name
+        if name is None or not events:
+            return None
+        tokens = [name(ev.token) for ev in events]
+        offsets = [offset]
+        for t in tokens[:-1]:
+            offsets.append(offsets[-1] + len(t))
+        return CompletionLogprobs(
+            text_offset=offsets, tokens=tokens,
+            token_logprobs=[None if ev.logprob is None else max(ev.logprob, -9999.0) for ev in events],
+            top_logprobs=[None if ev.logprob is None else
+                          {name(t): max(lp, -9999.0) for t, lp in [(ev.token, ev.logprob), *(ev.top_logprobs or ())]}
+                          for ev in events])
 
     def _event(self, chunk) -> str:
         # usage: on every chunk (null until the last) only when the client asked for it
         return "data: " + chunk.model_dump_json(exclude=None if self.include_usage else {"usage"}) + "\n\n"
 
-
-def _completion_logprobs(entries: list[dict] | None) -> CompletionLogprobs | None:
-    if not entries:
-        return None
-    return CompletionLogprobs(tokens=[e["token"] for e in entries], token_logprobs=[e["logprob"] for e in entries],
-                              top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries])

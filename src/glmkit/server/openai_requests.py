@@ -248,10 +248,43 @@ class ChatCompletionRequest(SamplingFields):
         return choice.function.name
 
 
+MAX_BATCH_PROMPTS = 16       # prompts in one /v1/completions request (each its own n choices)
+MAX_STOP_TOKEN_IDS = 64
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # OpenAI's text or texts, or vLLM's token ids: one list of ids, or a list of them (a batch)
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # vLLM's extensions, with vLLM's meaning (a client written for vLLM speaks to glmkit too):
+    # -1 is vLLM's "top_k off", as 0 is ours
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool = False              # do not stop at end-of-sequence (stop_token_ids still stop)
+    return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:<id>", not by their text
+
+    @field_validator("top_k")
+    @classmethod
+    def _vllm_top_k_off(cls, v):
+        return 0 if v == -1 else v
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompts(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the prompt is empty")
+            if isinstance(v[0], (str, list)) and len(v) > MAX_BATCH_PROMPTS:
+                raise ValueError(f"at most {MAX_BATCH_PROMPTS} prompts in one request")
+        return v
+
+    def prompt_batch(self) -> list[str | list[int]]:
+        """The request's prompts: each a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
 
 class EmbeddingRequest(_Lenient):

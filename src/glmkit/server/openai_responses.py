@@ -120,16 +120,22 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape as vLLM fills it: text_offset is where each token starts in the
+    choice's text (counted, as vLLM counts it, by the lengths of the token names before it), and
+    each top_logprobs entry holds the chosen token and the top k."""
+    text_offset: list[int]
+    token_logprobs: list[float | None]
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float] | None]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length"] | None = None
     logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    # vLLM's: the stop token id or stop string that ended the choice (None: end-of-sequence, length)
+    stop_reason: int | str | None = None
 
 
 class Completion(BaseModel):

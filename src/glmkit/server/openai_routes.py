@@ -110,26 +110,50 @@ async def chat_choices(server: ServerState, body: ChatCompletionRequest, params,
 async def completions(body: CompletionRequest, server: Server):
     _check_model(body.model, server.model_id)
     chat_model = server.chat_model
+    tokenizer = chat_model.tokenizer
     params = body.to_sampling_params(chat_model.default_sampling)
     max_new = body.max_new_tokens(server.config.max_tokens_limit)
-    if isinstance(body.prompt, list):
-        if len(body.prompt) != 1:
-            raise APIError(400, "send one prompt per request", param="prompt")
-        text = body.prompt[0]
-    else:
-        text = body.prompt
-    prompt = await asyncio.to_thread(chat_model.tokenizer.encode, text)
-    if not prompt:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    tokenizer = chat_model.tokenizer
-    # all visible text is the reply: a call parser without tools calls nothing
-    choices = submit(chat_model.backend, body.n, prompt, params, frozenset({tokenizer.eos_id}), max_new,
-                     lambda: TaggedCallParser(PlainReplyParser(tokenizer), {}), body.stops(),
-                     logprobs=body.logprobs, prompt_param="prompt")
-    answer = Answer(server.model_id, False, len(prompt), choices, include_usage=_include_usage(body))
+    prompts = [await _prompt_ids(p, tokenizer, i, len(body.prompt_batch()) > 1)
+               for i, p in enumerate(body.prompt_batch())]
+    # vLLM's stop rule: end-of-sequence (unless ignore_eos) and the request's stop_token_ids
+    asked = frozenset(body.stop_token_ids or ())
+    _check_ids(list(asked), tokenizer, "stop_token_ids")
+    stop_ids = asked | (frozenset() if body.ignore_eos else {tokenizer.eos_id})
+    choices = []
+    for prompt in prompts:          # choice i of prompt k is choice k * n + i, as vLLM numbers them
+        # all visible text is the reply: a call parser without tools calls nothing
+        submit(chat_model.backend, body.n, prompt, params, stop_ids, max_new,
+               lambda: TaggedCallParser(PlainReplyParser(tokenizer), {}), body.stops(),
+               logprobs=body.logprobs, prompt_param="prompt", reason_ids=asked - {tokenizer.eos_id}, choices=choices)
+    name = None
+    if body.logprobs is not None:
+        name = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else \
+            (lambda t: tokenizer.token_bytes(t).decode("utf-8", errors="replace"))
+    answer = Answer(server.model_id, False, sum(map(len, prompts)), choices, include_usage=_include_usage(body),
+                    token_name=name)
     if body.stream:
         return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
     return await answer.whole()
+
+
+async def _prompt_ids(prompt: str | list[int], tokenizer, index: int, batch: bool) -> list[int]:
+    """A prompt's token ids: text through the tokenizer (as ordinary text), or vLLM's ids as they
+    are, after checking each is a token of the vocabulary."""
+    param = f"prompt[{index}]" if batch else "prompt"
+    if isinstance(prompt, str):
+        ids = await asyncio.to_thread(tokenizer.encode, prompt)
+    else:
+        ids = list(prompt)
+        _check_ids(ids, tokenizer, param)
+    if not ids:
+        raise APIError(400, "the prompt is empty", param=param)
+    return ids
+
+
+def _check_ids(ids: list[int], tokenizer, param: str):
+    bad = next((i for i in ids if not 0 <= i < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})", param=param)
 
 
 @router.post("/tokenize")

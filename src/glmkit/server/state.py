@@ -45,7 +45,8 @@ class ServerConfig:
 class ServerState:
     config: ServerConfig
     chat_model: ChatModel      # generating through `scheduler` (a ScriptedBackend's view of it, in tests)
-    scheduler: Scheduler       # every generation of this server, API and console
+    scheduler: Scheduler       # every generation of this server, API and console (with a remote
+                               # engine: its engine.remote.RemoteLoad, the same questions answered)
     model_id: str              # the name clients use for it
     embedder: Any = None       # models.bert.Embedder for /v1/embeddings, or None
     console: Any = None        # server.console.Console, or None (no --data-dir)
