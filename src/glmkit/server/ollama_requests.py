@@ -17,7 +17,7 @@ from ..chat.json_schema import MAX_CONTAINERS, SchemaRefused, check_schema, cont
 from ..chat.openai_compat import flat_tools
 from ..engine.requests import SamplingParams
 from .errors import APIError
-from .openai_requests import INT64, MAX_STOP_CHARS, MAX_STOPS, JSONSchemaFormat, ResponseFormat, ToolDef, _Lenient
+from .openai_requests import INT64, JSONSchemaFormat, ResponseFormat, ToolDef, _Lenient, bounded_stops
 
 MAX_NAME_CHARS = 256      # a model name: compared with the served id, echoed back
 
@@ -66,12 +66,7 @@ class Options(_Lenient):
     @field_validator("stop")
     @classmethod
     def _bounded_stops(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
-        return v
+        return bounded_stops(v)
 
     def sampling_params(self, defaults: dict) -> SamplingParams:
         """The options over the model's `defaults`.  A negative seed is Ollama's "random"."""

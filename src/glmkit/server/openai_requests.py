@@ -23,6 +23,17 @@ MAX_STOP_CHARS = 256      # per stop sequence: matching holds back at most this 
 INT64 = dict(ge=-2**63, le=2**63 - 1)
 
 
+def bounded_stops(v):
+    """A request's stop sequences (one string or a list), refused beyond OpenAI's bounds (the
+    OpenAI-shaped APIs and Ollama's share this)."""
+    stops = [v] if isinstance(v, str) else v or []
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+    return v
+
+
 class _Lenient(BaseModel):
     # Clients send fields we do not know (new OpenAI parameters); ignore rather than fail,
     # but a known field of the wrong type is a 400.  NaN and Infinity are never numbers here.
@@ -104,12 +115,7 @@ class SamplingFields(_Lenient):
     @field_validator("stop")
     @classmethod
     def _bounded_stops(cls, v):
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
-        return v
+        return bounded_stops(v)
 
     def to_sampling_params(self, defaults: dict) -> SamplingParams:
         """The request's sampling over the model's `defaults` (a field left out: the default),
