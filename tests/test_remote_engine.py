@@ -163,6 +163,8 @@ def test_cancel_reaches_the_engine(servers):
         time.sleep(0.1)
     assert httpx.get(engine + "/health", timeout=5).json()["running"] == 0
     assert metric(engine, "glmkit_cancelled_total") == cancelled + 1
+    while httpx.get(gateway + "/health", timeout=5).json()["running"] and time.time() < deadline:
+        time.sleep(0.1)             # the gateway's side ends with its reader thread, a moment later
     assert httpx.get(gateway + "/health", timeout=5).json()["running"] == 0
 
 

@@ -238,8 +238,11 @@ def test_migrations_upgrade_an_older_log(tmp_path):
     db.commit()
     db.close()
     log = ChatLog(path)
-    assert log.version == len(MIGRATIONS) == 2
-    assert [r["prompt"] for r in log.search("walrus", 5)] == ["an old walrus question"]
+    try:
+        assert log.version == len(MIGRATIONS) == 2
+        assert [r["prompt"] for r in log.search("walrus", 5)] == ["an old walrus question"]
+    finally:
+        log.close()
 
 
 def test_markdown_at_a_terminal(tmp_path):

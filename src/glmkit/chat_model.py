@@ -51,6 +51,9 @@ class ChatModel:
         not loaded here (models.directory.without_weights), and what needs them is refused."""
         view = cls(checkpoint)
         view._backend = backend
+        # the engine may hold fewer tokens per sequence than the config says (RemoteBackend.check
+        # lowers its context_length): what fit() drops old turns to fit is the engine's limit
+        view.context_length = min(view.context_length, backend.context_length)
         return view
 
     @property

@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return leave(run(args))
+
+
+def run(args) -> int:
     try:
-        return leave(args.run(args))
+        return args.run(args)
     except GlmkitError as e:
         print(f"glmkit: error: {e}", file=sys.stderr)
         return 1

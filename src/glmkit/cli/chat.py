@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 from .. import __version__
 from ..errors import GlmkitError
@@ -17,7 +18,7 @@ from .chat_log import ChatLog, Recorder, log_path, resume
 from .options import add_model_options, add_sampling_options, existing_dir, load_model, positive, sampling_params
 from .render import renderer
 from .slash import Commands, Settings
-from .terminal import HINT, ctrl_c_cancels, is_command, one_shot_prompt, piped_stdin, say, stats_line, user_lines
+from .terminal import HINT, after_reply, ctrl_c_cancels, one_shot_prompt, piped_stdin, run_session, say
 
 
 def add_parser(sub) -> None:
@@ -66,7 +67,25 @@ def cmd_chat(args) -> int:
         raise GlmkitError("nothing to answer: the prompt (and what was piped in) is empty")
     history, logged_system, cid = resume(args.continue_latest, args.cid)
     system = args.system if args.system is not None else logged_system
-    recorder = Recorder(None if args.no_log else ChatLog(log_path()), "", cid)
+    recorder = Recorder(None if args.no_log else open_log(), "", cid)
+    try:
+        return run_chat(args, recorder, system, history)
+    finally:
+        if recorder.log is not None:
+            recorder.log.close()
+
+
+def open_log() -> ChatLog | None:
+    """The chat log, or None with one warning when it cannot be opened (a data directory that is a
+    file, no permission, a database locked too long): the chat itself does not need it."""
+    try:
+        return ChatLog(log_path())
+    except (OSError, GlmkitError) as e:
+        print(f"glmkit: warning: not logging this chat: {e}", file=sys.stderr)
+        return None
+
+
+def run_chat(args, recorder: Recorder, system: str | None, history: list[dict]) -> int:
     if args.server:
         if args.tools or args.code:
             raise GlmkitError("--tools and --code run the model here; with --server only the plain chat is available")
@@ -132,7 +151,7 @@ class PlainSession:
         # room kept for the reply when old turns are dropped: a quarter of the context, at most a reply
         reserve = min(a.max_new_tokens, max(16, (a.max_length or model.context_length) // 4))
         started = time.monotonic()
-        with (ctrl_c_cancels() if not one_shot else _nothing()) as cancel:
+        with (ctrl_c_cancels() if not one_shot else nullcontext()) as cancel:   # a one-shot's Ctrl-C ends it
             try:
                 if not one_shot or self.history:        # a fresh -p reports an overlong prompt as it always did
                     messages, dropped = model.fit(messages, reserve, a.max_length)
@@ -162,23 +181,9 @@ class PlainSession:
                 out.end()
         elapsed = time.monotonic() - started
         say("\n" if one_shot or out.ends_line else "\n\n")
-        if reply.finish_reason == "length":
-            print(f"[the reply reached the token limit (max_new_tokens {a.max_new_tokens})]"
-                  + ("" if one_shot else "\n"), file=sys.stderr)
-        if a.verbose:
-            print(stats_line(reply, elapsed), file=sys.stderr)
+        after_reply(reply, elapsed, a.max_new_tokens, a.verbose)
         self.history = [m for m in messages if m["role"] != "system"] + reply.messages
         self.recorder.record(text, self.system, "".join(shown), reply, elapsed)
-
-
-class _nothing:
-    """No Ctrl-C handler (a one-shot's Ctrl-C ends the command) and no cancel event."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def interactive(session: PlainSession) -> int:
@@ -187,16 +192,6 @@ def interactive(session: PlainSession) -> int:
     if session.history:
         print(f"[continuing conversation {session.conversation_id}: {len(session.history)} messages]")
     print(HINT)
-    commands = Commands(session, model, session.settings)
     out = renderer()
-    for text in user_lines():
-        if text == "clear":
-            session.clear()
-            print("[conversation cleared]\n")
-            continue
-        if is_command(text):
-            if not commands.handle(text):
-                break
-            continue
-        session.answer(text, out)
+    run_session(session, Commands(session, model, session.settings), lambda text: session.answer(text, out))
     return 0

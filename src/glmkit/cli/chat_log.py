@@ -9,24 +9,15 @@ log written by any earlier glmkit opens in a later one.  Each write is one short
 from __future__ import annotations
 
 import datetime
-import os
 import sqlite3
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import GlmkitError
+from .options import default_data_dir
 
 LOG_FILE = "logs.db"
-
-
-def default_data_dir() -> str:
-    """$GLMKIT_DATA_DIR, else the XDG data directory (~/.local/share/glmkit), as `serve` picks its
-    --data-dir default."""
-    if os.environ.get("GLMKIT_DATA_DIR"):
-        return os.environ["GLMKIT_DATA_DIR"]
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "glmkit")
 
 
 def log_path(data_dir: str | None = None) -> Path:

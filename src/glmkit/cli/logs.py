@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .chat_log import ChatLog, default_data_dir, log_path
+from .chat_log import ChatLog, log_path
+from .options import default_data_dir
 from .options import positive
 
 

@@ -33,6 +33,15 @@ def existing_dir(text: str) -> str:
     return text
 
 
+def default_data_dir() -> str:
+    """Where glmkit keeps what it writes for a user (the terminal's chat log, the console's
+    conversations): $GLMKIT_DATA_DIR, else the XDG data directory (~/.local/share/glmkit)."""
+    if os.environ.get("GLMKIT_DATA_DIR"):
+        return os.environ["GLMKIT_DATA_DIR"]
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "glmkit")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", metavar="PATH",

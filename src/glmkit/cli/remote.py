@@ -7,15 +7,18 @@ params, fit, stream_chat).  urllib only: no new dependency, and no torch is impo
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import queue
+import threading
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
 from ..errors import GlmkitError
+from .slash import SAMPLING
 
-SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 class RemoteModel:
@@ -24,7 +27,9 @@ class RemoteModel:
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.api_key = api_key if api_key is not None else os.environ.get("GLMKIT_API_KEY")
         self.timeout = timeout
-        card = (self._request("GET", "/models").get("data") or [{}])[0]
+        listing = self._request("GET", "/models")
+        data = listing.get("data") if isinstance(listing, dict) else None
+        card = data[0] if isinstance(data, list) and data else None
         if not isinstance(card, dict) or not isinstance(card.get("id"), str):
             raise GlmkitError(f"{self.base}/models names no model; is this a glmkit (or OpenAI-compatible) server?")
         self.name = card["id"]
@@ -59,9 +64,7 @@ class RemoteModel:
                 body[k] = getattr(params, k)
         text: list[str] = []
         with self._open("POST", "/chat/completions", body) as response:
-            for raw in response:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
+            for raw in self._lines(response, cancel, Cancelled):
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
                     continue
@@ -88,6 +91,34 @@ class RemoteModel:
             reply.messages = [{"role": "assistant", "content": "".join(text)}]
 
     # -- HTTP ------------------------------------------------------------------------------
+    def _lines(self, response, cancel, cancelled: type[Exception]):
+        """The response's lines, read in a thread of their own so that Ctrl-C (`cancel`) ends the
+        wait at once even while the server sends nothing (a long prefill, a queue); a connection
+        that breaks mid-stream is one GlmkitError.  Leaving early closes the response (the
+        caller's `with`), which ends the reading thread too."""
+        lines: queue.Queue = queue.Queue()
+
+        def read():
+            try:
+                for raw in response:
+                    lines.put(raw)
+            except Exception as e:          # a reset, a truncated chunk, the read timeout, our close
+                lines.put(e)
+            lines.put(None)
+        threading.Thread(target=read, name="glmkit-server-reader", daemon=True).start()
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise cancelled()
+            try:
+                item = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise GlmkitError(f"the connection to {self.base} broke: {item or type(item).__name__}")
+            yield item
+
     def _open(self, method: str, path: str, body: dict | None = None):
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if self.api_key:
@@ -95,7 +126,7 @@ class RemoteModel:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            return _OPENER.open(request, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             try:
                 detail = _message(json.loads(e.read().decode("utf-8", "replace")))
@@ -111,6 +142,19 @@ class RemoteModel:
                 return json.loads(response.read().decode("utf-8", "replace"))
             except ValueError:
                 raise GlmkitError(f"{self.base}{path} did not answer JSON; is this a glmkit server?") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise GlmkitError(f"the connection to {self.base} broke: {e or type(e).__name__}") from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error here, not followed: urllib would carry the Authorization header
+    (the API key) to wherever it points."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _message(body) -> str:

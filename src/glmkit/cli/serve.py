@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import GlmkitError
-from .options import add_model_options, kernel_pool, load_model, positive
+from .options import add_model_options, default_data_dir, kernel_pool, load_model, positive
 
 
 def add_parser(sub) -> None:
@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     sv.add_argument("--data-dir", metavar="DIR", default=None,
-                    help="where the web console keeps conversations (SQLite); default ~/.local/share/glmkit")
+                    help="where the web console keeps conversations (SQLite); default $GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
     sv.add_argument("--no-console", action="store_true", help="serve the API only, no web console at /")
     sv.add_argument("--tools", metavar="SPEC", help="tools the server runs itself for requests with "
                     "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
@@ -85,9 +85,9 @@ def cmd_serve(args) -> int:
                                          server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=data_dir(args),
                                          metrics_public=args.metrics_public), embedder=embedder)
-    engine = f", tokens from {args.engine}" if args.engine else ""
-    print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1{engine} "
-          f"(batch {args.max_batch}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
+    batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
+    print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
+          f"({batching}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
     try:
         return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
@@ -160,10 +160,7 @@ def data_dir(args) -> str | None:
     """Where the console keeps conversations; None: no console."""
     if args.no_console:
         return None
-    if args.data_dir:
-        return args.data_dir
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "glmkit")
+    return args.data_dir or default_data_dir()
 
 
 def scripted(path: str | None) -> dict | None:

@@ -73,6 +73,21 @@ def is_command(text: str) -> bool:
     return not isinstance(text, Message) and text.lstrip().startswith("/")
 
 
+def run_session(session, commands, answer: Callable[[str], object]) -> None:
+    """The loop both chats run until the person quits: each line is `clear`, a /command
+    (`commands.handle` is False for /bye) or a message for `answer`.  A \"\"\" block that says
+    "clear" is a message like any other."""
+    for text in user_lines():
+        if text == "clear" and not isinstance(text, Message):
+            session.clear()
+            print("[conversation cleared]\n")
+        elif is_command(text):
+            if not commands.handle(text):
+                return
+        else:
+            answer(text)
+
+
 @contextmanager
 def ctrl_c_cancels(also: Callable[[], object] | None = None) -> Iterator[threading.Event]:
     """Inside: Ctrl-C sets the event yielded (the reply stream checks it between tokens and raises
@@ -136,6 +151,17 @@ def one_shot_prompt(prompt: str | None, piped: str | None) -> str | None:
     if prompt is None:
         return piped
     return f"{prompt}\n\n{piped}" if piped else prompt
+
+
+def after_reply(reply, seconds: float, max_new_tokens: int, verbose: bool, blank_line: bool = False) -> None:
+    """What both chats say on stderr once a reply is over: that it reached the token limit (it is
+    cut, and a code block in it may be incomplete), and --verbose's line.  `reply`: anything with
+    finish_reason, completion_tokens and prompt_tokens."""
+    if reply.finish_reason == "length":
+        print(f"{chr(10) if blank_line else ''}[the reply reached the token limit (max_new_tokens {max_new_tokens})]",
+              file=sys.stderr)
+    if verbose:
+        print(stats_line(reply, seconds), file=sys.stderr)
 
 
 def stats_line(reply, seconds: float) -> str:

@@ -24,7 +24,7 @@ from .chat_log import Recorder
 from .options import kernel_pool
 from .render import PlainReply, renderer
 from .slash import Commands, Settings
-from .terminal import HINT, ask, ctrl_c_cancels, is_command, say, stats_line, user_lines
+from .terminal import HINT, after_reply, ask, ctrl_c_cancels, run_session, say
 
 KERNEL_KEY = "chat"     # the terminal chat's one kernel in its pool
 
@@ -81,20 +81,13 @@ def run(model, args, params, recorder: Recorder | None = None, system: str | Non
         print(HINT)
         extra = {"/run": ("run the last complete Python code block of the conversation", session.run_last_block)} \
             if kernels is not None else {}
-        commands = Commands(session, model, settings, extra)
         out = renderer()
-        for text in user_lines():
-            if text == "clear":
-                session.clear()
-                print("[conversation cleared]\n")
-                continue
-            if is_command(text):
-                if not commands.handle(text):
-                    break
-                continue
+
+        def answer(text: str) -> None:
             out.start(model.name)
             session.answer(text, out)
             say("\n" if out.ends_line else "\n\n")
+        run_session(session, Commands(session, model, settings, extra), answer)
         return 0
 
 
@@ -151,7 +144,11 @@ class Session:
         self.system = text
 
     def conversation(self) -> list[dict]:
-        return list(self.history)
+        """What /save writes: the text of the conversation, the person's messages and the model's
+        answers.  Tool calls and their observations are left out (/load takes only text, so a
+        file cannot slip calls into a prompt)."""
+        return [{"role": m["role"], "content": m["content"]} for m in self.history
+                if m.get("role") in ("user", "assistant") and not m.get("metadata") and isinstance(m.get("content"), str)]
 
     def load(self, messages, system) -> None:
         self.history, self.cut = list(messages), {}
@@ -209,10 +206,7 @@ class Session:
             last = next((m for m in reversed(self.history) if m.get("role") == "assistant"), None)
             if last is not None:
                 self.cut[last.get("content", "")] = "was cut at the token limit"
-            print(f"{'' if one_shot else chr(10)}[the reply reached the token limit "
-                  f"(max_new_tokens {self.args.max_new_tokens})]", file=sys.stderr)
-        if self.args.verbose:
-            print(stats_line(summary, elapsed), file=sys.stderr)
+        after_reply(summary, elapsed, self.args.max_new_tokens, self.args.verbose, blank_line=not one_shot)
         self.recorder.record(text, self.system, answer, summary, elapsed)
 
     @contextlib.contextmanager

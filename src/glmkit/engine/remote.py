@@ -254,7 +254,10 @@ class RemoteStream:
             self._fail(e)
         except httpx.ConnectError as e:
             self._fail(EngineUnavailable(f"cannot reach the engine at {url} ({_why(e)})"))
-        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except Exception as e:
+            # a broken connection, an answer of the wrong shape, and anything else (httpx.StreamClosed
+            # when a cancel races the read, a RecursionError from absurdly nested JSON): the caller
+            # must get an event, or it would wait for ever
             self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(e)})"))
         finally:
             self.backend.streams.discard(self)

@@ -36,6 +36,9 @@ class SamplingParams:
             raise GlmkitError(f"top_k must be >= 0, got {self.top_k}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise GlmkitError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # what torch.Generator.manual_seed takes; beyond it the sampler would raise mid-request
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise GlmkitError(f"seed must be a 64-bit integer, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -25,7 +25,9 @@ catch is a flipped bit inside tensor data, just as nothing catches one in the GG
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -193,8 +195,10 @@ class Recorder:
             self.tensors[f"{name}/{part}"] = value.contiguous()
 
     def save(self, cfg: ModelConfig, tokenizer_state: dict, chat_template: str | None) -> None:
-        """Write the entry beside its final place and rename it there, so a reader never sees half of
-        one and two processes loading at once do not mix theirs.  A cache that cannot be written
+        """Write the entry beside its final place and rename it there: an entry is either whole or
+        absent, and two processes loading at once do not mix theirs (the second one's rename finds
+        the first's entry there, which is as good).  A process that was reading the entry being
+        replaced may find it gone and rebuild it once more.  A cache that cannot be written
         (read-only home, full disk) costs only the speed-up: one note."""
         from safetensors.torch import save_file
         final = entry_dir(self.path, self.dtype)
@@ -208,8 +212,17 @@ class Recorder:
                         "chat_template": chat_template, "tensors": self.forms,
                         "weights_bytes": (tmp / WEIGHTS).stat().st_size}
             (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            if final.exists():              # a stale or damaged entry: moved aside whole, then removed
+                aside = Path(tempfile.mkdtemp(prefix=final.name + ".old.", dir=final.parent))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(final, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)      # another process put its entry there first
         except OSError as e:
             note(f"could not cache {self.path.name} for faster starts ({e}); it loads from the GGUF file each time")
             if tmp is not None:
