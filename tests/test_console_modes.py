@@ -290,3 +290,19 @@ def test_the_api_runs_tools_for_the_default_model_too(base):
     step = r.json()["glmkit_steps"][0]
     assert (step["name"], step["arguments"], json.loads(step["observation"])["result"]) == \
         ("calculator", {"expression": "6*7"}, 42)
+
+
+def test_run_a_persons_code_in_the_conversation_kernel(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    r = httpx.post(f"{base}/api/conversations/{cid}/run", timeout=120, json={"code": "x = 20\nprint(x + 1)"})
+    assert r.status_code == 200 and r.json()["ok"] and r.json()["output"].strip() == "21", r.text
+    again = httpx.post(f"{base}/api/conversations/{cid}/run", timeout=120, json={"code": "print(x * 2)\n1/0"}).json()
+    assert not again["ok"] and "40" in again["output"] and "ZeroDivisionError" in again["output"]   # same kernel
+    stored = messages(base, cid)
+    assert [(m["role"], m["extras"].get("by")) for m in stored] == [("assistant", "user"), ("observation", "user")] * 2
+    assert "x = 20" in stored[0]["content"] and stored[1]["extras"]["output"].strip() == "21"
+    # refused: outside Code mode, and with no code; nothing stored
+    chat = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    assert httpx.post(f"{base}/api/conversations/{chat}/run", json={"code": "print(1)"}).status_code == 400
+    assert httpx.post(f"{base}/api/conversations/{cid}/run", json={"code": ""}).status_code == 400
+    assert messages(base, chat) == [] and len(messages(base, cid)) == 4
