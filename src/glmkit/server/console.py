@@ -277,6 +277,19 @@ def export(cid: str, request: Request, console: TheConsole, format: str = "md"):
                              headers=disposition)
 
 
+def title_of(content: str) -> str:
+    """A new conversation's title: the first line of its first message with words in it, not
+    a code fence, and without Markdown's heading and emphasis marks."""
+    for line in content.splitlines():
+        line = line.strip()
+        if line.startswith(("```", "~~~")):
+            continue
+        line = re.sub(r"^(#+|>|[-*+]|\d+\.)\s+", "", line).replace("**", "").strip()
+        if re.search(r"\w", line):
+            return line[:60]
+    return "New conversation"
+
+
 def slug(title: str) -> str:
     """An export's file name from its conversation's title: "Trip to Paris!" -> trip-to-paris."""
     s = re.sub(r"[^\w]+", "-", title.lower(), flags=re.UNICODE).strip("-_")[:60].strip("-_")
@@ -419,7 +432,7 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
             raise APIError(400, "content is required", param="content")
         store.append(who, cid, "user", content)
     if conv["title"] == "New conversation" and content:
-        store.rename(who, cid, content.strip().splitlines()[0][:60] or "New conversation")
+        store.rename(who, cid, title_of(content))
     history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                for m in store.get(who, cid)["messages"]]
     mode = conv["mode"]

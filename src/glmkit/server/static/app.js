@@ -422,7 +422,7 @@ function withAttachments(typed) {
     const lang = (a.name.match(/\.(\w+)$/) || [])[1] || "";
     return `Attached file \`${a.name}\`:\n${ticks}${lang}\n${a.text.replace(/\n$/, "")}\n${ticks}`;
   });
-  return [...blocks, typed].filter(Boolean).join("\n\n");
+  return [typed, ...blocks].filter(Boolean).join("\n\n");   // the question first: it names the conversation
 }
 
 // -- answering ------------------------------------------------------------------------------
@@ -594,8 +594,10 @@ async function startApp(c) {
     $("system").maxLength = config.limits.system;
   }
   if (config.auth_required) {
-    $("sign-out").hidden = false;
-    $("sign-out").onclick = () => { localStorage.removeItem("glmkit-key"); location.reload(); };
+    for (const b of document.querySelectorAll(".sign-out")) {     // the header's; on a phone, the sidebar's
+      b.hidden = false;
+      b.onclick = () => { localStorage.removeItem("glmkit-key"); location.reload(); };
+    }
   }
   showSettings(defaults);
   showMode("chat");
