@@ -26,7 +26,8 @@ PLOT = "```python\nimport matplotlib.pyplot as plt\nprint('hello from run')\nplt
 
 SCRIPTS = {
     "Where should I travel?": "Try **Zanzibar**: warm water, spice markets and old stone town streets.",
-    "Tell me everything about rivers": "Rivers carry water from the highlands to the sea. " * 20,
+    # an unlabelled block: shown as code (Run would run it), not a call the model makes
+    "Tell me everything about rivers": "```\nprint('rivers')\n```\n" + "Rivers carry water to the sea. " * 20,
     PLOT: "Press **▶ Run** to run it.",
 }
 
@@ -112,18 +113,6 @@ def test_small_model_note_appears_once(page):
     assert note.is_hidden()                                      # once per page load
     page.click("#mode-chat")
     page.wait_for_function("document.body.dataset.mode === 'chat'")
-
-
-def test_a_reply_shows_usage_and_a_cut_reply_is_marked(page):
-    page.fill("#max_new_tokens", "16")
-    page.dispatch_event("#max_new_tokens", "change")
-    ask(page, "Tell me everything about rivers")
-    reply = page.locator(".msg.assistant").last
-    assert reply.locator(".badge.cut", has_text="reply cut at the token limit").count() == 1
-    meta = page.locator(".meta").last.text_content()
-    assert "completion tokens" in meta and "16 completion" in meta and "tokens/s" in meta
-    page.fill("#max_new_tokens", "160")
-    page.dispatch_event("#max_new_tokens", "change")
 
 
 def test_an_attached_text_file_reaches_the_model(page, server, tmp_path):
@@ -215,6 +204,21 @@ def test_run_on_a_users_code_block_shows_output_and_a_plot(page, server):
     assert [m["extras"].get("by") for m in stored[-2:]] == ["user", "user"] and stored[-1]["extras"]["images"]
 
 
+def test_a_reply_shows_usage_and_a_cut_reply_is_marked_and_gets_no_run_button(page):
+    page.fill("#max_new_tokens", "16")
+    page.dispatch_event("#max_new_tokens", "change")
+    ask(page, "Tell me everything about rivers")
+    reply = page.locator(".msg.assistant").last
+    assert reply.locator(".badge.cut", has_text="reply cut at the token limit").count() == 1
+    meta = page.locator(".meta").last.text_content()
+    assert "completion tokens" in meta and "16 completion" in meta and "tokens/s" in meta
+    # its code block may be cut too: it can be copied, not run (the person's block above has Run)
+    assert reply.locator("pre button.copy").count() == 1 and reply.locator("button.run").count() == 0
+    assert page.locator(".msg.user button.run").count() == 1
+    page.fill("#max_new_tokens", "160")
+    page.dispatch_event("#max_new_tokens", "change")
+
+
 def test_layout_and_screenshots_phone_and_desktop_light_and_dark(page):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.set_viewport_size({"width": 1400, "height": 800})          # the header stays one line
@@ -228,10 +232,12 @@ def test_layout_and_screenshots_phone_and_desktop_light_and_dark(page):
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert (background == "rgb(255, 255, 255)") == (scheme == "light")
         page.set_viewport_size({"width": 1280, "height": 800})
-        page.evaluate("document.getElementById('messages').scrollTop = 1e9")
+        plot = "document.querySelector('.cell-output img.plot').scrollIntoView({block: 'center'})"
+        page.evaluate(plot)
         page.screenshot(path=str(SHOTS / f"console-desktop-{scheme}.png"))
         page.set_viewport_size({"width": 390, "height": 844})
         page.wait_for_timeout(250)                                  # the sidebar's slide
+        page.evaluate(plot)
         page.screenshot(path=str(SHOTS / f"console-phone-{scheme}.png"))
     page.set_viewport_size({"width": 420, "height": 844})
     page.wait_for_timeout(250)
