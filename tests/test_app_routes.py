@@ -286,7 +286,8 @@ def test_the_console_answers_through_the_same_reply(tools_api):
                                                                    "settings": {"max_new_tokens": 4}})
     events = sse_console(r)
     assert "".join(e["text"] for e in events if e["type"] == "text") == "The answer"
-    assert events[-1] == {"type": "done"}
+    done = events[-1]       # the final event carries the turn's usage
+    assert done["type"] == "done" and 0 < done["usage"]["completion_tokens"] <= 4 and done["usage"]["prompt_tokens"] > 0
     error(tools_api.post(f"/api/conversations/{cid}/messages", json={"content": "x", "settings": {"top_p": 0}}), 400,
           param="settings.top_p")
 

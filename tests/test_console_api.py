@@ -85,3 +85,28 @@ def test_x_api_key_clients_are_their_own_owner(base):
     assert c["id"] in [x["id"] for x in httpx.get(base + "/api/conversations", headers=H("alice")).json()]
     assert c["id"] not in [x["id"] for x in httpx.get(base + "/api/conversations", headers={"X-API-Key": "bob"}).json()]
     httpx.delete(f"{base}/api/conversations/{c['id']}", headers=H("alice"))
+
+
+def test_search_usage_export_name_and_no_cdn_docs(base):
+    c = httpx.post(base + "/api/conversations", json={"title": "Trip to Paris!"}, headers=H("alice")).json()
+    events = sse(httpx.post(base + f"/api/conversations/{c['id']}/messages", timeout=60, headers=H("alice"),
+                            json={"content": "Quokka facts", "settings": {"temperature": 0, "max_new_tokens": 4}}))
+    done = events[-1]
+    # the final event carries usage and speed, and the reply is stored with them
+    assert done["type"] == "done" and done["usage"]["completion_tokens"] == 4 and done["usage"]["prompt_tokens"] > 0
+    assert done["finish_reason"] == "length" and done["tokens_per_second"] > 0
+    reply = httpx.get(base + f"/api/conversations/{c['id']}", headers=H("alice")).json()["messages"][-1]
+    assert reply["extras"]["usage"] == done["usage"] and reply["extras"]["finish_reason"] == "length"
+    # full-text search, by the owner only
+    found = httpx.get(base + "/api/conversations", params={"q": "quokka"}, headers=H("alice")).json()
+    assert [x["id"] for x in found] == [c["id"]] and "Quokka" in found[0]["match"]
+    assert httpx.get(base + "/api/conversations", params={"q": "quokka"}, headers=H("bob")).json() == []
+    assert httpx.get(base + "/api/conversations", params={"q": "x" * 201}, headers=H("alice")).status_code == 400
+    # an export is named after its conversation
+    r = httpx.get(base + f"/api/conversations/{c['id']}/export?format=md", headers=H("alice"))
+    assert r.headers["content-disposition"].endswith("trip-to-paris.md")
+    # the tiny ChatGLM3 has the native protocol: no small-model note
+    assert httpx.get(base + "/api/config", headers=H("alice")).json()["note"] is None
+    # no page that would load Swagger UI from a CDN; the schema stays
+    assert httpx.get(base + "/docs").status_code == 404 and httpx.get(base + "/openapi.json").status_code == 200
+    httpx.delete(f"{base}/api/conversations/{c['id']}", headers=H("alice"))

@@ -62,6 +62,12 @@ def test_rename_and_delete(page):
     page.wait_for_function("document.querySelector('#conversations li .title').textContent === 'Dragons'")
     page.click("#new-chat")
     page.wait_for_function("document.querySelectorAll('#conversations li').length === 2")
+    asked = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))   # asked first: No keeps it
+    page.click("#conversations li >> nth=0 >> button.delete")
+    page.wait_for_timeout(300)
+    assert asked and "Delete" in asked[0] and page.locator("#conversations li").count() == 2
+    page.once("dialog", lambda d: d.accept())
     page.click("#conversations li >> nth=0 >> button.delete")
     page.wait_for_function("document.querySelectorAll('#conversations li').length === 1")
     assert page.locator("#conversations li .title").text_content() == "Dragons"

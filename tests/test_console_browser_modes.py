@@ -181,6 +181,7 @@ def test_settings_are_kept_per_conversation_and_clear(page):
     # Clear empties the conversation but keeps it
     page.click("#conversations li >> nth=0")
     page.wait_for_selector(".msg.user")
+    page.once("dialog", lambda d: d.accept())      # Clear asks first
     page.click("#clear")
     page.wait_for_function("document.querySelectorAll('#messages > *').length === 0")
     page.reload()
@@ -207,10 +208,11 @@ def test_login_and_each_key_sees_its_own_conversations(browser, tmp_path):
         pg.wait_for_selector("#mode-chat")
         pg.wait_for_timeout(500)
         assert pg.locator("#conversations li").count() == 0
-        # a wrong key is asked again, not let in
+        # a saved key that is refused is asked again, saying so, and nothing of the app is there
         pg.evaluate("localStorage.setItem('glmkit-key', 'mallory')")
         pg.reload()
         pg.wait_for_selector("#login[open]")
+        assert "no longer accepted" in pg.text_content("#login-error") and pg.locator("#messages").count() == 0
         pg.fill("#api-key", "alice-key")
         pg.click("#login-ok")
         pg.wait_for_selector("#conversations li")

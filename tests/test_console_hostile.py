@@ -242,8 +242,8 @@ def test_hostile_fuzz_over_every_console_endpoint(server, api, conv):
               '{"__proto__": {"x": 1}}', '{"title": "a", "title": 5}', "[" * 5000 + "]" * 5000,
               b"\xc3\x28", b"\xef\xbb\xbf{}", '{"title": "\\ud83d"}']
     json_endpoints = [("POST", "/api/conversations"), ("PATCH", "/api/conversations/{id}"),
-                      ("POST", "/api/conversations/{id}/messages")]
-    other_endpoints = [("GET", "/api/conversations/{id}"), ("POST", "/api/conversations/{id}/stop"),
+                      ("POST", "/api/conversations/{id}/messages"), ("POST", "/api/conversations/{id}/run")]
+    other_endpoints = [("GET", "/api/conversations/{id}"), ("GET", "/api/conversations?q={id}"), ("POST", "/api/conversations/{id}/stop"),
                        ("GET", "/api/conversations/{id}/export?format={id}"), ("GET", "/api/conversations/{id}/files"),
                        ("GET", "/api/conversations/{id}/files/{id}"), ("PUT", "/api/conversations/{id}/files/{id}"),
                        ("DELETE", "/api/conversations/{id}/messages"), ("DELETE", "/api/conversations/{id}")]

@@ -165,7 +165,10 @@ def test_stop_mid_answer_keeps_the_text_and_frees_the_conversation(base):
                     assert httpx.delete(f"{base}/api/conversations/{cid}").status_code == 409
                     break        # the browser's Stop: the connection closes mid-stream
     stored = wait_for(lambda: m if len(m := messages(base, cid)) == 2 else None, "the stopped answer to be stored")
-    assert stored[1]["extras"] == {"stopped": True} and stored[1]["content"].startswith(shown)
+    # marked as stopped, with what it used (the tokens shown count)
+    extras = stored[1]["extras"]
+    assert extras["stopped"] is True and stored[1]["content"].startswith(shown)
+    assert extras["usage"]["completion_tokens"] > 0 and extras["finish_reason"] != "length"
     # the conversation is free again
     assert say_once_free(base, cid, "Hi")[-1]["type"] == "done"
 
@@ -275,7 +278,7 @@ def test_the_stop_endpoint_returns_once_the_answer_is_stored(base):
     assert seen.wait(60)
     assert httpx.post(f"{base}/api/conversations/{cid}/stop", timeout=60).json() == {"stopped": True}
     stored = messages(base, cid)        # no waiting: stored before /stop answered
-    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["extras"] == {"stopped": True}
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["extras"]["stopped"] is True
     t.join(30)
     assert not t.is_alive()             # and the stream ended
 
@@ -290,3 +293,19 @@ def test_the_api_runs_tools_for_the_default_model_too(base):
     step = r.json()["glmkit_steps"][0]
     assert (step["name"], step["arguments"], json.loads(step["observation"])["result"]) == \
         ("calculator", {"expression": "6*7"}, 42)
+
+
+def test_run_a_persons_code_in_the_conversation_kernel(base):
+    cid = httpx.post(base + "/api/conversations", json={"mode": "code"}).json()["id"]
+    r = httpx.post(f"{base}/api/conversations/{cid}/run", timeout=120, json={"code": "x = 20\nprint(x + 1)"})
+    assert r.status_code == 200 and r.json()["ok"] and r.json()["output"].strip() == "21", r.text
+    again = httpx.post(f"{base}/api/conversations/{cid}/run", timeout=120, json={"code": "print(x * 2)\n1/0"}).json()
+    assert not again["ok"] and "40" in again["output"] and "ZeroDivisionError" in again["output"]   # same kernel
+    stored = messages(base, cid)
+    assert [(m["role"], m["extras"].get("by")) for m in stored] == [("assistant", "user"), ("observation", "user")] * 2
+    assert "x = 20" in stored[0]["content"] and stored[1]["extras"]["output"].strip() == "21"
+    # refused: outside Code mode, and with no code; nothing stored
+    chat = httpx.post(base + "/api/conversations", json={}).json()["id"]
+    assert httpx.post(f"{base}/api/conversations/{chat}/run", json={"code": "print(1)"}).status_code == 400
+    assert httpx.post(f"{base}/api/conversations/{cid}/run", json={"code": ""}).status_code == 400
+    assert messages(base, chat) == [] and len(messages(base, cid)) == 4

@@ -98,3 +98,34 @@ def test_kill_9_loses_nothing_committed(tmp_path):
     assert len(contents) >= acknowledged + 1
     assert contents == [f"m{i}" for i in range(len(contents))]
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_search_is_full_text_owner_scoped_and_follows_edits(tmp_path):
+    # a database written before the search index (version 2) gets it, with its old messages
+    old = sqlite3.connect(tmp_path / "c.db")
+    old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    old.execute("INSERT INTO schema_version VALUES (2)")
+    for sql in MIGRATIONS[:2]:
+        old.executescript(sql)
+    old.execute("INSERT INTO conversations VALUES ('c0', ?, 'Old', 'chat', '{}', 1, 1)", (owner_of("key-a"),))
+    old.execute("INSERT INTO messages (conversation_id, seq, role, content, created) "
+                "VALUES ('c0', 1, 'assistant', 'An archived Zanzibar note', 1)")
+    old.commit()
+    old.close()
+    s = Store(tmp_path / "c.db")
+    alice, bob = owner_of("key-a"), owner_of("key-b")
+    assert [c["id"] for c in s.search(alice, "zanzibar")] == ["c0"]
+    a = s.create(alice, "Trip planning")
+    s.append(alice, a["id"], "user", "Where should I go?")
+    s.append(alice, a["id"], "assistant", "Try Zanzibar: the beaches of Zanzíbar are lovely.")
+    b = s.create(bob, "Bob's")
+    s.append(bob, b["id"], "assistant", "Zanzibar for Bob")
+    found = s.search(alice, "ZANZIB")                     # a prefix, any case
+    assert {c["id"] for c in found} == {"c0", a["id"]} and "Zanzibar" in found[0]["match"]
+    assert [c["id"] for c in s.search(bob, "zanzibar")] == [b["id"]]     # never another owner's
+    assert [c["id"] for c in s.search(alice, "planning")] == [a["id"]]    # titles too
+    assert s.search(alice, 'beaches"* NEAR(') == [] and len(s.search(alice, '(beaches"*')) == 1 and s.search(alice, '"*()') == []   # text, not syntax
+    s.truncate(alice, a["id"], 1)                         # the reply is gone, and so is the hit
+    assert [c["id"] for c in s.search(alice, "zanzibar")] == ["c0"]
+    s.delete(alice, "c0")
+    assert s.search(alice, "zanzibar") == []

@@ -281,8 +281,9 @@ def test_small_model_note_rule(tiny):
     assert small_model_note(tiny) is None              # ChatGLM3's own tool protocol
 
     def fake(native, n_layer, dim):
-        config = SimpleNamespace(n_layer=n_layer, dim=dim, qkv_dim=3 * dim, n_head=dim // 64, head_dim=64,
-                                 ffn_dim=4 * dim, vocab_size=32000, tied_embeddings=False)
+        from glmkit.models.config import ModelConfig
+        config = ModelConfig(family="llama", n_layer=n_layer, dim=dim, n_head=dim // 64, n_kv_head=dim // 64,
+                             head_dim=64, ffn_dim=4 * dim, vocab_size=32000, context_length=2048)
         return SimpleNamespace(name="m", config=config, protocol=SimpleNamespace(native=native))
     assert "small model" in small_model_note(fake(False, 12, 768))        # ~160M
     assert small_model_note(fake(False, 32, 4096)) is None                 # ~7B

@@ -88,7 +88,8 @@ def cmd_serve(args) -> int:
     batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
     print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
           f"({batching}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
-          f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
+          f"{'API keys required' if keys else 'no API key'})" + (f"; web console on http://{args.host}:{args.port}/"
+          if app.state.server.config.data_dir is not None else ""), file=sys.stderr, flush=True)
     try:
         return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     finally:

@@ -38,3 +38,14 @@ class ModelConfig:
     @property
     def qkv_dim(self) -> int:
         return (self.n_head + 2 * self.n_kv_head) * self.head_dim
+
+    @property
+    def parameter_count(self) -> int:
+        """The decoder's weights, from its shape alone (`glmkit models` shows it; the chat layer's
+        small-model rule reads it)."""
+        per_layer = (self.qkv_dim * self.dim + (self.qkv_dim if self.qkv_bias else 0)   # fused Q/K/V (+ bias)
+                     + self.n_head * self.head_dim * self.dim                          # attention output
+                     + 3 * self.ffn_dim * self.dim                                     # SwiGLU: gate, up, down
+                     + 2 * self.dim)                                                   # two norms
+        embeddings = self.vocab_size * self.dim * (1 if self.tied_embeddings else 2)
+        return self.n_layer * per_layer + embeddings + self.dim

@@ -40,12 +40,7 @@ class ModelInfo:
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    per_layer = (cfg.qkv_dim * cfg.dim + (cfg.qkv_dim if cfg.qkv_bias else 0)   # fused Q/K/V (+ bias)
-                 + cfg.n_head * cfg.head_dim * cfg.dim                          # attention output
-                 + 3 * cfg.ffn_dim * cfg.dim                                    # SwiGLU: gate, up, down
-                 + 2 * cfg.dim)                                                 # two norms
-    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tied_embeddings else 2)
-    return cfg.n_layer * per_layer + embeddings + cfg.dim
+    return cfg.parameter_count
 
 
 def _size(paths) -> int:

@@ -52,7 +52,9 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         finally:
             scheduler.stop()
 
-    app = FastAPI(title="glmkit", version=__version__, lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, and the server
+    # fetches nothing at run time (offline); /openapi.json describes the API
+    app = FastAPI(title="glmkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API for ChatGLM3 and similar models, served by glmkit.")
     app.router.route_class = StrictJSONRoute
     app.state.server = server

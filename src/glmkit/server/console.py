@@ -17,6 +17,9 @@ import asyncio
 import json
 import logging
 import os
+import re
+import threading
+import time
 from copy import copy
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,11 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..errors import GlmkitError
+from ..chat.capabilities import small_model_note
+from ..chat.protocols import GLM3Protocol
+from ..chat.tool_calls import INTERPRETER, CodeCall
+from ..chat.tools import ToolResult
 from .auth import request_key
 from .console_turns import Turn
 from .errors import APIError, StrictJSONRoute
 from .openai_requests import SamplingFields
 from .store import NotFound, Store, owner_of
+from .tool_steps import step_view
 from .workspace import Workspaces
 
 STATIC = Path(__file__).with_name("static")
@@ -72,6 +80,10 @@ class ConversationPatch(_Strict):
     mode: Literal["chat", "tool", "code"] | None = None              # only while it has no messages
 
 
+class Run(_Strict):
+    code: str = Field(min_length=1, max_length=CONTENT_MAX)
+
+
 class Send(_Strict):
     content: str | None = Field(None, max_length=CONTENT_MAX)
     regenerate: bool = False          # drop the last assistant turn and answer again
@@ -103,6 +115,8 @@ class Console:
             "tool": None if config.server_tools else "start the server with --tools builtin (or a tools file)",
             "code": None if config.code_interpreter else "start the server with --code"}
         self.reported: set[str] = set()         # conversations whose unreadable stored values were logged
+        # Tool and Code modes' plain note for a small model without a native tool protocol
+        self.note = small_model_note(chat_model, "glmkit serve -m PATH/TO/chatglm3-6b")
 
     def owner(self, request: Request) -> str:
         return owner_of(request_key(request) if self.config.api_keys else None)
@@ -187,12 +201,19 @@ def console_config(console: TheConsole):
                        "content": CONTENT_MAX},
             "modes": [m for m, why in modes.items() if why is None],
             "unavailable": {m: why for m, why in modes.items() if why},
-            "tools": [t.spec() for t in config.server_tools.values()]}
+            "tools": [t.spec() for t in config.server_tools.values()],
+            "note": console.note}
 
 
 @router.get("/api/conversations")
-def list_conversations(request: Request, console: TheConsole):
-    return [console.readable(c) for c in console.store.list(console.owner(request))]
+def list_conversations(request: Request, console: TheConsole, q: str = ""):
+    """The owner's conversations, newest first; with `q`, those whose title or a message holds
+    each of its words (full-text, each `match` a snippet of the first matching message)."""
+    if len(q) > 200:
+        raise APIError(400, "q: at most 200 characters", param="q")
+    who = console.owner(request)
+    found = console.store.search(who, q) if q.strip() else console.store.list(who)
+    return [console.readable(c) for c in found]
 
 
 @router.post("/api/conversations")
@@ -246,10 +267,33 @@ async def delete_conversation(cid: str, request: Request, console: TheConsole):
 
 @router.get("/api/conversations/{cid}/export")
 def export(cid: str, request: Request, console: TheConsole, format: str = "md"):
-    console.conversation(request, cid)
+    conv = console.conversation(request, cid)
+    name = quote(f"{slug(conv['title'])}.{'json' if format == 'json' else 'md'}")
+    disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{name}"}
     if format == "json":
-        return PlainTextResponse(console.store.export_json(console.owner(request), cid), media_type="application/json")
-    return PlainTextResponse(console.store.export_markdown(console.owner(request), cid), media_type="text/markdown")
+        return PlainTextResponse(console.store.export_json(console.owner(request), cid), media_type="application/json",
+                                 headers=disposition)
+    return PlainTextResponse(console.store.export_markdown(console.owner(request), cid), media_type="text/markdown",
+                             headers=disposition)
+
+
+def title_of(content: str) -> str:
+    """A new conversation's title: the first line of its first message with words in it, not
+    a code fence, and without Markdown's heading and emphasis marks."""
+    for line in content.splitlines():
+        line = line.strip()
+        if line.startswith(("```", "~~~")):
+            continue
+        line = re.sub(r"^(#+|>|[-*+]|\d+\.)\s+", "", line).replace("**", "").strip()
+        if re.search(r"\w", line):
+            return line[:60]
+    return "New conversation"
+
+
+def slug(title: str) -> str:
+    """An export's file name from its conversation's title: "Trip to Paris!" -> trip-to-paris."""
+    s = re.sub(r"[^\w]+", "-", title.lower(), flags=re.UNICODE).strip("-_")[:60].strip("-_")
+    return s or "conversation"
 
 
 @router.delete("/api/conversations/{cid}/messages")
@@ -300,6 +344,53 @@ def download(cid: str, name: str, request: Request, console: TheConsole):
         "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
 
 
+# -- a person's own code -----------------------------------------------------------------------
+class _UserRun:
+    """A cell the person runs (Run on a code block): it holds the conversation as a turn does,
+    and Stop interrupts it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.finished = kernel, threading.Event()
+
+    def stop(self):
+        self.kernel.interrupt()
+
+
+@router.post("/api/conversations/{cid}/run")
+async def run_code(cid: str, request: Request, console: TheConsole, body: Run):
+    """Run `code` in the conversation's sandboxed kernel (its variables and /mnt/data), recorded
+    as a step of the conversation like the model's own code steps, marked as the person's
+    (extras.by = "user"), so the model sees the code and its output in the history too."""
+    who, store = console.owner(request), console.store
+    conv = console.conversation(request, cid)
+    if conv["mode"] != "code":
+        raise APIError(400, "code runs in Code interpreter conversations only")
+    console.mode_on("code")
+    console.not_busy(cid)
+    kernel = console.workspaces.lease(cid)
+    job = console.active[cid] = _UserRun(kernel)
+    try:
+        started = time.monotonic()
+        cell = await asyncio.to_thread(kernel.run, body.code)
+        seconds = round(time.monotonic() - started, 3)
+        call = CodeCall("user-run", body.code)
+        fence = "```python\n" + body.code.rstrip("\n") + "\n```"
+        # as the model's own code step would be in its history: ChatGLM3's interpreter segment,
+        # or (any other protocol) a fenced block in an assistant message
+        metadata = INTERPRETER if type(console.chat_model.protocol) is GLM3Protocol else ""
+        store.append(who, cid, "assistant", fence, metadata, {"by": "user"})
+        view = {"name": INTERPRETER, **step_view(call, ToolResult(not cell.error, cell.observation(), value=cell)),
+                "by": "user", "seconds": seconds}
+        store.append(who, cid, "observation", cell.observation(), "", view)
+    except NotFound:
+        raise APIError(404, "conversation not found", code="not_found") from None
+    finally:
+        kernel.release()
+        console.active.pop(cid, None)
+        job.finished.set()
+    return view
+
+
 # -- answering ---------------------------------------------------------------------------------
 @router.post("/api/conversations/{cid}/stop")
 async def stop(cid: str, request: Request, console: TheConsole):
@@ -341,7 +432,7 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
             raise APIError(400, "content is required", param="content")
         store.append(who, cid, "user", content)
     if conv["title"] == "New conversation" and content:
-        store.rename(who, cid, content.strip().splitlines()[0][:60] or "New conversation")
+        store.rename(who, cid, title_of(content))
     history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
                for m in store.get(who, cid)["messages"]]
     mode = conv["mode"]

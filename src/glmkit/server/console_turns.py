@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from ..chat.agent import Agent, CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
 from ..chat.reply_stream import Cancelled
@@ -36,6 +37,18 @@ class Turn:
         self._text = ""                      # shown but not yet stored
         self._generation_text = ""           # shown by the generation in progress (or the last one)
         self._generation_over = False        # its calls have begun running
+        self._started = time.monotonic()
+        self.stats: dict = {}                 # usage and speed, sent with "done" and stored with the reply
+
+    def _stats(self) -> dict:
+        """Tokens over every generation of the turn, its speed (completion tokens per second of
+        the whole turn, prompt processing included), and how its last generation ended."""
+        model = self.agent.model
+        seconds = max(time.monotonic() - self._started, 1e-6)
+        self.stats = {"usage": {"prompt_tokens": model.prompt_tokens, "completion_tokens": model.completion_tokens},
+                      "tokens_per_second": round(model.completion_tokens / seconds, 1),
+                      "finish_reason": model.finish_reason}
+        return self.stats
 
     def start(self, on_finish=None):
         """Run in a worker thread; `on_finish()` is called from it once everything is stored."""
@@ -60,11 +73,15 @@ class Turn:
     def _emit(self, ev: dict):
         self._loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
-    def _sync(self, observation_extras: dict | None = None):
+    def _sync(self, observation_extras: dict | None = None, reply_extras: dict | None = None):
         """Store the agent's new messages (each one is complete when it reaches agent.messages);
-        an observation among them is stored with what the browser was shown of its run."""
-        for m in self.agent.messages[self._saved:]:
+        an observation among them is stored with what the browser was shown of its run, and the
+        last one, if an assistant's reply, with `reply_extras` (the turn's usage)."""
+        new = self.agent.messages[self._saved:]
+        for i, m in enumerate(new):
             extras = (observation_extras or {}) if m["role"] == "observation" else {}
+            if reply_extras and i == len(new) - 1 and m["role"] == "assistant":
+                extras = reply_extras
             self.store.append(self.who, self.cid, m["role"], m["content"], m.get("metadata", ""), extras)
         self._saved = len(self.agent.messages)
 
@@ -83,7 +100,7 @@ class Turn:
                     self._sync(extras)
                     self._emit({"type": "tool_result", **extras})
                     continue
-                self._sync()
+                self._sync(reply_extras=self._stats() if isinstance(ev, Finished) else None)
                 self._text = ""                     # that text is part of the messages just stored
                 self._generation_over = True
                 self._step(ev)
@@ -99,7 +116,7 @@ class Turn:
             self._sync_partial()
         finally:
             self.done = True
-            self._emit({"type": "done"})   # always: the browser's stream must end
+            self._emit({"type": "done", **self.stats})   # always: the browser's stream must end
 
     def _step(self, ev):
         """A call about to run, or the end of the run, as the browser is told of it."""
@@ -123,7 +140,7 @@ class Turn:
         try:
             self._sync()
             if self._text:
-                self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True})
+                self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True, **self._stats()})
                 self._text = ""
         except Exception:  # noqa: BLE001 - e.g. the conversation was deleted meanwhile
             log.exception("could not store the rest of a console turn")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -56,7 +57,24 @@ MIGRATIONS = [
     );
     CREATE INDEX responses_owner ON responses(owner, created);
     """,
+    # 3: full-text search over messages (the console's search box), kept in step with `messages`
+    # by triggers; the index is external-content (the text lives once, in `messages`).  A list:
+    # trigger bodies hold semicolons, so these statements are not split on them.
+    [
+        "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id', "
+        "tokenize='unicode61 remove_diacritics 2')",
+        "CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN "
+        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+        "CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN "
+        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content); END",
+        "CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN "
+        "INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content); "
+        "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+        "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",      # messages written before this
+    ],
 ]
+
+SEARCH_TERMS_MAX = 8
 
 
 def owner_of(api_key: str | None) -> str:
@@ -80,7 +98,7 @@ class Store:
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (0)")
             for n, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, sql.split(";")):
+                for statement in filter(str.strip, sql.split(";") if isinstance(sql, str) else sql):
                     db.execute(statement)
                 db.execute("UPDATE schema_version SET version = ?", (n,))
 
@@ -123,6 +141,33 @@ class Store:
     def list(self, owner: str) -> list[dict]:
         rows = self._db().execute("SELECT * FROM conversations WHERE owner = ? ORDER BY updated DESC", (owner,))
         return [self._conv(r, []) for r in rows]
+
+    def search(self, owner: str, query: str, limit: int = 50) -> list[dict]:
+        """The owner's conversations whose title, or one of whose messages, holds every word of `query` (each
+        word matches as a prefix, case- and accent-insensitively), newest first, each with a
+        plain-text `match`: a snippet of the first matching message ("" for a title match)."""
+        words = re.findall(r"\w+", query)[:SEARCH_TERMS_MAX]
+        if not words:
+            return []
+        fts = " ".join('"' + w.replace('"', '""') + '"*' for w in words)   # quoted: never FTS syntax
+        db = self._db()
+        hits: dict[str, str] = {}
+        for r in db.execute(
+                "SELECT m.conversation_id AS cid, snippet(messages_fts, 0, '', '', '…', 12) AS match "
+                "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+                "JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE messages_fts MATCH ? AND c.owner = ? ORDER BY m.seq", (fts, owner)):
+            hits.setdefault(r["cid"], _text(r["match"]))
+        like = [f"%{w}%" for w in words]
+        for r in db.execute("SELECT id FROM conversations WHERE owner = ?" + " AND title LIKE ?" * len(like),
+                            (owner, *like)):
+            hits.setdefault(r["id"], "")
+        if not hits:
+            return []
+        marks = ",".join("?" * len(hits))
+        rows = db.execute(f"SELECT * FROM conversations WHERE owner = ? AND id IN ({marks}) "
+                          f"ORDER BY updated DESC LIMIT ?", (owner, *hits, limit))
+        return [dict(self._conv(r, []), match=hits[r["id"]]) for r in rows]
 
     def get(self, owner: str, cid: str) -> dict:
         row = self._db().execute("SELECT * FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).fetchone()

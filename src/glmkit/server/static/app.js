@@ -13,20 +13,41 @@ function authHeaders() {
 }
 function headers() { return Object.assign({ "Content-Type": "application/json" }, authHeaders()); }
 
+async function failure(r) {   // a refused request's one readable message
+  let message = r.statusText || "HTTP " + r.status;
+  try { message = (await r.json()).error?.message || message; } catch { /* not JSON */ }
+  return new Error(message);
+}
+
 async function api(path, options = {}) {
-  const r = await fetch(path, Object.assign({ headers: headers() }, options));
-  if (r.status === 401) { await login(); return api(path, options); }
-  if (!r.ok) throw new Error((await r.json()).error?.message || r.statusText);
+  let r;
+  try { r = await fetch(path, Object.assign({ headers: headers() }, options)); }
+  catch (e) { throw new Error("the server cannot be reached (" + e.message + ")"); }
+  if (r.status === 401) {      // the key was revoked meanwhile: back to the login form, saying so
+    sessionStorage.setItem("glmkit-login-error", "Your API key is no longer accepted; sign in again.");
+    localStorage.removeItem("glmkit-key");
+    location.reload();
+    throw new Error("signed out: the API key is no longer accepted");
+  }
+  if (!r.ok) throw await failure(r);
   return r;
 }
 
-function login() {
-  return new Promise((resolve) => {
-    const d = $("login");
-    d.showModal();
-    d.addEventListener("close", () => { localStorage.setItem("glmkit-key", $("api-key").value); resolve(); }, { once: true });
-  });
+// Every failure is shown on the page: a toast, and the console gets nothing the page does not.
+function toast(message, kind = "error") {
+  const t = el("div", "toast " + kind);
+  t.setAttribute("role", kind === "error" ? "alert" : "status");
+  t.appendChild(el("span", "", escapeHtml(String(message))));
+  const x = el("button", "icon", "×"); x.type = "button"; x.setAttribute("aria-label", "Dismiss");
+  x.onclick = () => t.remove();
+  t.appendChild(x);
+  $("toasts").appendChild(t);
+  setTimeout(() => t.remove(), kind === "error" ? 12000 : 5000);
+  return t;
 }
+// an event handler whose failure is a toast, never an uncaught rejection
+const guard = (fn) => async (...args) => { try { return await fn(...args); } catch (e) { toast(e.message); } };
+window.addEventListener("unhandledrejection", (e) => { e.preventDefault(); toast(e.reason?.message || String(e.reason)); });
 
 // -- rendering ------------------------------------------------------------------------------
 function escapeHtml(s) { return s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c])); }
@@ -65,13 +86,25 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
 });
 
-function highlight(root) {
+const RUNNABLE = /^(|python|py|python3)$/;   // a fenced block's language that Run runs
+
+// Highlight code blocks, with a copy button each and, where `run` is given, a Run button on
+// each Python (or unlabelled) block: it runs in the conversation's kernel.
+function highlight(root, run) {
   root.querySelectorAll("pre code").forEach((c) => {
     if (c.dataset.highlighted) return;
+    const lang = ((c.className.match(/language-(\S+)/) || [])[1] || "").toLowerCase();
     hljs.highlightElement(c);
+    const bar = el("span", "code-actions");
     const b = el("button", "copy"); b.textContent = "copy"; b.type = "button";
     b.onclick = () => navigator.clipboard?.writeText(c.textContent).then(() => { b.textContent = "copied"; });
-    c.parentElement.appendChild(b);
+    bar.appendChild(b);
+    if (run && RUNNABLE.test(lang)) {
+      const r = el("button", "run"); r.textContent = "▶ Run"; r.type = "button"; r.title = "Run in this conversation's sandbox";
+      r.onclick = guard(() => run(c.textContent));
+      bar.appendChild(r);
+    }
+    c.parentElement.appendChild(bar);
   });
 }
 
@@ -84,7 +117,7 @@ function el(tag, cls, html) {
 
 // An assistant text bubble.  A model without ChatGLM3's protocol writes tool calls as
 // <tool_call>{json}</tool_call> text: shown as a step, not as raw markup.
-function setAssistantText(div, text) {
+function setAssistantText(div, text, run) {
   const calls = [];
   const visible = text.replace(/<tool_call>([\s\S]*?)(?:<\/tool_call>|$)/g, (_, body) => { calls.push(body.trim()); return ""; });
   div.innerHTML = markdown(visible);
@@ -93,7 +126,7 @@ function setAssistantText(div, text) {
     try { name = JSON.parse(c).name || name; } catch { /* shown as written */ }
     div.appendChild(step("Tool call · " + name, c));
   }
-  highlight(div);
+  highlight(div, run);
 }
 
 function step(summary, body, ok) {
@@ -121,9 +154,9 @@ function toolResult(result) {
   return s;
 }
 
-function codeBlock(code) {
-  const div = el("div", "msg assistant code-cell");
-  div.appendChild(el("div", "label", "Code"));
+function codeBlock(code, byUser) {
+  const div = el("div", "msg assistant code-cell" + (byUser ? " by-user" : ""));
+  div.appendChild(el("div", "label", byUser ? "Code · run by you" : "Code"));
   const pre = el("pre"), c = el("code", "language-python");
   c.textContent = code; pre.appendChild(c); div.appendChild(pre);
   highlight(div);
@@ -136,17 +169,27 @@ function append(node) {
   return node;
 }
 
+function usageLine(x) {
+  const u = x.usage, parts = [];
+  if (u) parts.push(`${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens`);
+  if (x.tokens_per_second !== undefined) parts.push(`${x.tokens_per_second} tokens/s`);
+  return el("div", "meta", escapeHtml(parts.join(" · ")));
+}
+
 // One stored message -> DOM.
 function addMessage(m) {
   const x = m.extras || {};
+  const cut = x.finish_reason === "length" && !x.stopped;
+  // Run buttons in a Code conversation, except on a reply cut at the token limit (its code may be cut too)
+  const run = current && current.mode === "code" && !cut ? runCode : null;
   if (m.role === "observation") {
     const node = x.name === "interpreter" ? cellOutput(x) : toolResult(Object.assign({ name: "tool", output: m.content, ok: true }, x));
     node.dataset.seq = m.seq;
     return append(node);
   }
-  if (m.role === "assistant" && m.metadata === "interpreter") {
+  if (m.role === "assistant" && (m.metadata === "interpreter" || x.by === "user")) {
     const code = (m.content.match(/```[^\n]*\n([\s\S]*?)```/) || [null, m.content])[1];
-    return append(codeBlock(code.replace(/\n$/, "")));
+    return append(codeBlock(code.replace(/\n$/, ""), x.by === "user"));
   }
   if (m.role === "assistant" && m.metadata) {
     const s = step("Tool call · " + m.metadata, m.content.replace(/```\w*\n?|```/g, "").trim());
@@ -154,15 +197,19 @@ function addMessage(m) {
   }
   const div = el("div", "msg " + m.role);
   div.dataset.seq = m.seq ?? "";
-  if (m.role === "assistant") setAssistantText(div, m.content || "");
+  if (m.role === "assistant") setAssistantText(div, m.content || "", run);
+  else if (m.role === "user") { div.innerHTML = markdown(m.content || ""); highlight(div, run); }
   else div.textContent = m.content || "";
   if (x.stopped) div.appendChild(el("span", "badge", "stopped"));
+  if (cut) div.appendChild(el("span", "badge cut", "reply cut at the token limit"));
   if (m.role === "user" && m.seq) {
-    const b = el("button", "edit"); b.textContent = "edit";
+    const b = el("button", "edit"); b.textContent = "edit"; b.type = "button";
     b.onclick = () => editMessage(m);
     div.appendChild(b);
   }
-  return append(div);
+  append(div);
+  if (m.role === "assistant" && (x.usage || x.tokens_per_second !== undefined)) append(usageLine(x));
+  return div;
 }
 
 // -- settings and modes ---------------------------------------------------------------------
@@ -185,52 +232,70 @@ function saveSettings() {   // kept with the conversation, so a reload shows wha
   clearTimeout(saveTimer);
   const id = current.id, s = settings();
   pendingSave = () => { pendingSave = null; return api("/api/conversations/" + id, { method: "PATCH", body: JSON.stringify({ settings: s }) }); };
-  saveTimer = setTimeout(pendingSave, 300);
+  saveTimer = setTimeout(guard(pendingSave), 300);
 }
 
 async function flushSettings() {   // before a turn starts: a save that arrives during one is refused
   clearTimeout(saveTimer);
   if (pendingSave) {
-    try { await pendingSave(); } catch (e) { /* refused: the turn runs with the settings stored before */ }
+    try { await pendingSave(); } catch (e) { toast("the settings were not saved: " + e.message); }
   }
 }
 
+let noteDismissed = false;   // the small-model note: shown once per page load, until dismissed
 function showMode(m) {
   mode = m;
   document.body.dataset.mode = m;
   document.querySelectorAll("#modes button").forEach((b) => b.classList.toggle("active", b.dataset.mode === m));
   $("input").placeholder = { chat: "Send a message", tool: "Ask something the tools can help with",
     code: "Ask for an analysis, a computation or a plot" }[m] + " (Enter to send, Shift+Enter for a new line)";
-  if (m === "code") refreshFiles();
+  $("note").hidden = !(config.note && m !== "chat" && !noteDismissed);
+  if (m === "code") refreshFiles().catch((e) => toast(e.message));
 }
 
-async function pickMode(m) {
-  if (m === mode && current) return;
+// A mode switch may create a conversation: anything that needs "the conversation shown" (an
+// upload, a message) waits for the switch in flight, then names the conversation explicitly.
+let switching = Promise.resolve();
+function pickMode(m) {
+  const next = switching.then(() => switchMode(m));
+  switching = next.catch(() => {});
+  return next;
+}
+
+async function switchMode(m) {
+  if (m === (current ? current.mode : mode)) { showMode(m); return; }
   if (current) current = await (await api("/api/conversations/" + current.id)).json();
   if (current && current.messages.length === 0) {
     await api("/api/conversations/" + current.id, { method: "PATCH", body: JSON.stringify({ mode: m }) });
-    current.mode = m; showMode(m); refreshList();
+    current.mode = m; showMode(m); await refreshList();
   } else {
-    mode = m;                  // the new conversation is made in this mode; open() then shows it,
-    await newConversation();   // so nothing typed meanwhile lands in the conversation being left
+    await newConversation(m);  // open() shows it, so nothing typed meanwhile lands in the one being left
   }
 }
 
 // -- conversations --------------------------------------------------------------------------
+function slugify(title) {
+  return (title || "").toLowerCase().normalize("NFKD").replace(/[\u0300-\u036f]/g, "")
+    .replace(/[^\p{L}\p{N}]+/gu, "-").replace(/^-+|-+$/g, "").slice(0, 60).replace(/-+$/, "") || "conversation";
+}
+
 async function refreshList() {
-  const list = await (await api("/api/conversations")).json();
+  const q = $("search").value.trim();
+  const list = await (await api("/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : ""))).json();
   const ul = $("conversations");
   ul.innerHTML = "";
+  if (q && !list.length) ul.appendChild(el("li", "empty", "No conversation matches."));
   for (const c of list) {
     const li = el("li");
     li.dataset.id = c.id;
     if (current && c.id === current.id) li.classList.add("active");
     li.innerHTML = `<span class="title">${escapeHtml(c.title)}</span><span class="mode-tag">${c.mode === "chat" ? "" : escapeHtml(MODE_NAMES[c.mode])}</span>`;
-    li.onclick = () => open(c.id);
+    if (c.match) li.appendChild(el("span", "match", escapeHtml(c.match)));
+    li.onclick = guard(() => open(c.id));
     const actions = el("span", "actions");
-    for (const [label, fn] of [["rename", rename], ["delete", remove], ["md", (id) => exportAs(id, "md")], ["json", (id) => exportAs(id, "json")]]) {
-      const b = el("button", label); b.textContent = label;
-      b.onclick = (e) => { e.stopPropagation(); fn(c.id); };
+    for (const [label, fn] of [["rename", rename], ["delete", remove], ["md", (c) => exportAs(c, "md")], ["json", (c) => exportAs(c, "json")]]) {
+      const b = el("button", label); b.textContent = label; b.type = "button";
+      b.onclick = (e) => { e.stopPropagation(); guard(fn)(c); };
       actions.appendChild(b);
     }
     li.appendChild(actions);
@@ -239,33 +304,39 @@ async function refreshList() {
 }
 
 async function open(id) {
-  current = await (await api("/api/conversations/" + id)).json();
+  const conv = await (await api("/api/conversations/" + id)).json();
+  current = conv;
   $("conv-title").textContent = current.title;
   $("messages").innerHTML = "";
+  mode = current.mode;        // before the messages: Run buttons are for Code conversations
   current.messages.forEach(addMessage);
+  for (const w of current.warnings || []) toast(w, "warning");
   showSettings(Object.assign({}, defaults, current.settings));
   showMode(current.mode);
-  refreshList();
+  document.body.classList.remove("sidebar-open");
+  await refreshList();
 }
 
-async function newConversation() {
-  const c = await (await api("/api/conversations", { method: "POST", body: JSON.stringify({ mode, settings: settings() }) })).json();
+async function newConversation(m = mode) {
+  const c = await (await api("/api/conversations", { method: "POST", body: JSON.stringify({ mode: m, settings: settings() }) })).json();
   await open(c.id);
 }
 
-async function rename(id) {
-  const title = prompt("New title");
-  if (title) { await api("/api/conversations/" + id, { method: "PATCH", body: JSON.stringify({ title }) }); await open(id); }
+async function rename(c) {
+  const title = prompt("New title", c.title);
+  if (title) { await api("/api/conversations/" + c.id, { method: "PATCH", body: JSON.stringify({ title }) }); await open(c.id); }
 }
 
-async function remove(id) {
-  await api("/api/conversations/" + id, { method: "DELETE" });
-  if (current && current.id === id) { current = null; $("messages").innerHTML = ""; $("conv-title").textContent = ""; }
-  refreshList();
+async function remove(c) {
+  if (!confirm(`Delete “${c.title}”? Its messages and files are removed for good.`)) return;
+  await api("/api/conversations/" + c.id, { method: "DELETE" });
+  if (current && current.id === c.id) { current = null; $("messages").innerHTML = ""; $("conv-title").textContent = ""; }
+  await refreshList();
 }
 
 async function clearConversation() {
   if (!current) return;
+  if (!confirm(`Clear “${current.title}”? Its messages and variables are removed; its settings and files stay.`)) return;
   await api(`/api/conversations/${current.id}/messages`, { method: "DELETE" });
   await open(current.id);
 }
@@ -275,8 +346,8 @@ function download(blob, name) {
   a.href = URL.createObjectURL(blob); a.download = name; a.click();
 }
 
-async function exportAs(id, format) {
-  download(await (await api(`/api/conversations/${id}/export?format=${format}`)).blob(), `conversation.${format}`);
+async function exportAs(c, format) {
+  download(await (await api(`/api/conversations/${c.id}/export?format=${format}`)).blob(), `${slugify(c.title)}.${format}`);
 }
 
 // -- the code interpreter's files -----------------------------------------------------------
@@ -284,35 +355,103 @@ async function refreshFiles() {
   const ul = $("files");
   ul.innerHTML = "";
   if (!current || current.mode !== "code") return;
-  for (const f of await (await api(`/api/conversations/${current.id}/files`)).json()) {
+  const cid = current.id;
+  for (const f of await (await api(`/api/conversations/${cid}/files`)).json()) {
     const li = el("li");
     const a = el("a", "file"); a.textContent = f.name; a.href = "#";
     a.title = `${f.size} bytes · click to download`;
-    a.onclick = async (e) => {
+    a.onclick = guard(async (e) => {
       e.preventDefault();
-      download(await (await api(`/api/conversations/${current.id}/files/${encodeURIComponent(f.name)}`)).blob(), f.name.split("/").pop());
-    };
+      download(await (await api(`/api/conversations/${cid}/files/${encodeURIComponent(f.name)}`)).blob(), f.name.split("/").pop());
+    });
     li.appendChild(a);
     ul.appendChild(li);
   }
 }
 
 async function upload(files) {
-  if (!current || current.mode !== "code") await pickMode("code");
-  for (const f of files) {
-    await api(`/api/conversations/${current.id}/files/${encodeURIComponent(f.name)}`,
-      { method: "PUT", body: f, headers: Object.assign({ "Content-Type": "application/octet-stream" }, authHeaders()) });
-  }
+  files = [...files];
   $("upload").value = "";
-  refreshFiles();
+  await switching;                                   // a mode switch in flight lands first
+  if (!current || current.mode !== "code") await pickMode("code");
+  const cid = current.id;                            // the conversation shown, named explicitly
+  try {
+    for (const f of files) {
+      await api(`/api/conversations/${cid}/files/${encodeURIComponent(f.name)}`,
+        { method: "PUT", body: f, headers: Object.assign({ "Content-Type": "application/octet-stream" }, authHeaders()) });
+    }
+  } finally {
+    await refreshFiles();
+  }
+}
+
+// -- text attachments (Chat and Tool modes): sent as context inside the message ----------------
+const ATTACH_MAX = 100 * 1000;
+let attached = [];     // {name, text}
+
+function showAttachments() {
+  const box = $("attachments");
+  box.innerHTML = "";
+  attached.forEach((a, i) => {
+    const chip = el("span", "chip", `📄 ${escapeHtml(a.name)} <small>${(a.text.length / 1000).toFixed(1)} kB</small>`);
+    const x = el("button", "icon", "×"); x.type = "button"; x.setAttribute("aria-label", "Remove " + a.name);
+    x.onclick = () => { attached.splice(i, 1); showAttachments(); };
+    chip.appendChild(x);
+    box.appendChild(chip);
+  });
+}
+
+async function attach(files) {
+  files = [...files];
+  $("attach").value = "";
+  for (const f of files) {
+    if (f.size > ATTACH_MAX) {
+      toast(`${f.name} is ${(f.size / 1000).toFixed(0)} kB: a text attachment may be at most ${ATTACH_MAX / 1000} kB`);
+      continue;
+    }
+    const text = await f.text();
+    if (text.includes("\u0000") || text.includes("\uFFFD")) { toast(`${f.name} is not a UTF-8 text file; attach text files only`); continue; }
+    attached.push({ name: f.name, text });
+  }
+  showAttachments();
+}
+
+function withAttachments(typed) {
+  const blocks = attached.map((a) => {
+    const ticks = "`".repeat(Math.max(3, ...[...a.text.matchAll(/`+/g)].map((m) => m[0].length + 1)));
+    const lang = (a.name.match(/\.(\w+)$/) || [])[1] || "";
+    return `Attached file \`${a.name}\`:\n${ticks}${lang}\n${a.text.replace(/\n$/, "")}\n${ticks}`;
+  });
+  return [typed, ...blocks].filter(Boolean).join("\n\n");   // the question first: it names the conversation
 }
 
 // -- answering ------------------------------------------------------------------------------
-async function send(payload) {
+function busy(on) {
+  $("stop").disabled = !on; $("send").disabled = on;
+  document.body.dataset.busy = on ? "1" : "";   // one answer at a time: switching is off until it ends
+}
+
+// Run a code block (Run button) in the conversation's kernel; the step is stored with it.
+async function runCode(code) {
+  if (document.body.dataset.busy === "1" || !current) return;
+  const cid = current.id;
+  busy(true);
+  append(el("div", "running", "running…"));
+  try {
+    await api(`/api/conversations/${cid}/run`, { method: "POST", body: JSON.stringify({ code }) });
+  } finally {
+    document.querySelectorAll("#messages .running").forEach((n) => n.remove());
+    try { if (current && current.id === cid) await open(cid); }
+    finally { busy(false); }
+  }
+}
+
+async function send(payload, accepted = () => {}) {
+  await switching;
   if (!current) await newConversation();
   await flushSettings();
-  if (payload.content && payload.edit_seq === undefined) addMessage({ role: "user", content: payload.content });
-  let bubble = null;
+  const cid = current.id;
+  let bubble = null, shown = null;
   const say = (t) => {   // re-rendered at most once a frame; a step may start a new bubble meanwhile
     if (!bubble) { bubble = append(el("div", "msg assistant")); bubble.raw = ""; }
     const target = bubble;
@@ -323,12 +462,13 @@ async function send(payload) {
     }
   };
   controller = new AbortController();
-  $("stop").disabled = false; $("send").disabled = true;
-  document.body.dataset.busy = "1";   // one answer at a time: switching is off until it ends
+  busy(true);
   try {
-    const r = await fetch(`/api/conversations/${current.id}/messages`, {
+    if (payload.content && payload.edit_seq === undefined) shown = addMessage({ role: "user", content: payload.content });
+    const r = await fetch(`/api/conversations/${cid}/messages`, {
       method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, payload)), signal: controller.signal });
-    if (!r.ok) throw new Error((await r.json()).error?.message || r.statusText);
+    if (!r.ok) { if (shown) shown.remove(); throw await failure(r); }
+    accepted();
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -346,22 +486,24 @@ async function send(payload) {
         else if (ev.type === "tool_result") {
           document.querySelectorAll("#messages .running").forEach((n) => n.remove());
           append(ev.name === "interpreter" ? cellOutput(ev) : toolResult(ev)); bubble = null;
-        } else if (ev.type === "error") append(el("div", "msg error", escapeHtml(ev.text)));
+        } else if (ev.type === "error") { append(el("div", "msg error", escapeHtml(ev.text))); toast(ev.text); }
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") append(el("div", "msg error", escapeHtml(e.message)));
+    if (e.name !== "AbortError") toast(e.message);
   } finally {
-    $("stop").disabled = true; $("send").disabled = false; controller = null;
+    controller = null;
+    $("stop").disabled = true; $("send").disabled = false;   // busy until what was stored is shown
     document.querySelectorAll("#messages .running").forEach((n) => n.remove());
-    await open(current.id);   // what the server stored, a stopped answer included
-    document.body.dataset.busy = "";
+    try { if (current && current.id === cid) await open(cid); }   // what the server stored, a stopped answer included
+    catch (e) { toast(e.message); }
+    finally { document.body.dataset.busy = ""; }
   }
 }
 
-// Stop: the server stops and stores what was shown, then the stream is closed.
+// Stop (the button or Esc): the server stops and stores what was shown, then the stream is closed.
 async function stop() {
-  if (!controller) return;
+  if (!controller && document.body.dataset.busy !== "1") return;   // an answer, or a Run, in progress
   $("stop").disabled = true;
   try { await api(`/api/conversations/${current.id}/stop`, { method: "POST" }); }
   finally { if (controller) controller.abort(); }
@@ -372,22 +514,90 @@ function editMessage(m) {
   if (content) send({ content, edit_seq: m.seq });
 }
 
-async function main() {
-  config = await (await api("/api/config")).json();
+function submit() {
+  const typed = $("input").value.trim();
+  if (!typed && !attached.length) return;
+  const content = withAttachments(typed);
+  if (config.limits && content.length > config.limits.content) {
+    toast(`the message with its attachments is ${content.length} characters; at most ${config.limits.content} fit`);
+    return;
+  }
+  const sent = attached;
+  // the input and attachments stay until the server accepts the message: a refusal loses nothing
+  return send({ content }, () => {
+    if ($("input").value.trim() === typed) $("input").value = "";
+    if (attached === sent) { attached = []; showAttachments(); }
+  });
+}
+
+// -- start: the login form alone until /api/config accepts the key; then the app ---------------
+function showLogin(message) {
+  const d = $("login");
+  $("login-error").textContent = message || "";
+  $("login-error").hidden = !message;
+  if (!d.open) d.showModal();
+  $("api-key").focus();
+}
+
+async function loadConfig(key) {
+  const r = await fetch("/api/config", { headers: key ? { Authorization: "Bearer " + key } : {} });
+  if (r.status === 401) return null;
+  if (!r.ok) throw await failure(r);
+  return r.json();
+}
+
+async function boot() {
+  $("login-form").onsubmit = async (e) => {
+    e.preventDefault();
+    const key = $("api-key").value.trim();
+    $("login-ok").disabled = true;
+    try {
+      const c = await loadConfig(key);
+      if (!c) { showLogin("That API key was not accepted. Check it and try again."); $("api-key").select(); return; }
+      localStorage.setItem("glmkit-key", key);
+      $("login").close();
+      await startApp(c);
+    } catch (err) { showLogin("The server cannot be reached: " + err.message); }
+    finally { $("login-ok").disabled = false; }
+  };
+  $("login").addEventListener("cancel", (e) => e.preventDefault());   // Esc does not skip the login
+  const stored = localStorage.getItem("glmkit-key");
+  const said = sessionStorage.getItem("glmkit-login-error");
+  sessionStorage.removeItem("glmkit-login-error");
+  let c;
+  try { c = await loadConfig(stored); }
+  catch (err) { toast("The server cannot be reached: " + err.message); return; }
+  if (!c) return showLogin(said || (stored ? "The saved API key is no longer accepted; sign in again." : ""));
+  await startApp(c);
+}
+
+async function startApp(c) {
+  config = c;
   defaults = config.defaults;
+  document.body.insertBefore($("app-template").content.cloneNode(true), $("toasts"));
+  document.body.classList.add("signed-in");
   $("model-name").textContent = config.model;
+  $("model-name").title = config.model;
   for (const m of ["chat", "tool", "code"]) {
-    const b = el("button"); b.textContent = MODE_NAMES[m]; b.dataset.mode = m; b.id = "mode-" + m;
+    const b = el("button"); b.textContent = MODE_NAMES[m]; b.dataset.mode = m; b.id = "mode-" + m; b.type = "button";
     if (config.unavailable[m]) { b.disabled = true; b.title = config.unavailable[m]; }
-    b.onclick = () => pickMode(m);
+    b.onclick = guard(() => pickMode(m));
     $("modes").appendChild(b);
   }
   $("tool-list").textContent = config.tools.map((t) => t.name).join(", ") || "none";
+  $("note-text").textContent = config.note || "";
+  $("note-close").onclick = () => { noteDismissed = true; $("note").hidden = true; };
   // the server's --max-tokens bounds the slider, so a saved setting is never one the server refuses
   if (config.limits) {
     $("max_new_tokens").max = config.limits.max_new_tokens;
     $("max_new_tokens").min = Math.min(16, config.limits.max_new_tokens);
     $("system").maxLength = config.limits.system;
+  }
+  if (config.auth_required) {
+    for (const b of document.querySelectorAll(".sign-out")) {     // the header's; on a phone, the sidebar's
+      b.hidden = false;
+      b.onclick = () => { localStorage.removeItem("glmkit-key"); location.reload(); };
+    }
   }
   showSettings(defaults);
   showMode("chat");
@@ -396,16 +606,27 @@ async function main() {
     $(k).onchange = saveSettings;
   }
   $("system").onchange = saveSettings;
-  $("new-chat").onclick = newConversation;
-  $("composer").onsubmit = (e) => { e.preventDefault(); const c = $("input").value.trim(); if (c) { $("input").value = ""; send({ content: c }); } };
-  $("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); } };
-  $("stop").onclick = stop;
-  $("regenerate").onclick = () => current && send({ regenerate: true });
-  $("clear").onclick = clearConversation;
-  $("upload").onchange = (e) => upload(e.target.files);
+  $("new-chat").onclick = guard(() => newConversation());
+  $("composer").onsubmit = (e) => { e.preventDefault(); guard(submit)(); };
+  $("input").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); } };
+  $("stop").onclick = guard(stop);
+  $("regenerate").onclick = guard(() => current && send({ regenerate: true }));
+  $("clear").onclick = guard(clearConversation);
+  $("upload").onchange = guard((e) => upload(e.target.files));
+  $("attach").onchange = guard((e) => attach(e.target.files));
+  let searchTimer = null;
+  $("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(guard(refreshList), 250); };
+  $("toggle-sidebar").onclick = () => document.body.classList.toggle("sidebar-open");
+  $("toggle-settings").onclick = () => document.body.classList.toggle("settings-open");
+  $("scrim").onclick = () => document.body.classList.remove("sidebar-open", "settings-open");
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape") return;
+    if (controller) { e.preventDefault(); guard(stop)(); }
+    else document.body.classList.remove("sidebar-open", "settings-open");
+  });
   await refreshList();
-  const first = document.querySelector("#conversations li");
-  if (first) open(first.dataset.id);
+  const first = document.querySelector("#conversations li[data-id]");
+  if (first) await open(first.dataset.id);
 }
 
-main();
+boot();
