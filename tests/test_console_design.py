@@ -4,15 +4,19 @@ default model (a small model, so the small-model note shows).  The first reply t
 message is forced (--scripted-replies, a testing aid); everything else is the real path.
 
 The tests run in order on one page: sign in, then use the app, then sign out.  Screenshots at
-phone and desktop width, light and dark, are written to docs/screenshots/."""
+phone and desktop width, light and dark, are written to test-artifacts/screenshots/ on every run;
+with GLMKIT_UPDATE_SCREENSHOTS=1 to docs/screenshots/ (the README's images are made this way, as
+conftest.screenshot makes the others), so a test run leaves the checkout unchanged."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import ARTIFACTS
 from server_helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -21,7 +25,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not instal
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 KEY = "design-key"
-SHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
+SHOTS = (Path(__file__).parent.parent / "docs" / "screenshots" if os.environ.get("GLMKIT_UPDATE_SCREENSHOTS")
+         else ARTIFACTS / "screenshots")
 PLOT = "```python\nimport matplotlib.pyplot as plt\nprint('hello from run')\nplt.plot([1, 4, 2, 8])\nplt.title('Run')\n```"
 
 SCRIPTS = {
