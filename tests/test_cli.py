@@ -249,3 +249,21 @@ def test_help_and_argument_errors_import_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_serve_banner_names_the_api_and_the_console(clean_env, tmp_path):
+    """What `glmkit serve` prints once it is up: where the API is and where to open the console
+    (and no console URL with --no-console)."""
+    from server_helpers import free_port
+    for extra, console in (([], True), (["--no-console"], False)):
+        port = free_port()
+        proc = subprocess.Popen([glmkit_bin(), "serve", "--model", str(TINY), "--port", str(port), "--no-embeddings",
+                                 "--data-dir", str(tmp_path / "data"), *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env)
+        try:
+            banner = next(line for line in proc.stderr if "serving" in line)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert f"on http://127.0.0.1:{port}/v1 " in banner
+        assert (f"web console on http://127.0.0.1:{port}/" in banner) == console, banner
