@@ -175,7 +175,7 @@ def test_remote_backend_python_api(servers, in_process):
     from glmkit.engine import SamplingParams
     from glmkit.engine.remote import RemoteBackend
     from glmkit.errors import GlmkitError
-    from glmkit.models.directory import without_weights
+    from glmkit.models.loader import without_weights
     engine, _, path = servers
     fmt = in_process.format
     remote = RemoteBackend(engine, "glmkit", in_process.tokenizer, fmt, "m", in_process.context_length)

@@ -48,7 +48,7 @@ class ChatModel:
     def over(cls, checkpoint: Checkpoint, backend) -> ChatModel:
         """A model whose tokens come from `backend` (engine.remote.RemoteBackend: an engine in
         another process), with `checkpoint`'s tokenizer, config and chat format; its weights are
-        not loaded here (models.directory.without_weights), and what needs them is refused."""
+        not loaded here (models.loader.without_weights), and what needs them is refused."""
         view = cls(checkpoint)
         view._backend = backend
         # the engine may hold fewer tokens per sequence than the config says (RemoteBackend.check

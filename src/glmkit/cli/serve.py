@@ -103,7 +103,7 @@ def remote_model(args):
     from ..chat_model import ChatModel
     from ..chat import chat_format_for
     from ..engine.remote import RemoteBackend
-    from ..models.directory import without_weights
+    from ..models.loader import without_weights
     checkpoint = without_weights(args.model)
     backend = RemoteBackend(args.engine, args.engine_kind, checkpoint.tokenizer, chat_format_for(checkpoint),
                             args.model_id or checkpoint.config.name, checkpoint.config.context_length,

@@ -64,20 +64,3 @@ def iter_state(path: Path, cfg: ModelConfig) -> Iterator:
 
 def prompt_format(path: Path) -> str | None:
     return PROMPT_FORMATS.get(family(path))
-
-
-def without_weights(model):
-    """A models.Checkpoint with everything but the weights (its `model` is None): the tokenizer,
-    config, chat template and prompt format of a model directory or GGUF file, read from their
-    metadata, for a server whose tokens come from an engine elsewhere (engine/remote.py)."""
-    from ..errors import CheckpointError
-    from .loader import Checkpoint, _is_gguf, resolve_model_path
-    path = resolve_model_path(model)
-    if _is_gguf(path):
-        from .gguf_llama import GGUFFile
-        gf = GGUFFile(path)
-        return Checkpoint(None, gf.tokenizer(), gf.config(), path, gf.chat_template(), None)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a model (expected a model directory with config.json, or a .gguf file)")
-    tokenizer, template = tokenizer_and_template(path)
-    return Checkpoint(None, tokenizer, read_config(path), path, template, prompt_format(path))

@@ -110,6 +110,21 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
 
 
+def without_weights(model: str | os.PathLike | None) -> Checkpoint:
+    """A Checkpoint with everything but the weights (its `model` is None): the tokenizer, config,
+    chat template and prompt format of a model directory or GGUF file, read from their metadata,
+    for a server whose tokens come from an engine elsewhere (engine/remote.py)."""
+    path = resolve_model_path(model)
+    if _is_gguf(path):
+        from .gguf_llama import GGUFFile
+        gf = GGUFFile(path)
+        return Checkpoint(None, gf.tokenizer(), gf.config(), path, gf.chat_template(), None)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a model (expected a model directory with config.json, or a .gguf file)")
+    tokenizer, template = directory.tokenizer_and_template(path)
+    return Checkpoint(None, tokenizer, directory.read_config(path), path, template, directory.prompt_format(path))
+
+
 def _load_gguf(path: Path, device: str, dtype, progress: bool, quant: QuantConfig | None) -> Checkpoint:
     """A GGUF file, from its cached conversion when there is a good one (models/gguf_cache.py)."""
     from . import gguf_cache
