@@ -22,10 +22,10 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from ..errors import GlmkitError
-from .requests import QueueFull, SamplingParams, TokenEvent, budget
+from .requests import EventStream, QueueFull, SamplingParams, TokenEvent, budget
 from .stats import Stats
 
 KINDS = ("glmkit", "vllm")
@@ -169,7 +169,7 @@ class RemoteLoad:
         self.backend.close()
 
 
-class RemoteStream:
+class RemoteStream(EventStream):
     """One sequence generated remotely: the TokenStream of chat/backend.py."""
 
     def __init__(self, backend: RemoteBackend, prompt: list[int], params: SamplingParams,
@@ -194,16 +194,6 @@ class RemoteStream:
         threading.Thread(target=self._read, args=(body,), name="glmkit-remote", daemon=True).start()
 
     # -- the caller's side (as engine/sequence.py's Handle) -------------------------------------
-    def __iter__(self) -> Iterator[TokenEvent]:
-        try:
-            while True:
-                ev = self.get()
-                yield ev
-                if ev.finish:
-                    return
-        finally:
-            self.cancel()
-
     def get(self, timeout: float | None = None) -> TokenEvent:
         return self._unwrap(self.events.get(timeout=timeout))
 

@@ -5,7 +5,7 @@ engine's own modules touch tensors."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ContextLengthError, GlmkitError
@@ -43,6 +43,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class EventStream:
+    """What every token stream (engine/sequence.py's Handle, engine/remote.py's RemoteStream) does
+    with its own get() and cancel(): iterate every event, blocking, through the one with
+    `finish`; leaving early cancels."""
+
+    def get(self, timeout: float | None = None) -> TokenEvent: ...
+    def cancel(self) -> None: ...
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                ev = self.get()
+                yield ev
+                if ev.finish:
+                    return
+        finally:
+            self.cancel()
 
 
 class QueueFull(GlmkitError):

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from .requests import GenerationRequest, TokenEvent
+from .requests import EventStream, GenerationRequest, TokenEvent
 
 
 @dataclass
@@ -52,23 +51,12 @@ class _Driver(Protocol):
     def _wake(self) -> None: ...
 
 
-class Handle:
+class Handle(EventStream):
     """The caller's side of one sequence: iterate (or get()) its TokenEvents; cancel() to stop early."""
 
     def __init__(self, seq: _Seq, scheduler: _Driver):
         self._seq = seq
         self._scheduler = scheduler
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        """Every event, blocking, through the one with `finish`; leaving early cancels."""
-        try:
-            while True:
-                ev = self.get()
-                yield ev
-                if ev.finish:
-                    return
-        finally:
-            self.cancel()
 
     def on_event(self, callback):
         """Call `callback()` (from the thread running the step) whenever an event is queued."""
