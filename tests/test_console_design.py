@@ -125,8 +125,10 @@ def test_an_attached_text_file_reaches_the_model(page, server, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("x" * 150_000)
     page.set_input_files("#attach", str(big))
-    page.locator(".toast", has_text="at most 100 kB").wait_for()          # too big: said, and not attached
+    too_big = page.locator(".toast", has_text="at most 100 kB")
+    too_big.wait_for()                                                   # too big: said, and not attached
     assert page.locator("#attachments .chip").count() == 0
+    too_big.locator("button").click()                                    # dismissed: the tests share the page
     notes = tmp_path / "notes.txt"
     notes.write_text("The secret word is PAPAYA.\n")
     page.set_input_files("#attach", str(notes))
@@ -145,8 +147,10 @@ def test_an_attached_text_file_reaches_the_model(page, server, tmp_path):
 def test_a_refused_request_is_shown_on_the_page(page):
     page.once("dialog", lambda d: d.accept("t" * 300))            # longer than a title may be
     page.click("#conversations li.active button.rename")
-    page.locator(".toast", has_text="title").wait_for()
-    page.click(".toast button")
+    refused = page.locator(".toast", has_text="title")
+    refused.wait_for()
+    refused.locator("button").click()
+    assert page.locator(".toast").count() == 0                          # its own toast, and none left over
 
 
 def test_search_finds_a_conversation_by_a_word_in_a_reply(page):
@@ -189,7 +193,7 @@ def test_an_upload_right_after_switching_to_code_lands_in_the_conversation_shown
     assert shown != left and api(server, f"/api/conversations/{shown}")["mode"] == "code"
     assert [f["name"] for f in api(server, f"/api/conversations/{shown}/files")] == ["data.csv"]
     assert api(server, f"/api/conversations/{left}")["mode"] == "chat"
-    assert page.locator(".toast").count() == 0
+    assert page.locator(".toast").count() == 0, page.locator(".toast").all_text_contents()
 
 
 def test_run_on_a_users_code_block_shows_output_and_a_plot(page, server):
