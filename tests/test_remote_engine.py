@@ -245,6 +245,12 @@ def test_engine_killed_mid_stream_and_gone():
             assert all("error" not in json.loads(g) for g in got[:-2])
             r = post(gateway, "/v1/chat/completions", {"messages": HI, "max_tokens": 4})
             assert r.status_code == 502 and engine in r.json()["error"]["message"]
+            # every API blames the engine, not the request: Anthropic's and Ollama's too
+            r = post(gateway, "/v1/messages", {"model": "m", "max_tokens": 4, "messages": HI})
+            assert r.status_code == 502 and engine in r.text, r.text
+            served = httpx.get(gateway + "/v1/models", timeout=5).json()["data"][0]["id"]
+            r = post(gateway, "/api/chat", {"model": served, "messages": HI, "stream": False})
+            assert r.status_code == 502 and engine in r.text, r.text
             assert httpx.get(gateway + "/health", timeout=5).status_code == 200
 
 

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.requests import QueueFull
+from ..engine.remote import EngineUnavailable
 from ..errors import ContextLengthError, GlmkitError
 from .openai_responses import ErrorDetail, ErrorResponse
 
@@ -161,7 +162,8 @@ class StrictJSONRoute(APIRoute):
 
 # -- exception handlers --------------------------------------------------------------------------
 def add_error_handlers(app) -> None:
-    for exc, handler in ((APIError, _api_error), (QueueFull, _queue_full), (GlmkitError, _request_error),
+    for exc, handler in ((APIError, _api_error), (QueueFull, _queue_full), (EngineUnavailable, _engine_down),
+                         (GlmkitError, _request_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error)):
         app.add_exception_handler(exc, _shaped(handler))
 
@@ -178,6 +180,12 @@ async def _api_error(request: Request, exc: APIError):
 
 async def _queue_full(request: Request, exc: QueueFull):
     return error_response(429, str(exc), "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "2"})
+
+
+async def _engine_down(request: Request, exc: EngineUnavailable):
+    # a remote engine (serve --engine) that failed or went away: the gateway's upstream, so a 502 on
+    # every API and the console alike, not a 400 that would blame the request
+    return error_response(502, str(exc), "engine_error", code="engine_unavailable")
 
 
 async def _request_error(request: Request, exc: GlmkitError):
