@@ -9,8 +9,8 @@ folded into the message, so both always say the same.  Refusals are Anthropic-sh
 (server.errors.for_path).
 
 Model names: any is accepted and the served id is echoed.  Anthropic clients send names such as
-"claude-sonnet-4-5" that they cannot be told to change, and this server has one model; the
-response's `model` says which model answered."""
+"claude-sonnet-4-5" that they cannot be told to change: a name this server serves (--models)
+picks that model, any other gets the default; the response's `model` says which model answered."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache"}
 
 @router.post("/v1/messages", responses={200: {"content": {"text/event-stream": {}}}})
 async def messages(body: MessagesRequest, server: Server, request: Request):
+    server = _chosen(body, server)
     chat_model = server.chat_model
     prompt, tools = await _prompt(body, server)
     params = body.to_sampling_params(chat_model.default_sampling)
@@ -66,8 +67,13 @@ async def messages(body: MessagesRequest, server: Server, request: Request):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, server: Server):
-    prompt, _ = await _prompt(body, server)
+    prompt, _ = await _prompt(body, _chosen(body, server))
     return {"input_tokens": len(prompt)}
+
+
+def _chosen(body: CountTokensRequest, server: ServerState) -> ServerState:
+    """The model the request names if this server serves it, else the default (see above)."""
+    return server.pick(body.model) if body.model in server.models else server
 
 
 async def _prompt(body: CountTokensRequest, server: ServerState) -> tuple[list[int], list[dict]]:

@@ -1,7 +1,8 @@
 """create_app: the FastAPI application, wired from its parts.
 
-One continuous-batching Scheduler serves everything (API requests and agent runs alike); the
-routers (openai_routes, embeddings, console) share one ServerState at app.state.server; every
+Each model has one continuous-batching Scheduler that serves everything asked of it (API requests
+and agent runs alike); with several models (`glmkit serve --models FILE`), each request's `model`
+picks one (ServerState.pick).  The routers (openai_routes, embeddings, console) share one ServerState at app.state.server; every
 request passes the Guard middleware (request id, API keys, body limit, /metrics counts) and every
 refusal is shaped by server.errors.  This is the one module of the server that needs torch (the
 scheduler)."""
@@ -18,39 +19,36 @@ from ..engine.scheduler import Scheduler
 from . import anthropic_api, console, embeddings, ollama_api, openai_routes, responses_api
 from .errors import StrictJSONRoute, add_error_handlers
 from .middleware import Guard
-from .state import ServerConfig, ServerState
+from .state import ServedModel, ServerConfig, ServerState
 
 __all__ = ["ServerConfig", "create_app"]
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
+    """`chat_model`: the ChatModel to serve, or {name: ChatModel} for several (config.default_model
+    names the default; None: the first)."""
     config = config or ServerConfig()
-    if chat_model.remote:
-        # tokens come from an engine elsewhere (engine/remote.py): what the routes ask of a
-        # scheduler (/health, /metrics, the server's lifetime) is its RemoteLoad
-        scheduler = chat_model.backend.scheduler
+    if isinstance(chat_model, dict):
+        chat_models = dict(chat_model)
     else:
-        compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
-        if config.kv_cache_mb:
-            scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
-                                              max_queue=config.max_queue, **compiled)
-        else:
-            scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
-                                  max_queue=config.max_queue, **compiled)
-        chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
-    if config.scripted_replies:
-        from ..chat.scripted import ScriptedBackend
-        chat_model = chat_model.with_backend(ScriptedBackend(chat_model.backend, by_message=config.scripted_replies))
-    server = ServerState(config, chat_model, scheduler, config.model_id or chat_model.name, embedder)
+        chat_models = {config.model_id or chat_model.name: chat_model}
+    default = config.default_model or next(iter(chat_models))
+    served = {name: _served(name, m, config) for name, m in chat_models.items()}
+    served = {default: served.pop(default), **served}      # the default first (listed first, too)
+    first = served[default]
+    server = ServerState(config, first.chat_model, first.scheduler, default, embedder, models=served)
+    schedulers = [m.scheduler for m in served.values()]
 
     @asynccontextmanager
     async def lifespan(app):
         if config.engine_thread:
-            scheduler.start()
+            for scheduler in schedulers:
+                scheduler.start()
         try:
             yield
         finally:
-            scheduler.stop()
+            for scheduler in schedulers:
+                scheduler.stop()
 
     # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, and the server
     # fetches nothing at run time (offline); /openapi.json describes the API
@@ -76,3 +74,25 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     routes = [r for router in (app.router, *routers) for r in router.routes if isinstance(r, Route)]
     app.add_middleware(Guard, config=config, counts=server.http_requests, routes=routes)
     return app
+
+
+def _served(name: str, chat_model, config: ServerConfig) -> ServedModel:
+    """A model as the server serves it: generating through a scheduler of its own, sized by the
+    server's options (remote: its engine's RemoteLoad)."""
+    if chat_model.remote:
+        # tokens come from an engine elsewhere (engine/remote.py): what the routes ask of a
+        # scheduler (/health, /metrics, the server's lifetime) is its RemoteLoad
+        scheduler = chat_model.backend.scheduler
+    else:
+        compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
+        if config.kv_cache_mb:
+            scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
+                                              max_queue=config.max_queue, **compiled)
+        else:
+            scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+                                  max_queue=config.max_queue, **compiled)
+        chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
+    if config.scripted_replies:
+        from ..chat.scripted import ScriptedBackend
+        chat_model = chat_model.with_backend(ScriptedBackend(chat_model.backend, by_message=config.scripted_replies))
+    return ServedModel(name, chat_model, scheduler)

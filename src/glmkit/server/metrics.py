@@ -1,4 +1,5 @@
-"""Prometheus text exposition of the scheduler's counters (no client library needed for this).
+"""Prometheus text exposition of the schedulers' counters (no client library needed for this); with
+several models, each series per model (a `model` label).
 
 HTTP requests are counted per route template (`/api/conversations/{cid}`), never per raw path:
 paths carry conversation ids and file names, and every distinct path would be a new series."""
@@ -21,37 +22,50 @@ def _label(value) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _hist(name: str, help_: str, h) -> list[str]:
+def _hist(name: str, help_: str, hists: dict) -> list[str]:
+    """A histogram's series, one set per model label ({"": h}: unlabelled)."""
     lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-    for b, c in zip(h.buckets, h.counts):
-        lines.append(f'{name}_bucket{{le="{b}"}} {c}')
-    lines += [f'{name}_bucket{{le="+Inf"}} {h.count}', f"{name}_sum {h.sum:.6f}", f"{name}_count {h.count}"]
+    for labels, h in hists.items():
+        for b, c in zip(h.buckets, h.counts):
+            lines.append(f'{name}_bucket{{{labels}le="{b}"}} {c}')
+        tail = f"{{{labels[:-1]}}}" if labels else ""
+        lines += [f'{name}_bucket{{{labels}le="+Inf"}} {h.count}', f"{name}_sum{tail} {h.sum:.6f}",
+                  f"{name}_count{tail} {h.count}"]
     return lines
 
 
-def render_metrics(scheduler, http_requests: dict) -> str:
-    st = scheduler.stats
-    lines = [
-        "# HELP glmkit_requests_total Generation requests accepted.", "# TYPE glmkit_requests_total counter",
-        f"glmkit_requests_total {st.requests}",
-        "# HELP glmkit_prompt_tokens_total Prompt tokens of accepted requests.", "# TYPE glmkit_prompt_tokens_total counter",
-        f"glmkit_prompt_tokens_total {st.prompt_tokens}",
-        "# HELP glmkit_generated_tokens_total Tokens generated.", "# TYPE glmkit_generated_tokens_total counter",
-        f"glmkit_generated_tokens_total {st.generated_tokens}",
-        "# HELP glmkit_cancelled_total Sequences cancelled (client gone or stop string).",
-        "# TYPE glmkit_cancelled_total counter", f"glmkit_cancelled_total {st.cancelled}",
-        "# HELP glmkit_prefix_cache_hit_tokens_total Prompt tokens not prefilled: their keys and values were kept.",
-        "# TYPE glmkit_prefix_cache_hit_tokens_total counter",
-        f"glmkit_prefix_cache_hit_tokens_total {st.prefix_hit_tokens}",
-        "# HELP glmkit_queue_length Requests waiting for a batch slot.", "# TYPE glmkit_queue_length gauge",
-        f"glmkit_queue_length {scheduler.queue_length}",
-        "# HELP glmkit_running Sequences in the running batch.", "# TYPE glmkit_running gauge",
-        f"glmkit_running {scheduler.running}",
-        "# HELP glmkit_batch_slots Batch slots (--max-batch).", "# TYPE glmkit_batch_slots gauge",
-        f"glmkit_batch_slots {scheduler.max_batch}",
-    ]
-    lines += _hist("glmkit_time_to_first_token_seconds", "From request to first token.", st.ttft)
-    lines += _hist("glmkit_inter_token_latency_seconds", "Between consecutive tokens of a sequence.", st.token_latency)
+# (name, type, help, the value from a scheduler)
+SERIES = [
+    ("glmkit_requests_total", "counter", "Generation requests accepted.", lambda s: s.stats.requests),
+    ("glmkit_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", lambda s: s.stats.prompt_tokens),
+    ("glmkit_generated_tokens_total", "counter", "Tokens generated.", lambda s: s.stats.generated_tokens),
+    ("glmkit_cancelled_total", "counter", "Sequences cancelled (client gone or stop string).",
+     lambda s: s.stats.cancelled),
+    ("glmkit_prefix_cache_hit_tokens_total", "counter",
+     "Prompt tokens not prefilled: their keys and values were kept.", lambda s: s.stats.prefix_hit_tokens),
+    ("glmkit_queue_length", "gauge", "Requests waiting for a batch slot.", lambda s: s.queue_length),
+    ("glmkit_running", "gauge", "Sequences in the running batch.", lambda s: s.running),
+    ("glmkit_batch_slots", "gauge", "Batch slots (--max-batch).", lambda s: s.max_batch),
+]
+
+
+def render_metrics(schedulers, http_requests: dict) -> str:
+    """`schedulers`: the one model's scheduler (its series unlabelled, as a single-model server has
+    always shown them), or {model name: scheduler} for several (each series with a `model` label,
+    as vLLM labels its series `model_name`)."""
+    if isinstance(schedulers, dict):
+        by_label = {f'model="{_label(name)}",': s for name, s in schedulers.items()}
+    else:
+        by_label = {"": schedulers}
+    lines = []
+    for name, kind, help_, value in SERIES:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        for labels, s in by_label.items():
+            lines.append(f"{name}{{{labels[:-1]}}} {value(s)}" if labels else f"{name} {value(s)}")
+    lines += _hist("glmkit_time_to_first_token_seconds", "From request to first token.",
+                   {labels: s.stats.ttft for labels, s in by_label.items()})
+    lines += _hist("glmkit_inter_token_latency_seconds", "Between consecutive tokens of a sequence.",
+                   {labels: s.stats.token_latency for labels, s in by_label.items()})
     lines += ["# HELP glmkit_http_requests_total HTTP requests by route and status.",
               "# TYPE glmkit_http_requests_total counter"]
     for (path, status), n in sorted(http_requests.items()):

@@ -67,7 +67,7 @@ NDJSON = "application/x-ndjson"
 @router.post("/api/chat")
 async def chat(body: ChatRequest, server: Server):
     started = time.perf_counter_ns()
-    _check_model(body.model, server)
+    server = _pick(body.model, server)
     if not body.messages:           # Ollama loads the model and answers at once
         return _loaded(server, {"message": {"role": "assistant", "content": ""}})
     chat_model, protocol = server.chat_model, server.chat_model.protocol
@@ -86,7 +86,7 @@ async def chat(body: ChatRequest, server: Server):
 @router.post("/api/generate")
 async def generate(body: GenerateRequest, server: Server):
     started = time.perf_counter_ns()
-    _check_model(body.model, server)
+    server = _pick(body.model, server)
     if not body.prompt:             # Ollama loads the model and answers at once
         return _loaded(server, {"response": ""})
     chat_model = server.chat_model
@@ -112,21 +112,25 @@ async def generate(body: GenerateRequest, server: Server):
 
 @router.get("/api/tags")
 async def tags(server: Server):
-    return {"models": [await _model_entry(server)]}
+    return {"models": [await _model_entry(server.pick(name)) for name in server.models]}
 
 
 @router.get("/api/ps")
 async def ps(server: Server):
+    return {"models": [await _running(server.pick(name)) for name in server.models]}
+
+
+async def _running(server: ServerState) -> dict:
     entry = await _model_entry(server)
-    on_gpu = server.chat_model.model.device.type != "cpu"
-    return {"models": [{**entry, "expires_at": "2999-12-31T23:59:59Z",     # loaded until the server stops
-                        "size_vram": entry["size"] if on_gpu else 0,
-                        "context_length": server.scheduler.max_seq_len}]}
+    # a model served by a remote engine holds no memory here
+    on_gpu = not server.chat_model.remote and server.chat_model.model.device.type != "cpu"
+    return {**entry, "expires_at": "2999-12-31T23:59:59Z",     # loaded until the server stops
+            "size_vram": entry["size"] if on_gpu else 0, "context_length": server.scheduler.max_seq_len}
 
 
 @router.post("/api/show")
 async def show(body: ShowRequest, server: Server):
-    _check_model(body.model_name(), server)
+    server = _pick(body.model_name(), server)
     chat_model = server.chat_model
     entry = await _model_entry(server)
     info = await _describe(server)
@@ -261,10 +265,16 @@ def _loaded(server: ServerState, empty: dict) -> dict:
 
 
 # -- the model -------------------------------------------------------------------------------------
-def _check_model(name: str, server: ServerState) -> None:
-    """Our id, the generic names, or our id with a tag (Ollama clients add ":latest")."""
-    if name not in ("default", "glmkit") and not name.startswith(server.model_id):
+def _pick(name: str, server: ServerState) -> ServerState:
+    """The model `name` names: one of our ids, the generic names (the default), or an id with a
+    tag (Ollama clients add ":latest"); the longest id that matches, so that "m-32k" is not "m"."""
+    found = server.find(name)
+    if found is None:
+        found = max((m for m in server.models.values() if name.startswith(m.model_id)),
+                    key=lambda m: len(m.model_id), default=None)
+    if found is None:
         raise APIError(404, f"model {name!r} not found", param="model")
+    return server.pick(found.model_id)
 
 
 async def _describe(server: ServerState) -> dict:

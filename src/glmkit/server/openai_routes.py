@@ -36,26 +36,28 @@ def health(server: Server):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(server: Server):
-    return render_metrics(server.scheduler, server.http_requests)
+    # one model: its series unlabelled, as always; several: each series per model (a `model` label)
+    schedulers = {name: m.scheduler for name, m in server.models.items()} if server.several else server.scheduler
+    return render_metrics(schedulers, server.http_requests)
 
 
 @router.get("/v1/models", response_model=ModelList)
 def models(server: Server):
-    return ModelList(data=[_model_card(server)])
+    return ModelList(data=[_model_card(server.pick(name)) for name in server.models])
 
 
 @router.get("/v1/models/{name}", response_model=ModelCard)
 def model(name: str, server: Server):
-    if name != server.model_id:
-        raise APIError(404, f"model {name!r} not found; this server serves {server.model_id!r}",
+    if name not in server.models:       # the exact name here: "default" is not a model's id
+        raise APIError(404, f"model {name!r} not found; this server serves {server.names()}",
                        code="model_not_found")
-    return _model_card(server)
+    return _model_card(server.pick(name))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}}})
 async def chat_completions(body: ChatCompletionRequest, server: Server, request: Request):
-    _check_model(body.model, server.model_id)
+    server = server.pick(body.model)
     json_check = body.json_checker()
     if body.tools or json_check:
         await asyncio.to_thread(body.check_schemas)     # jsonschema's meta-schema check is slow
@@ -108,7 +110,7 @@ async def chat_choices(server: ServerState, body: ChatCompletionRequest, params,
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(body: CompletionRequest, server: Server):
-    _check_model(body.model, server.model_id)
+    server = server.pick(body.model)
     chat_model = server.chat_model
     tokenizer = chat_model.tokenizer
     params = body.to_sampling_params(chat_model.default_sampling)
@@ -187,13 +189,6 @@ async def detokenize(body: DetokenizeRequest, server: Server):
 
 def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
-
-
-def _check_model(requested: str | None, model_id: str):
-    # clients must send some model name; accept ours, and the generic names SDK examples use
-    if requested and requested != model_id and requested not in ("default", "glmkit"):
-        raise APIError(404, f"model {requested!r} not found; this server serves {model_id!r}", param="model",
-                       code="model_not_found")
 
 
 def _model_card(server: ServerState) -> ModelCard:

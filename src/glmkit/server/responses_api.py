@@ -27,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from .auth import request_key
 from .completions import Choice
 from .errors import APIError, StrictJSONRoute
-from .openai_routes import ERRORS, SSE_HEADERS, _check_model, chat_choices
+from .openai_routes import ERRORS, SSE_HEADERS, chat_choices
 from .responses_requests import ResponsesRequest
 from .state import Server, ServerState
 from .store import NotFound, owner_of
@@ -51,7 +51,7 @@ def _not_found(rid: str, param: str | None = None, code: str = "response_not_fou
 
 @router.post("/v1/responses", responses={200: {"content": {"text/event-stream": {}}}})
 async def create_response(body: ResponsesRequest, request: Request, server: Server):
-    _check_model(body.model, server.model_id)
+    server = server.pick(body.model)
     store, owner = _store(server), _owner(request, server)
     history: list[dict] = []
     if body.previous_response_id:

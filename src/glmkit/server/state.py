@@ -1,13 +1,16 @@
 """What a running server is made of: its configuration (ServerConfig, from `glmkit serve`'s
-options) and the one object the routes share (ServerState, at app.state.server)."""
+options), the models it serves (ServedModel, one per name; `--models FILE` names several), and
+the one object the routes share (ServerState, at app.state.server)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
+
+from .errors import APIError
 
 if TYPE_CHECKING:
     from ..chat_model import ChatModel
@@ -18,7 +21,7 @@ class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
                  server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
-                 metrics_public=False, kv_cache_mb=None, engine_thread=True):
+                 metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None):
         self.api_keys = [k for k in api_keys if k]
         self.metrics_public = metrics_public   # with API keys: serve /metrics without one
         self.cors_origins = list(cors_origins)
@@ -26,6 +29,9 @@ class ServerConfig:
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.max_upload_bytes = max_upload_bytes  # a file uploaded into a console workspace
         self.max_seq_len, self.model_id = max_seq_len, model_id
+        # with several models: the name of the one a request without a model (or "default") gets;
+        # None: the first
+        self.default_model = default_model
         self.kv_cache_mb = kv_cache_mb      # if set, the KV cache's size, which decides max_seq_len
         # TESTING ONLY: {user message: reply script}; the model's backend is wrapped in a
         # chat.scripted.ScriptedBackend that forces these replies (the one place that does)
@@ -41,6 +47,18 @@ class ServerConfig:
         self.engine_thread = engine_thread
 
 
+# names that SDK examples send and that mean "whatever this server serves": its default model
+GENERIC_NAMES = ("default", "glmkit")
+
+
+@dataclass
+class ServedModel:
+    """One model of the server: the name clients use, and what generates for it."""
+    model_id: str
+    chat_model: ChatModel
+    scheduler: Scheduler      # its own continuous batching (remote: the engine's RemoteLoad)
+
+
 @dataclass
 class ServerState:
     config: ServerConfig
@@ -52,6 +70,39 @@ class ServerState:
     console: Any = None        # server.console.Console, or None (no --data-dir)
     started: int = field(default_factory=lambda: int(time.time()))
     http_requests: dict = field(default_factory=dict)   # (route template, status) -> count, for /metrics
+    # every model by name, the default first; one server's chat_model/scheduler/model_id above
+    # are the default's, so a route that names no model (and every single-model server) uses them
+    models: dict[str, ServedModel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.models:
+            self.models = {self.model_id: ServedModel(self.model_id, self.chat_model, self.scheduler)}
+
+    @property
+    def several(self) -> bool:
+        return len(self.models) > 1
+
+    def find(self, name: str | None) -> ServedModel | None:
+        """The model a request's `model` names: None, "", "default" and "glmkit" are the default;
+        None when this server serves no such model."""
+        if not name or name in GENERIC_NAMES:
+            return self.models[self.model_id]
+        return self.models.get(name)
+
+    def pick(self, name: str | None, param: str = "model") -> ServerState:
+        """This state as a route for the model `name` sees it (its chat_model, scheduler and
+        model_id; everything else shared), or the API's 404 for a model it does not serve, as
+        OpenAI and vLLM answer it."""
+        served = self.find(name)
+        if served is None:
+            raise APIError(404, f"model {name!r} not found; this server serves {self.names()}", param=param,
+                           code="model_not_found")
+        if served.model_id == self.model_id:
+            return self
+        return replace(self, chat_model=served.chat_model, scheduler=served.scheduler, model_id=served.model_id)
+
+    def names(self) -> str:
+        return ", ".join(repr(n) for n in self.models)
 
 
 def server_state(request: Request) -> ServerState:
