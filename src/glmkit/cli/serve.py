@@ -33,6 +33,11 @@ def add_parser(sub) -> None:
                     help="memory for the KV cache pool; sets the longest sequence per slot (default 1024)")
     sv.add_argument("--max-tokens", type=positive, default=4096, help="largest max_tokens a request may ask for")
     sv.add_argument("--model-id", help="model name reported by /v1/models (default: the checkpoint's name)")
+    sv.add_argument("--models", metavar="FILE",
+                    help="serve several models, each request's `model` choosing one: a YAML file of "
+                         "`models: {NAME: {path: DIR, quantize: ...} or {engine: URL, kind: vllm, path: DIR}}` "
+                         "and `routes: {default: NAME}` (instead of --model/--engine/--model-id; the other "
+                         "options apply to every model, each with a scheduler of its own)")
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
@@ -68,7 +73,15 @@ def cmd_serve(args) -> int:
 
     from ..chat.tools import load_tools
     from ..server.app import ServerConfig, create_app
-    model = remote_model(args) if args.engine else load_model(args, progress=sys.stderr.isatty())
+    if args.models:
+        from . import models_file
+        if args.model or args.engine or args.model_id:
+            raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
+        spec = models_file.read(args.models)       # the whole file checked before anything loads
+        model, default = models_file.load(spec, args), spec.default
+    else:
+        model = remote_model(args) if args.engine else load_model(args, progress=sys.stderr.isatty())
+        default = None
     keys = api_keys(args)
     embedder = None
     if not args.no_embeddings:
@@ -84,12 +97,19 @@ def cmd_serve(args) -> int:
                                          scripted_replies=scripted(args.scripted_replies),
                                          server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=data_dir(args),
-                                         metrics_public=args.metrics_public), embedder=embedder)
-    batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
-    print(f"glmkit {__version__} serving {args.model_id or model.name} on http://{args.host}:{args.port}/v1 "
-          f"({batching}, {app.state.server.scheduler.max_seq_len} tokens per sequence, "
+                                         metrics_public=args.metrics_public, default_model=default),
+                     embedder=embedder)
+    state = app.state.server
+    if state.several:
+        what = f"{', '.join(state.models)} (default {state.model_id})"
+        batching = f"batch {args.max_batch} per model"
+    else:
+        what = state.model_id
+        batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
+    print(f"glmkit {__version__} serving {what} on http://{args.host}:{args.port}/v1 "
+          f"({batching}, {state.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})" + (f"; web console on http://{args.host}:{args.port}/"
-          if app.state.server.config.data_dir is not None else ""), file=sys.stderr, flush=True)
+          if state.config.data_dir is not None else ""), file=sys.stderr, flush=True)
     try:
         return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     finally:
@@ -98,16 +118,22 @@ def cmd_serve(args) -> int:
 
 
 def remote_model(args):
-    """A ChatModel over the engine at --engine: --model's tokenizer, config and chat format, no weights.
-    The engine is asked what it serves now, so that a wrong URL is one error at startup."""
+    """A ChatModel over the engine at --engine: --model's tokenizer, config and chat format, no weights."""
+    return remote_model_at(args.model, args.engine, args.engine_kind, args.model_id, args.engine_timeout,
+                           args.engine_api_key)
+
+
+def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: float, api_key: str | None):
+    """A ChatModel over the engine at `url` with `path`'s tokenizer, config and chat format (not its
+    weights).  The engine is asked what it serves now, so that a wrong URL is one error at startup."""
     from ..chat_model import ChatModel
     from ..chat import chat_format_for
     from ..engine.remote import RemoteBackend
     from ..models.loader import without_weights
-    checkpoint = without_weights(args.model)
-    backend = RemoteBackend(args.engine, args.engine_kind, checkpoint.tokenizer, chat_format_for(checkpoint),
-                            args.model_id or checkpoint.config.name, checkpoint.config.context_length,
-                            timeout=args.engine_timeout, api_key=args.engine_api_key)
+    checkpoint = without_weights(path)
+    backend = RemoteBackend(url, kind, checkpoint.tokenizer, chat_format_for(checkpoint),
+                            model_id or checkpoint.config.name, checkpoint.config.context_length,
+                            timeout=timeout, api_key=api_key)
     backend.check()
     return ChatModel.over(checkpoint, backend)
 
@@ -123,13 +149,21 @@ def run_http_and_engine(app, config) -> int:
 
     import uvicorn
 
+    from ..engine.scheduler import Scheduler
+
     server = uvicorn.Server(config)
-    scheduler = app.state.server.scheduler
+    schedulers = [m.scheduler for m in app.state.server.models.values()]
+    # this thread runs a local model's steps (the first; with --models the others get threads of
+    # their own, as with one model a remote engine's RemoteLoad just waits here)
+    scheduler = next((s for s in schedulers if isinstance(s, Scheduler)), schedulers[0])
+    others = [s for s in schedulers if s is not scheduler]
 
     def http():
         try:
             server.run()
         finally:
+            for s in others:
+                s.stop()
             scheduler.stop()        # also when uvicorn could not start (a port in use)
 
     def on_signal(signum, frame):
@@ -140,6 +174,8 @@ def run_http_and_engine(app, config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     web = threading.Thread(target=http, name="glmkit-http")
+    for s in others:
+        s.start()
     scheduler.run(claimed=web.start)
     web.join()
     return 0 if server.started else 1

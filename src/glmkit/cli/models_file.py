@@ -1,0 +1,168 @@
+"""`glmkit serve --models FILE`: several models in one server, read from a YAML file.
+
+    models:
+      chatglm3-6b:  {path: /models/chatglm3-6b, quantize: int4}                            # loaded here
+      chatglm3-gpu: {engine: http://gpu-box:8000, kind: vllm, path: /models/chatglm3-6b}  # a remote engine
+    routes:
+      default: chatglm3-6b        # what a request without a model (or "default") gets; default: the first
+
+Each name is what clients send as `model`.  An entry with `engine` generates through that engine
+(engine/remote.py; `path` gives the tokenizer, config and chat format, not weights); any other
+entry is loaded in this process and gets a scheduler of its own.  The file is checked whole before
+anything loads: a mistake is one GlmkitError naming the file and the field ("models.yaml:
+models.chatglm3-6b.quantize: ..."), which `glmkit` prints as one line (exit 1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+from ..errors import GlmkitError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+RESERVED = ("default", "glmkit")          # the generic names: they mean the default model
+NOT_YET = {   # planned kinds of entry and route (issue 16): refused by name rather than as unknown keys
+    "openai": "cloud models (openai:) are not supported yet",
+    "fallback": "fallback routes are not supported yet",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class LocalEntry(_Strict):
+    """A model loaded in this process (the serve command's --device/--dtype unless given here)."""
+    path: str = Field(min_length=1)
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    group_size: Literal[32, 64, 128, 256] = 128
+    device: str | None = Field(None, min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+
+
+class EngineEntry(_Strict):
+    """A model whose tokens come from another server's /v1/completions (`glmkit serve` or vLLM)."""
+    engine: HttpUrl
+    kind: Literal["glmkit", "vllm"] = "glmkit"
+    path: str = Field(min_length=1)       # the same model's directory: tokenizer, config, chat format
+    timeout: float | None = Field(None, gt=0)      # default: --engine-timeout
+    api_key: str | None = None                     # default: --engine-api-key
+
+
+class Routes(_Strict):
+    default: str | None = None
+
+
+LOCAL_ONLY = set(LocalEntry.model_fields) - set(EngineEntry.model_fields)
+
+
+@dataclass
+class ModelsFile:
+    path: str
+    models: dict[str, LocalEntry | EngineEntry]     # in the file's order
+    default: str
+
+
+def read(path: str) -> ModelsFile:
+    """The file, checked: a GlmkitError "PATH: FIELD: what is wrong" for the first mistake."""
+    import yaml
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GlmkitError(f"{path}: cannot read the models file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise GlmkitError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+    def fail(field: str, why: str):
+        raise GlmkitError(f"{path}: {field}: {why}")
+
+    if not isinstance(data, dict):
+        fail("(top level)", "expected a mapping with `models:` (and optionally `routes:`)")
+    for key in data:
+        if key not in ("models", "routes"):
+            fail(str(key), "unknown key (known: models, routes)")
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        fail("models", ("required" if models is None else "expected") + ": a mapping of at least one name "
+                       "to its entry, such as `chatglm3-6b: {path: /models/chatglm3-6b}`")
+    entries = {}
+    for name, raw in models.items():
+        field = f"models.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            fail(field, "a model's name is what clients send as `model`: letters, digits and . _ : / - "
+                        "(at most 128, starting with a letter or digit)")
+        if name in RESERVED:
+            fail(field, f"{name!r} is reserved: it means the default model")
+        if not isinstance(raw, dict):
+            fail(field, "expected a mapping such as {path: /models/chatglm3-6b} or {engine: URL, path: ...}")
+        for key, why in NOT_YET.items():
+            if key in raw:
+                fail(f"{field}.{key}", why)
+        if "engine" in raw:
+            mixed = sorted(LOCAL_ONLY & set(raw))
+            if mixed:
+                fail(f"{field}.{mixed[0]}", "applies to a model loaded here, not to one an engine serves "
+                                            "(set it where the engine runs)")
+            entries[name] = _validated(EngineEntry, raw, field, fail)
+        else:
+            entries[name] = _validated(LocalEntry, raw, field, fail)
+    routes = data.get("routes")
+    if routes is None:
+        routes = {}
+    if not isinstance(routes, dict):
+        fail("routes", "expected a mapping such as {default: NAME}")
+    if "fallback" in routes:
+        fail("routes.fallback", NOT_YET["fallback"])
+    default = _validated(Routes, routes, "routes", fail).default
+    if default is not None and default not in entries:
+        fail("routes.default", f"{default!r} names no model in this file (models: {', '.join(entries)})")
+    return ModelsFile(path, entries, default or next(iter(entries)))
+
+
+def _validated(cls, raw: dict, field: str, fail):
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join([field, *map(str, err["loc"])])
+        if err["type"] == "extra_forbidden":
+            fail(loc, f"unknown field (known: {', '.join(cls.model_fields)})")
+        if err["type"] == "missing":
+            fail(loc, "required")
+        fail(loc, err["msg"])
+
+
+def load(spec: ModelsFile, args) -> dict:
+    """{name: ChatModel}, in the file's order: each local entry loaded with the serve command's
+    model options (--device, --dtype, --no-compile) unless the entry says otherwise; each engine
+    entry asked what it serves now.  A failure names the entry it came from."""
+    import sys
+    from argparse import Namespace
+
+    from ..engine.remote import EngineUnavailable
+    from .options import load_model
+    from .serve import remote_model_at
+    models = {}
+    for name, entry in spec.models.items():
+        try:
+            if isinstance(entry, EngineEntry):
+                models[name] = remote_model_at(
+                    entry.path, str(entry.engine), entry.kind, name,
+                    entry.timeout if entry.timeout is not None else args.engine_timeout,
+                    entry.api_key if entry.api_key is not None else args.engine_api_key)
+            else:
+                options = Namespace(**{**vars(args), "model": entry.path, "quantize": entry.quantize,
+                                       "group_size": entry.group_size, "device": entry.device or args.device,
+                                       "dtype": entry.dtype or args.dtype})
+                models[name] = load_model(options, progress=sys.stderr.isatty())
+        except EngineUnavailable as e:
+            raise GlmkitError(f"{spec.path}: models.{name}.engine: {e}") from None
+        except GlmkitError as e:     # the checkpoint at `path` (its weights, or its tokenizer and config)
+            raise GlmkitError(f"{spec.path}: models.{name}.path: {e}") from None
+    return models
