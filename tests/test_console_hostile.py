@@ -150,7 +150,8 @@ def test_rows_an_older_version_or_a_hand_edit_could_leave_are_readable(server, a
         "e" * 32: (42, "chat", "{}"),
     }
     for cid, (title, mode, settings) in rows.items():
-        db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, 1.0, 1.0)", (cid, owner, title, mode, settings))
+        db.execute("INSERT INTO conversations (id, owner, title, mode, settings, created, updated) "
+                   "VALUES (?, ?, ?, ?, ?, 1.0, 1.0)", (cid, owner, title, mode, settings))
     db.execute("INSERT INTO messages (conversation_id, seq, role, content, metadata, extras, created) "
                "VALUES (?, 1, 'user', CAST(X'68C3FF6921' AS TEXT), '', 'garbage', 1.0)", ("a" * 32,))
     db.execute("INSERT INTO messages (conversation_id, seq, role, content, metadata, extras, created) "

@@ -68,9 +68,13 @@ class ConsoleSettings(_Strict):
     system: str | None = Field(None, max_length=SYSTEM_MAX)    # the system prompt (Chat mode)
 
 
+MODEL_NAME = Field(None, max_length=200)      # one of the server's models (`serve --models`); None: as before
+
+
 class NewConversation(_Strict):
     title: str = Field("New conversation", max_length=TITLE_MAX)
     mode: Literal["chat", "tool", "code"] = "chat"
+    model: str | None = MODEL_NAME
     settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
@@ -89,7 +93,7 @@ class Send(_Strict):
     regenerate: bool = False          # drop the last assistant turn and answer again
     edit_seq: int | None = Field(None, ge=1, le=2**53)   # replace the user message at this seq and answer again
     settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
-
+    model: str | None = MODEL_NAME    # the header's model picker: it answers this and later turns
 
 
 SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -104,6 +108,10 @@ class Console:
     def __init__(self, server):
         config, chat_model = server.config, server.chat_model
         self.config, self.chat_model = config, chat_model
+        # every model the server serves (its default first): a conversation is answered by the
+        # one it names, '' (or one no longer served) by the default
+        self.models = {name: m.chat_model for name, m in server.models.items()}
+        self.default_model = server.model_id
         self.limit = config.max_tokens_limit
         self.defaults = dict(chat_model.default_sampling, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.limit),
                              system="")
@@ -145,6 +153,11 @@ class Console:
             else:
                 settings.update(one)
         conv["settings"] = settings
+        if conv["model"] and conv["model"] not in self.models:
+            warnings.append(f"the stored model {conv['model'][:40]!r} is not served now; the default "
+                            f"({self.default_model}) answers")
+            conv["model"] = ""
+        conv["model"] = conv["model"] or self.default_model
         if conv["mode"] not in MODES:
             warnings.append(f"the stored mode {conv['mode'][:40]!r} is unknown; the conversation is a chat")
             conv["mode"] = "chat"
@@ -164,6 +177,13 @@ class Console:
     def not_busy(self, cid: str):
         if cid in self.active:
             raise APIError(409, "this conversation is still answering; stop it first", code="busy")
+
+    def served(self, model: str) -> str:
+        """A model a request names, checked: this server must serve it."""
+        if model not in self.models:
+            raise APIError(400, f"model {model[:40]!r} is not served here (models: {', '.join(self.models)})",
+                           param="model")
+        return model
 
     def mode_on(self, mode: str, param: str | None = None):
         if self.modes[mode]:
@@ -196,7 +216,8 @@ def static(name: str):
 @router.get("/api/config")
 def console_config(console: TheConsole):
     config, modes = console.config, console.modes
-    return {"model": console.chat_model.name, "defaults": console.defaults, "auth_required": bool(config.api_keys),
+    return {"model": console.chat_model.name, "models": list(console.models), "default_model": console.default_model,
+            "defaults": console.defaults, "auth_required": bool(config.api_keys),
             "limits": {"max_new_tokens": console.limit, "system": SYSTEM_MAX, "title": TITLE_MAX,
                        "content": CONTENT_MAX},
             "modes": [m for m, why in modes.items() if why is None],
@@ -220,8 +241,9 @@ def list_conversations(request: Request, console: TheConsole, q: str = ""):
 def create_conversation(request: Request, console: TheConsole, body: NewConversation | None = None):
     body = body or NewConversation()         # no body: a new chat with the defaults
     console.mode_on(body.mode, param="mode")
+    model = console.served(body.model) if body.model is not None else ""
     return console.readable(console.store.create(console.owner(request), body.title, body.mode,
-                                                 console.checked(body.settings)))
+                                                 console.checked(body.settings), model))
 
 
 @router.get("/api/conversations/{cid}")
@@ -377,7 +399,7 @@ async def run_code(cid: str, request: Request, console: TheConsole, body: Run):
         fence = "```python\n" + body.code.rstrip("\n") + "\n```"
         # as the model's own code step would be in its history: ChatGLM3's interpreter segment,
         # or (any other protocol) a fenced block in an assistant message
-        metadata = INTERPRETER if type(console.chat_model.protocol) is GLM3Protocol else ""
+        metadata = INTERPRETER if type(console.models[conv["model"]].protocol) is GLM3Protocol else ""
         store.append(who, cid, "assistant", fence, metadata, {"by": "user"})
         view = {"name": INTERPRETER, **step_view(call, ToolResult(not cell.error, cell.observation(), value=cell)),
                 "by": "user", "seconds": seconds}
@@ -412,7 +434,10 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
     conv = console.conversation(request, cid)
     console.not_busy(cid)
     console.mode_on(conv["mode"])
-    settings = {**console.defaults, **conv["settings"], **console.checked(body.settings)}   # each one valid
+    model = console.served(body.model) if body.model is not None else conv["model"]
+    # each one valid; the defaults are the answering model's (its family's sampling)
+    settings = {**console.defaults, **console.models[model].default_sampling, **conv["settings"],
+                **console.checked(body.settings)}
     params = SamplingParams(**{k: settings[k] for k in SAMPLING})   # checked together (a GlmkitError is a 400)
     content = body.content if body.content and body.content.strip() else None
     msgs = conv["messages"]
@@ -431,6 +456,8 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
         if not content:
             raise APIError(400, "content is required", param="content")
         store.append(who, cid, "user", content)
+    if model != conv["model"]:        # the picker's choice answers this turn and the next ones
+        store.update_model(who, cid, model)
     if conv["title"] == "New conversation" and content:
         store.rename(who, cid, title_of(content))
     history = [{"role": m["role"], "content": m["content"], **({"metadata": m["metadata"]} if m["metadata"] else {})}
@@ -448,7 +475,7 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
             "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
             "tools": list(console.config.server_tools.values()) if mode == "tool" else (),
             "interpreter": kernel}, history,
-            {"chat_model": console.chat_model, "params": params, "max_new_tokens": settings["max_new_tokens"]})
+            {"chat_model": console.models[model], "params": params, "max_new_tokens": settings["max_new_tokens"]})
         console.active[cid] = turn
         turn.start(on_finish=finished)
     except BaseException:

@@ -72,6 +72,9 @@ MIGRATIONS = [
         "INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
         "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",      # messages written before this
     ],
+    # 4: the model a conversation is answered by (`serve --models`: the console's model picker);
+    # '' (every conversation before this): the server's default model
+    "ALTER TABLE conversations ADD COLUMN model TEXT NOT NULL DEFAULT ''",
 ]
 
 SEARCH_TERMS_MAX = 8
@@ -131,11 +134,13 @@ class Store:
         db.execute("COMMIT")
 
     # -- conversations ---------------------------------------------------------------------
-    def create(self, owner: str, title: str = "New conversation", mode: str = "chat", settings: dict | None = None) -> dict:
+    def create(self, owner: str, title: str = "New conversation", mode: str = "chat", settings: dict | None = None,
+               model: str = "") -> dict:
         cid, now = uuid.uuid4().hex, time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (cid, owner, title, mode, json.dumps(settings or {}, allow_nan=False), now, now))
+            db.execute("INSERT INTO conversations (id, owner, title, mode, settings, created, updated, model) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (cid, owner, title, mode, json.dumps(settings or {}, allow_nan=False), now, now, model))
         return self.get(owner, cid)
 
     def list(self, owner: str) -> list[dict]:
@@ -190,8 +195,11 @@ class Store:
     def update_mode(self, owner: str, cid: str, mode: str) -> None:
         self._set(owner, cid, "mode", mode)
 
+    def update_model(self, owner: str, cid: str, model: str) -> None:
+        self._set(owner, cid, "model", model)
+
     def _set(self, owner: str, cid: str, column: str, value) -> None:
-        assert column in ("title", "settings", "mode")  # a column name, never user text
+        assert column in ("title", "settings", "mode", "model")  # a column name, never user text
         with self._tx() as db:
             if db.execute(f"UPDATE conversations SET {column} = ?, updated = ? WHERE id = ? AND owner = ?",
                           (value, time.time(), cid, owner)).rowcount == 0:
@@ -267,7 +275,7 @@ class Store:
     # out is plain JSON-safe data; a value that cannot be read is dropped and named in `warnings`
     @staticmethod
     def _conv(r, warnings: list[str]) -> dict:
-        conv = {"id": _text(r["id"]), "title": _text(r["title"]), "mode": _text(r["mode"]),
+        conv = {"id": _text(r["id"]), "title": _text(r["title"]), "mode": _text(r["mode"]), "model": _text(r["model"]),
                 "settings": _object(r["settings"], "settings", warnings),
                 "created": _number(r["created"]), "updated": _number(r["updated"])}
         if warnings:

@@ -313,12 +313,13 @@ async function open(id) {
   for (const w of current.warnings || []) toast(w, "warning");
   showSettings(Object.assign({}, defaults, current.settings));
   showMode(current.mode);
+  if (current.model) $("model-pick").value = current.model;
   document.body.classList.remove("sidebar-open");
   await refreshList();
 }
 
 async function newConversation(m = mode) {
-  const c = await (await api("/api/conversations", { method: "POST", body: JSON.stringify({ mode: m, settings: settings() }) })).json();
+  const c = await (await api("/api/conversations", { method: "POST", body: JSON.stringify(Object.assign({ mode: m, settings: settings() }, pickedModel())) })).json();
   await open(c.id);
 }
 
@@ -446,6 +447,10 @@ async function runCode(code) {
   }
 }
 
+function pickedModel() {   // with several models: the header's choice, sent with each message and stored
+  return $("model-pick").hidden ? {} : { model: $("model-pick").value };
+}
+
 async function send(payload, accepted = () => {}) {
   await switching;
   if (!current) await newConversation();
@@ -466,7 +471,7 @@ async function send(payload, accepted = () => {}) {
   try {
     if (payload.content && payload.edit_seq === undefined) shown = addMessage({ role: "user", content: payload.content });
     const r = await fetch(`/api/conversations/${cid}/messages`, {
-      method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, payload)), signal: controller.signal });
+      method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, pickedModel(), payload)), signal: controller.signal });
     if (!r.ok) { if (shown) shown.remove(); throw await failure(r); }
     accepted();
     const reader = r.body.getReader(), dec = new TextDecoder();
@@ -578,6 +583,12 @@ async function startApp(c) {
   document.body.classList.add("signed-in");
   $("model-name").textContent = config.model;
   $("model-name").title = config.model;
+  if ((config.models || []).length > 1) {       // several models (serve --models): a picker instead
+    for (const name of config.models) { const o = el("option"); o.value = o.textContent = name; $("model-pick").appendChild(o); }
+    $("model-pick").value = config.default_model;
+    $("model-pick").hidden = false;
+    $("model-name").hidden = true;
+  }
   for (const m of ["chat", "tool", "code"]) {
     const b = el("button"); b.textContent = MODE_NAMES[m]; b.dataset.mode = m; b.id = "mode-" + m; b.type = "button";
     if (config.unavailable[m]) { b.disabled = true; b.title = config.unavailable[m]; }
