@@ -69,15 +69,16 @@ def add_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.models:
+        from . import models_file
+        if args.model or args.engine or args.model_id:
+            raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
+        spec = models_file.read(args.models)      # the whole file checked first: before torch is imported
     import uvicorn
 
     from ..chat.tools import load_tools
     from ..server.app import ServerConfig, create_app
     if args.models:
-        from . import models_file
-        if args.model or args.engine or args.model_id:
-            raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
-        spec = models_file.read(args.models)       # the whole file checked before anything loads
         model, default = models_file.load(spec, args), spec.default
     else:
         model = remote_model(args) if args.engine else load_model(args, progress=sys.stderr.isatty())
