@@ -21,7 +21,7 @@ from server_helpers import running_server
 HI = [{"role": "user", "content": "你好，介绍一下你自己"}]
 MODELS_YAML = f"""
 models:
-  tiny: {{path: {TINY}}}
+  tiny: {{path: {TINY}, max_batch: 2}}
   tiny-32k: {{path: {TINY_32K}, quantize: none}}
 routes:
   default: tiny-32k
@@ -139,6 +139,9 @@ def test_metrics_carry_a_model_label(client, base):
     assert re.search(r'^glmkit_time_to_first_token_seconds_bucket\{model="tiny",le="\+Inf"\} [1-9]', text, re.M)
     assert re.search(r'^glmkit_time_to_first_token_seconds_count\{model="tiny-32k"\} [1-9]', text, re.M)
     assert not re.search(r"^glmkit_requests_total ", text, re.M)     # every series says its model
+    # each model's own scheduler, sized by its entry (tiny: max_batch 2) or the options (8)
+    slots = re.findall(r'^glmkit_batch_slots\{model="([^"]+)"\} (\d+)$', text, re.M)
+    assert slots == [("tiny-32k", "8"), ("tiny", "2")]
 
 
 def sse(r):

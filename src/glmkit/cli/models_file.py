@@ -1,16 +1,17 @@
 """`glmkit serve --models FILE`: several models in one server, read from a YAML file.
 
     models:
-      chatglm3-6b:  {path: /models/chatglm3-6b, quantize: int4}                            # loaded here
+      chatglm3-6b:  {path: /models/chatglm3-6b, quantize: int4, kv_cache_mb: 2048}         # loaded here
       chatglm3-gpu: {engine: http://gpu-box:8000, kind: vllm, path: /models/chatglm3-6b}  # a remote engine
     routes:
       default: chatglm3-6b        # what a request without a model (or "default") gets; default: the first
 
 Each name is what clients send as `model`.  An entry with `engine` generates through that engine
 (engine/remote.py; `path` gives the tokenizer, config and chat format, not weights); any other
-entry is loaded in this process and gets a scheduler of its own.  The file is checked whole before
-anything loads: a mistake is one GlmkitError naming the file and the field ("models.yaml:
-models.chatglm3-6b.quantize: ..."), which `glmkit` prints as one line (exit 1)."""
+entry is loaded in this process and gets a scheduler of its own (quantize, group_size, device and
+dtype as the model options say them; max_batch and kv_cache_mb size its scheduler).  The file is
+checked whole before anything loads: a mistake is one GlmkitError naming the file and the field
+("models.yaml: models.chatglm3-6b.quantize: ..."), which `glmkit` prints as one line (exit 1)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class LocalEntry(_Strict):
     group_size: Literal[32, 64, 128, 256] = 128
     device: str | None = Field(None, min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    # this model's scheduler (default: --max-batch, --kv-cache-mb): each model has its own KV cache
+    max_batch: int | None = Field(None, ge=1, le=1024)
+    kv_cache_mb: int | None = Field(None, ge=1)
 
 
 class EngineEntry(_Strict):
@@ -65,6 +69,11 @@ class ModelsFile:
     path: str
     models: dict[str, LocalEntry | EngineEntry]     # in the file's order
     default: str
+
+    def limits(self) -> dict:
+        """{name: the scheduler sizes its entry sets} (server.state.ServerConfig.model_limits)."""
+        return {name: e.model_dump(include={"max_batch", "kv_cache_mb"}, exclude_none=True)
+                for name, e in self.models.items() if isinstance(e, LocalEntry)}
 
 
 def read(path: str) -> ModelsFile:

@@ -36,8 +36,9 @@ def add_parser(sub) -> None:
     sv.add_argument("--models", metavar="FILE",
                     help="serve several models, each request's `model` choosing one: a YAML file of "
                          "`models: {NAME: {path: DIR, quantize: ...} or {engine: URL, kind: vllm, path: DIR}}` "
-                         "and `routes: {default: NAME}` (instead of --model/--engine/--model-id; the other "
-                         "options apply to every model, each with a scheduler of its own)")
+                         "and `routes: {default: NAME}` (instead of --model/--engine/--model-id; each model "
+                         "has a scheduler of its own, sized by --max-batch/--kv-cache-mb unless its entry "
+                         "sets max_batch/kv_cache_mb; the other options apply to every model)")
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
@@ -98,12 +99,13 @@ def cmd_serve(args) -> int:
                                          scripted_replies=scripted(args.scripted_replies),
                                          server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=data_dir(args),
-                                         metrics_public=args.metrics_public, default_model=default),
+                                         metrics_public=args.metrics_public, default_model=default,
+                                         model_limits=spec.limits() if args.models else None),
                      embedder=embedder)
     state = app.state.server
     if state.several:
         what = f"{', '.join(state.models)} (default {state.model_id})"
-        batching = f"batch {args.max_batch} per model"
+        batching = "a scheduler per model"
     else:
         what = state.model_id
         batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"

@@ -85,11 +85,12 @@ def _served(name: str, chat_model, config: ServerConfig) -> ServedModel:
         scheduler = chat_model.backend.scheduler
     else:
         compiled = dict(compile=chat_model.compile, progress=chat_model.compile_progress)   # as glmkit.load() said
-        if config.kv_cache_mb:
-            scheduler = Scheduler.from_memory(chat_model.model, config.kv_cache_mb, config.max_batch,
+        sizes = {"max_batch": config.max_batch, "kv_cache_mb": config.kv_cache_mb, **config.model_limits.get(name, {})}
+        if sizes["kv_cache_mb"]:
+            scheduler = Scheduler.from_memory(chat_model.model, sizes["kv_cache_mb"], sizes["max_batch"],
                                               max_queue=config.max_queue, **compiled)
         else:
-            scheduler = Scheduler(chat_model.model, max_batch=config.max_batch, max_seq_len=config.max_seq_len,
+            scheduler = Scheduler(chat_model.model, max_batch=sizes["max_batch"], max_seq_len=config.max_seq_len,
                                   max_queue=config.max_queue, **compiled)
         chat_model.serve_with(scheduler)    # the model's one engine: API requests and agent runs share it
     if config.scripted_replies:

@@ -21,7 +21,7 @@ class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
                  server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
-                 metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None):
+                 metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None, model_limits=None):
         self.api_keys = [k for k in api_keys if k]
         self.metrics_public = metrics_public   # with API keys: serve /metrics without one
         self.cors_origins = list(cors_origins)
@@ -32,6 +32,8 @@ class ServerConfig:
         # with several models: the name of the one a request without a model (or "default") gets;
         # None: the first
         self.default_model = default_model
+        # {model name: {"max_batch": n, "kv_cache_mb": n}}: a model's own sizes over the ones above
+        self.model_limits = model_limits or {}
         self.kv_cache_mb = kv_cache_mb      # if set, the KV cache's size, which decides max_seq_len
         # TESTING ONLY: {user message: reply script}; the model's backend is wrapped in a
         # chat.scripted.ScriptedBackend that forces these replies (the one place that does)
