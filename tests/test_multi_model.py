@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from conftest import TINY, TINY_32K, glmkit_bin
-from server_helpers import running_server
+from server_helpers import free_port, running_server
 
 HI = [{"role": "user", "content": "你好，介绍一下你自己"}]
 MODELS_YAML = f"""
@@ -214,6 +214,16 @@ def test_a_models_file_entry_that_cannot_load_names_its_entry(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"glmkit: error: {f}: models.bad.path: " in proc.stderr
+
+
+def test_an_engine_entry_whose_engine_is_down_names_its_entry(tmp_path):
+    f = tmp_path / "models.yaml"
+    f.write_text(f"models:\n  gpu: {{engine: http://127.0.0.1:{free_port()}, kind: vllm, path: {TINY}}}\n",
+                 encoding="utf-8")
+    proc = subprocess.run([glmkit_bin(), "serve", "--models", str(f), "--no-embeddings", "--no-console"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"glmkit: error: {f}: models.gpu.engine: cannot reach the engine" in proc.stderr
 
 
 def test_models_file_excludes_model_options(tmp_path):
