@@ -8,6 +8,7 @@ mistakes are each one line naming the file and the field, before anything loads.
 
 import json
 import re
+import sqlite3
 import subprocess
 import time
 
@@ -29,11 +30,15 @@ routes:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("multi")
-    (d / "models.yaml").write_text(MODELS_YAML, encoding="utf-8")
-    with running_server("--models", str(d / "models.yaml"), "--dtype", "float32", "--no-embeddings",
-                        "--data-dir", str(d / "data"), "--max-tokens", "64") as (url, _):
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("multi")
+
+
+@pytest.fixture(scope="module")
+def base(data_dir):
+    (data_dir / "models.yaml").write_text(MODELS_YAML, encoding="utf-8")
+    with running_server("--models", str(data_dir / "models.yaml"), "--dtype", "float32", "--no-embeddings",
+                        "--data-dir", str(data_dir / "data"), "--max-tokens", "64") as (url, _):
         yield url
 
 
@@ -174,6 +179,18 @@ def test_console_conversation_on_the_second_model_stores_it(base):
     assert any(c2["id"] == c["id"] and c2["model"] == "tiny" for c2 in httpx.get(base + "/api/conversations").json())
     page = httpx.get(base + "/").text
     assert 'id="model-pick"' in page
+
+
+def test_a_stored_model_no_longer_served_falls_back_to_the_default(base, data_dir):
+    c = httpx.post(base + "/api/conversations", json={"model": "tiny"}).json()
+    assert c["model"] == "tiny"
+    db = sqlite3.connect(data_dir / "data" / "conversations.db", timeout=30)
+    db.execute("UPDATE conversations SET model = 'retired-model' WHERE id = ?", (c["id"],))
+    db.commit()
+    db.close()
+    conv = httpx.get(base + f"/api/conversations/{c['id']}").json()
+    assert conv["model"] == "tiny-32k" and "retired-model" in conv["warnings"][0]
+    assert httpx.post(base + "/api/conversations", json={"model": "nope"}).status_code == 400
 
 
 # -- the models file's mistakes ---------------------------------------------------------------------
