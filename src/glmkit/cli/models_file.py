@@ -156,7 +156,7 @@ def load(spec: ModelsFile, args) -> dict:
 
     from ..engine.remote import EngineUnavailable
     from .options import load_model
-    from .serve import remote_model_at
+    from .options import remote_model_at
     models = {}
     for name, entry in spec.models.items():
         try:

@@ -1,6 +1,8 @@
 """Options that several subcommands share, and what each group builds.
 
-The model options (`add_model_options`) load the model (`load_model`); the sampling options
+The model options (`add_model_options`) load the model (`load_model`), or stand for one whose
+tokens come from an engine elsewhere (`remote_model_at`: serve --engine, and engine entries of a
+models file); the sampling options
 (`add_sampling_options`) become the chat's one SamplingParams (`sampling_params`); the
 interpreter flag becomes the KernelPool that the terminal chat and the server both keep their
 kernels in (`kernel_pool`).  Also the argparse value types that refuse a bad count or a missing
@@ -76,6 +78,21 @@ def load_model(args, progress: bool, compile: bool = True):
         return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                            quantize=args.quantize, group_size=args.group_size,
                            compile=compile and not args.no_compile)
+
+
+def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: float, api_key: str | None):
+    """A ChatModel over the engine at `url` with `path`'s tokenizer, config and chat format (not its
+    weights).  The engine is asked what it serves now, so that a wrong URL is one error at startup."""
+    from ..chat_model import ChatModel
+    from ..chat import chat_format_for
+    from ..engine.remote import RemoteBackend
+    from ..models.loader import without_weights
+    checkpoint = without_weights(path)
+    backend = RemoteBackend(url, kind, checkpoint.tokenizer, chat_format_for(checkpoint),
+                            model_id or checkpoint.config.name, checkpoint.config.context_length,
+                            timeout=timeout, api_key=api_key)
+    backend.check()
+    return ChatModel.over(checkpoint, backend)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import GlmkitError
-from .options import add_model_options, default_data_dir, kernel_pool, load_model, positive
+from .options import add_model_options, default_data_dir, kernel_pool, load_model, positive, remote_model_at
 
 
 def add_parser(sub) -> None:
@@ -124,21 +124,6 @@ def remote_model(args):
     """A ChatModel over the engine at --engine: --model's tokenizer, config and chat format, no weights."""
     return remote_model_at(args.model, args.engine, args.engine_kind, args.model_id, args.engine_timeout,
                            args.engine_api_key)
-
-
-def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: float, api_key: str | None):
-    """A ChatModel over the engine at `url` with `path`'s tokenizer, config and chat format (not its
-    weights).  The engine is asked what it serves now, so that a wrong URL is one error at startup."""
-    from ..chat_model import ChatModel
-    from ..chat import chat_format_for
-    from ..engine.remote import RemoteBackend
-    from ..models.loader import without_weights
-    checkpoint = without_weights(path)
-    backend = RemoteBackend(url, kind, checkpoint.tokenizer, chat_format_for(checkpoint),
-                            model_id or checkpoint.config.name, checkpoint.config.context_length,
-                            timeout=timeout, api_key=api_key)
-    backend.check()
-    return ChatModel.over(checkpoint, backend)
 
 
 def run_http_and_engine(app, config) -> int:
