@@ -224,23 +224,24 @@ def test_a_bad_models_file_is_one_line_naming_file_and_field(case, tmp_path):
     assert time.monotonic() - started < 30          # refused before any model loads
 
 
-def test_a_models_file_entry_that_cannot_load_names_its_entry(tmp_path):
+def serve_fails(tmp_path, models_yaml: str) -> tuple[str, str]:
+    """(the file, serve's stderr) for a models file whose serving must fail: exit 1, no traceback."""
     f = tmp_path / "models.yaml"
-    f.write_text(f"models:\n  good: {{path: {TINY}}}\n  bad: {{path: {tmp_path / 'nowhere'}}}\n", encoding="utf-8")
+    f.write_text(models_yaml, encoding="utf-8")
     proc = subprocess.run([glmkit_bin(), "serve", "--models", str(f), "--no-embeddings", "--no-console"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"glmkit: error: {f}: models.bad.path: " in proc.stderr
+    return str(f), proc.stderr
+
+
+def test_a_models_file_entry_that_cannot_load_names_its_entry(tmp_path):
+    f, err = serve_fails(tmp_path, f"models:\n  good: {{path: {TINY}}}\n  bad: {{path: {tmp_path / 'nowhere'}}}\n")
+    assert f"glmkit: error: {f}: models.bad.path: " in err
 
 
 def test_an_engine_entry_whose_engine_is_down_names_its_entry(tmp_path):
-    f = tmp_path / "models.yaml"
-    f.write_text(f"models:\n  gpu: {{engine: http://127.0.0.1:{free_port()}, kind: vllm, path: {TINY}}}\n",
-                 encoding="utf-8")
-    proc = subprocess.run([glmkit_bin(), "serve", "--models", str(f), "--no-embeddings", "--no-console"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"glmkit: error: {f}: models.gpu.engine: cannot reach the engine" in proc.stderr
+    f, err = serve_fails(tmp_path, f"models:\n  gpu: {{engine: http://127.0.0.1:{free_port()}, kind: vllm, path: {TINY}}}\n")
+    assert f"glmkit: error: {f}: models.gpu.engine: cannot reach the engine" in err
 
 
 def test_models_file_excludes_model_options(tmp_path):
