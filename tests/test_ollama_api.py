@@ -90,6 +90,8 @@ def test_format(client):
     r = client.generate(model="default", prompt="Give me a JSON object.", format="json",
                         options={"temperature": 0, "num_predict": 40})
     assert r.done_reason == "stop" and isinstance(json.loads(r.response), dict)
+    cut = client.generate(model="default", prompt="Give me a JSON object.", format="json", options={"num_predict": 2})
+    assert cut.done_reason == "length" and cut.response.startswith("{")    # incomplete, not an error
 
 
 def test_generate_stream_and_not(client):

@@ -205,7 +205,9 @@ class Answer:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
 
     async def _problem(self, choice: Choice) -> str | None:
-        if self.json_check is None or choice.calls:
+        # a reply cut at the token limit is incomplete, not invalid: OpenAI returns it as it is,
+        # with finish_reason "length" saying so
+        if self.json_check is None or choice.calls or choice.finish_reason == "length":
             return None
         return await asyncio.to_thread(self.json_check, choice.content)
 

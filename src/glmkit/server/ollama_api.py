@@ -219,7 +219,8 @@ class _Reply:
                 "eval_count": self.choice.tokens.completion_tokens, "eval_duration": now - first}
 
     async def _problem(self) -> str | None:
-        if self.json_check is None or self.choice.calls:
+        # a reply cut at num_predict is incomplete (done_reason "length"), not invalid
+        if self.json_check is None or self.choice.calls or self.choice.tokens.finish_reason == "length":
             return None
         return await asyncio.to_thread(self.json_check, self.choice.content)
 
