@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import GlmkitError
 
@@ -99,13 +99,12 @@ class Postgres:
         return _PgConnection(conn)
 
     def message(self, e: Exception) -> str:
-        """psycopg's error as one line, without the URL's password should libpq ever echo it."""
+        """psycopg's error as one line, without the URL's password: libpq quotes a URL it cannot
+        parse whole."""
         text = " ".join(str(e).split()) or type(e).__name__
-        try:
-            password = urlsplit(self.url).password
-        except ValueError:
-            password = None
-        return text.replace(password, "***") if password else text
+        for secret in sorted(secrets(self.url), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
 
     def usable(self, db: _PgConnection) -> bool:
         # a connection the server dropped (a restart, a failover) is opened anew, not kept failing
@@ -153,12 +152,22 @@ class _PgConnection:
         self.conn.close()
 
 
+def secrets(url: str) -> set[str]:
+    """The passwords a URL holds (in its userinfo, or password= parameters), as written and decoded;
+    found without a URL parser, as the URL may be one that does not parse."""
+    found = set(re.findall(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*:([^@]+)@", url))
+    found |= set(re.findall(r"[?&]password=([^&]+)", url, flags=re.IGNORECASE))
+    return {s for p in found for s in (p, unquote(p))}
+
+
 def redact(url: str) -> str:
     """The URL with its password (in the userinfo or a password= parameter) shown as ***."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"://[^@/]*@", "://***@", url)
+    except ValueError:                 # a URL that does not parse: its passwords, wherever they are
+        for secret in sorted(secrets(url), key=len, reverse=True):
+            url = url.replace(secret, "***")
+        return url
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
