@@ -5,9 +5,11 @@ installed).  The store's own tests run on PostgreSQL too, in test_store.py."""
 import subprocess
 
 import httpx
+import pytest
 
 from conftest import TINY, glmkit_bin
 from glmkit.server.store import Store, owner_of
+from glmkit.server.store_sql import StoreUnavailable
 from server_helpers import running_server
 
 
@@ -56,3 +58,31 @@ def test_a_database_that_cannot_be_opened_is_one_line_at_startup(postgres):
     line = serve_fails("--database", "postgresql://glmkit:pw@127.0.0.1:1/db")
     assert "postgresql://glmkit:***@127.0.0.1:1/db: cannot connect" in line and ":pw@" not in line
     assert "postgresql://" in serve_fails("--database", "sqlite:///tmp/x.db")
+
+
+def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(postgres):
+    import psycopg
+    s = Store(postgres.new_database())
+    cid = s.create("local", "kept")["id"]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:      # as a restart would
+        admin.execute("SELECT pg_terminate_backend(%s)", (s._db().conn.info.backend_pid,))
+    with pytest.raises(StoreUnavailable, match="127.0.0.1"):             # a 503 for the request that meets it
+        s.list("local")
+    assert [c["id"] for c in s.list("local")] == [cid]
+
+
+def test_an_unreachable_store_is_a_503_that_names_no_database():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.errors import add_error_handlers
+    app = FastAPI()
+    add_error_handlers(app)
+
+    @app.get("/api/conversations")
+    def down():
+        raise StoreUnavailable("postgresql://glmkit:***@db.internal/chat: connection refused")
+
+    r = TestClient(app).get("/api/conversations")
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "store_unavailable" and "db.internal" not in r.text

@@ -20,6 +20,11 @@ from ..errors import GlmkitError
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
+class StoreUnavailable(GlmkitError):
+    """The database server cannot be reached (or refuses the login): at startup one line, and
+    later, while a request waits on it, a 503 (server/errors.py), which does not blame the request."""
+
+
 def dialect_for(where: str | Path) -> SQLite | Postgres:
     """A postgresql:// (or postgres://) URL: PostgreSQL; anything else is a SQLite file's path."""
     if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
@@ -94,9 +99,9 @@ class Postgres:
         try:
             conn = self.psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except self.psycopg.Error as e:
-            raise GlmkitError(f"{self.where}: cannot connect to the conversation database: "
+            raise StoreUnavailable(f"{self.where}: cannot connect to the conversation database: "
                               f"{self.message(e)}") from None
-        return _PgConnection(conn)
+        return _PgConnection(conn, self)
 
     def message(self, e: Exception) -> str:
         """psycopg's error as one line, without the URL's password: libpq quotes a URL it cannot
@@ -134,14 +139,19 @@ class _PgConnection:
     """A psycopg connection that takes the store's SQL as sqlite3 does: `?` placeholders (the
     store's SQL holds no literal ? or %, so the swap is exact) and rows as mappings."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self, conn, dialect: Postgres):
+        self.conn, self.dialect = conn, dialect
 
     def execute(self, sql: str, params=()):
         # PostgreSQL's text cannot hold NUL, which SQLite's can: one in a message or title is kept
         # as U+FFFD rather than failing the request
         params = tuple(p.replace("\x00", "\ufffd") if isinstance(p, str) else p for p in params)
-        return self.conn.execute(sql.replace("?", "%s"), params or None)
+        try:
+            return self.conn.execute(sql.replace("?", "%s"), params or None)
+        except self.dialect.psycopg.OperationalError as e:
+            # the server went away (a restart, a failover) or gave up on the statement: the
+            # request that met it gets a 503; the thread's next one opens a new connection
+            raise StoreUnavailable(f"{self.dialect.where}: {self.dialect.message(e)}") from e
 
     def close(self) -> None:
         self.conn.close()
