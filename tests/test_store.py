@@ -45,7 +45,10 @@ def test_migrations_from_an_empty_database(where):
 
 def test_every_older_version_migrates_to_the_latest(where, request):
     for version in range(len(MIGRATIONS)):
-        at = where.with_name(f"v{version}.db") if is_sqlite(where) else request.getfixturevalue("postgres").new_database()
+        if is_sqlite(where):
+            at = where.with_name(f"v{version}.db")
+        else:
+            at = request.getfixturevalue("postgres").new_database()
         assert Store(at, version=version).version == version
         s = Store(at)
         assert s.version == len(MIGRATIONS) and count(s, "schema_version") == 1

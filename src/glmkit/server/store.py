@@ -210,8 +210,8 @@ class Store:
 
     def search(self, owner: str, query: str, limit: int = 50) -> list[dict]:
         """The owner's conversations whose title, or one of whose messages, holds every word of `query` (each
-        word matches as a prefix, case-insensitively, and on SQLite accent-insensitively too), newest first, each with a
-        plain-text `match`: a snippet of the first matching message ("" for a title match)."""
+        word matches as a prefix, case-insensitively; on SQLite accent-insensitively too), newest first, each
+        with a plain-text `match`: a snippet of the first matching message ("" for a title match)."""
         words = re.findall(r"\w+", query)[:SEARCH_TERMS_MAX]
         if not words:
             return []

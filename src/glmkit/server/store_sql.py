@@ -100,7 +100,7 @@ class Postgres:
             conn = self.psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except self.psycopg.Error as e:
             raise StoreUnavailable(f"{self.where}: cannot connect to the conversation database: "
-                              f"{self.message(e)}") from None
+                                   f"{self.message(e)}") from None
         return _PgConnection(conn, self)
 
     def message(self, e: Exception) -> str:
