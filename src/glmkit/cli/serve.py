@@ -49,7 +49,14 @@ def add_parser(sub) -> None:
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     sv.add_argument("--data-dir", metavar="DIR", default=None,
-                    help="where the web console keeps conversations (SQLite); default $GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
+                    help="where the web console keeps conversations (SQLite) and their files; default "
+                         "$GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
+    sv.add_argument("--database", metavar="URL",
+                    help="keep the console's conversations (and /v1/responses stored for previous_response_id) "
+                         "in this PostgreSQL database instead of SQLite in --data-dir, so that several gateways "
+                         "share them: postgresql://USER@HOST[:PORT]/DB (a password best from $PGPASSWORD or "
+                         "~/.pgpass; needs pip install 'psycopg[binary]'). --data-dir still holds each "
+                         "conversation's files (uploads, Code mode's workspace), which are not shared")
     sv.add_argument("--no-console", action="store_true", help="serve the API only, no web console at /")
     sv.add_argument("--tools", metavar="SPEC", help="tools the server runs itself for requests with "
                     "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
@@ -81,6 +88,7 @@ def cmd_serve(args) -> int:
         if args.model or args.engine or args.model_id:
             raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
         spec = models_file.read(args.models)      # the whole file checked first: before torch is imported
+    check_database(args)
     import uvicorn
 
     from ..chat.tools import load_tools
@@ -110,7 +118,7 @@ def cmd_serve(args) -> int:
                                          fallbacks=spec.fallbacks if args.models else None,
                                          outside=spec.outside() if args.models else engine_outside(args, model),
                                          private_only=args.private_only or args.models and spec.private_only,
-                                         private_keys=private_keys),
+                                         private_keys=private_keys, database=args.database),
                      embedder=embedder)
     state = app.state.server
     if state.several:
@@ -122,7 +130,8 @@ def cmd_serve(args) -> int:
     print(f"glmkit {__version__} serving {what} on http://{args.host}:{args.port}/v1 "
           f"({batching}, {state.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})" + (f"; web console on http://{args.host}:{args.port}/"
-          if state.config.data_dir is not None else ""), file=sys.stderr, flush=True)
+          if state.config.data_dir is not None else "")
+          + (f" (conversations in {state.console.store.where})" if args.database else ""), file=sys.stderr, flush=True)
     try:
         return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     finally:
@@ -218,6 +227,21 @@ def data_dir(args) -> str | None:
     if args.no_console:
         return None
     return args.data_dir or default_data_dir()
+
+
+def check_database(args) -> None:
+    """--database opened (and migrated) before the model loads: a bad URL, a server that cannot be
+    reached or a refused login is one line at once, not after a minute of loading."""
+    if not args.database:
+        return
+    from ..server.store import Store
+    from ..server.store_sql import POSTGRES_SCHEMES
+    if args.no_console:
+        raise GlmkitError("--database keeps the web console's conversations; leave out --no-console")
+    if not args.database.startswith(POSTGRES_SCHEMES):
+        raise GlmkitError("--database takes a postgresql:// URL (SQLite, the default, needs no --database: "
+                          "its file is in --data-dir)")
+    Store(args.database).close()
 
 
 def scripted(path: str | None) -> dict | None:

@@ -64,7 +64,7 @@ class Console:
         self.limit = config.max_tokens_limit
         self.defaults = dict(chat_model.default_sampling, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.limit),
                              system="")
-        self.store = Store(Path(config.data_dir) / "conversations.db")
+        self.store = Store(config.database or Path(config.data_dir) / "conversations.db")
         self.workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
         self.active: dict[str, Turn] = {}       # conversation id -> its turn in progress
         self.modes = {                          # mode -> why it is off (None: on)
