@@ -156,6 +156,11 @@ def sse(r):
 def test_console_conversation_on_the_second_model_stores_it(base):
     config = httpx.get(base + "/api/config").json()
     assert config["models"] == ["tiny-32k", "tiny"] and config["default_model"] == "tiny-32k"
+    # what the page shows for each model's conversations: its own sampling defaults, and no
+    # small-model note (both speak ChatGLM3's protocol)
+    assert set(config["per_model"]) == {"tiny-32k", "tiny"}
+    assert all(p["note"] is None and p["defaults"]["max_new_tokens"] == config["defaults"]["max_new_tokens"]
+               for p in config["per_model"].values())
     c = httpx.post(base + "/api/conversations", json={}).json()
     assert c["model"] == "tiny-32k"                    # the default until a message names one
     settings = {"temperature": 0, "max_new_tokens": 4}
