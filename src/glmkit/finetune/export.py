@@ -85,12 +85,13 @@ def conversation_record(conv: dict, tools: list[dict] | None = None) -> tuple[di
         if tools is None:
             return None, "tool calls, but the tools offered are unknown (pass --tools as serve was given it)"
         record["tools"] = tools
+    if not any(t["role"] in ("assistant", "tool") and t.get("loss", True) for t in turns):
+        return None, "nothing to learn (no assistant reply)"
     record["conversations"] = turns
     try:
         check_record(record)              # what is written is what the loader accepts
     except _Bad as e:
-        reason = str(e)
-        return None, "nothing to learn" if reason.startswith("nothing to learn") else reason
+        return None, str(e)               # a hand-edited store, say
     return record, ""
 
 
