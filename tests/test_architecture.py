@@ -21,6 +21,7 @@ ALLOWED = {
     "engine": {"models"},
     "chat": {"engine", "tokenizers", "sandbox"},
     "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model"},   # it serves a ChatModel
+    "knowledge": {"models"},          # the embedding model; never the server
 }
 
 

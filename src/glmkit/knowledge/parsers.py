@@ -143,6 +143,7 @@ def _docx(path: Path) -> Parsed:
         raise BadDocument("reading DOCX needs python-docx (pip install python-docx)") from None
     try:
         document = docx.Document(str(path))
+        title: list[str] = []
         heading: list[str] = []
         blocks: list[Block] = []
         number = 0
@@ -151,10 +152,13 @@ def _docx(path: Path) -> Parsed:
             if isinstance(item, Paragraph):
                 text = item.text.strip()
                 level = _heading_level(item.style.name if item.style is not None else "")
+                if level == -1 and text:                  # the Title style: above every heading
+                    title, heading = [text], []
+                    continue
                 if level and text:
                     heading = heading[:level - 1] + [text]
                     continue
-                blocks.append(Block(text, tuple(heading), paragraph=number))
+                blocks.append(Block(text, tuple(title + heading), paragraph=number))
             elif isinstance(item, Table):
                 for row in item.rows:
                     cells = []
@@ -162,9 +166,11 @@ def _docx(path: Path) -> Parsed:
                         t = " ".join(cell.text.split())
                         if t and (not cells or cells[-1] != t):      # merged cells repeat
                             cells.append(t)
-                    blocks.append(Block(" | ".join(cells), tuple(heading), paragraph=number))
+                    blocks.append(Block(" | ".join(cells), tuple(title + heading), paragraph=number))
         return Parsed("docx", blocks)
-    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
+    except (PackageNotFoundError, zipfile.BadZipFile):
+        raise BadDocument("not a readable DOCX (damaged, truncated, or not a Word file)") from None
+    except (KeyError, ValueError) as e:
         raise BadDocument(f"not a readable DOCX ({_one_line(e)})") from None
     except Exception as e:            # noqa: BLE001  lxml's XMLSyntaxError and kin: a damaged part
         raise BadDocument(f"not a readable DOCX ({type(e).__name__}: {_one_line(e)})") from None
@@ -172,7 +178,7 @@ def _docx(path: Path) -> Parsed:
 
 def _heading_level(style: str) -> int:
     if style == "Title":
-        return 1
+        return -1
     m = re.fullmatch(r"(?:Heading|标题)\s*(\d)", style)
     return int(m.group(1)) if m else 0
 
