@@ -94,12 +94,18 @@ def cmd_add(args) -> int:
     kb = store.get(OWNER, args.name)
     embedder = _embedder(kb, args.embedding_model)
 
+    progress = sys.stderr.isatty()
+
     def line(o):
         if o.status == "failed":
-            print(f"skipped {o.path}: {o.detail}", file=sys.stderr)
+            if progress:
+                from tqdm import tqdm
+                tqdm.write(f"skipped {o.path}: {o.detail}", file=sys.stderr)     # above the bar, not through it
+            else:
+                print(f"skipped {o.path}: {o.detail}", file=sys.stderr)
 
     report = add_files(store, kb, args.files, embedder, max_bytes=args.max_mb * 2**20,
-                       progress=sys.stderr.isatty(), report_line=line)
+                       progress=progress, report_line=line)
     tally: dict[str, int] = {}
     for o in report.outcomes:
         tally[o.status] = tally.get(o.status, 0) + 1
