@@ -22,6 +22,7 @@ ALLOWED = {
     "chat": {"engine", "tokenizers", "sandbox"},
     "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model"},   # it serves a ChatModel
     "finetune": {"chat", "tokenizers"},   # data for training: the chat layer's format, never the server's store
+    "knowledge": {"models"},          # the embedding model; never the server
 }
 
 
