@@ -165,8 +165,10 @@ def deploy(model: str, load: dict, replicas: int, threads: int | None, max_batch
     from ray.serve.config import ProxyLocation
     from ray.serve.schema import LoggingConfig
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-                 configure_logging=True, log_to_driver=True)
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        except ConnectionError as e:
+            raise GlmkitError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     cpus = float(ray.cluster_resources().get("CPU", 1))
     threads = threads or max(1, int(cpus // replicas))
     # Ray's reservation: the replica's threads, shared out when more replicas are asked for than
