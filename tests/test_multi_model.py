@@ -156,6 +156,11 @@ def sse(r):
 def test_console_conversation_on_the_second_model_stores_it(base):
     config = httpx.get(base + "/api/config").json()
     assert config["models"] == ["tiny-32k", "tiny"] and config["default_model"] == "tiny-32k"
+    # what the page shows for each model's conversations: its own sampling defaults, and no
+    # small-model note (both speak ChatGLM3's protocol)
+    assert set(config["per_model"]) == {"tiny-32k", "tiny"}
+    assert all(p["note"] is None and p["defaults"]["max_new_tokens"] == config["defaults"]["max_new_tokens"]
+               for p in config["per_model"].values())
     c = httpx.post(base + "/api/conversations", json={}).json()
     assert c["model"] == "tiny-32k"                    # the default until a message names one
     settings = {"temperature": 0, "max_new_tokens": 4}
@@ -202,8 +207,24 @@ BAD = {
     "engine without path": ("models:\n  a: {engine: http://gpu:8000, kind: vllm}\n", "models.a.path", "required"),
     "engine not a URL": ("models:\n  a: {engine: gpu-box, path: /m}\n", "models.a.engine", "URL"),
     "default names no model": ("models:\n  a: {path: /m}\nroutes: {default: b}\n", "routes.default", "'b'"),
-    "cloud entry": ("models:\n  a: {openai: gpt-4o}\n", "models.a.openai", "not supported yet"),
-    "fallback route": ("models:\n  a: {path: /m}\nroutes: {fallback: [a]}\n", "routes.fallback", "not supported yet"),
+    "cloud key in the file": ("models:\n  a: {path: /m}\n  c: {openai: 'https://x/v1', model: m, api_key: sk-1}\n",
+                              "models.c.api_key", "environment variable"),
+    "cloud not a URL": ("models:\n  a: {path: /m}\n  c: {openai: gpt-4o, model: m}\n", "models.c.openai", "URL"),
+    "cloud without model": ("models:\n  a: {path: /m}\n  c: {openai: 'https://x/v1'}\n", "models.c.model",
+                            "required"),
+    "cloud key variable not a name": ("models:\n  a: {path: /m}\n  c: {openai: 'https://x/v1', model: m, "
+                                      "api_key_env: 'sk-1 2'}\n", "models.c.api_key_env", "pattern"),
+    "only cloud models": ("models:\n  c: {openai: 'https://x/v1', model: m}\n", "models", "at least one"),
+    "cloud as default": ("models:\n  a: {path: /m}\n  c: {openai: 'https://x/v1', model: m}\nroutes: {default: c}\n",
+                         "routes.default", "cloud model"),
+    "fallback to no model": ("models:\n  a: {path: /m}\nroutes: {fallback: {a: b}}\n", "routes.fallback.a", "'b'"),
+    "fallback from no model": ("models:\n  a: {path: /m}\nroutes: {fallback: {b: a}}\n", "routes.fallback", "'b'"),
+    "fallback to itself": ("models:\n  a: {path: /m}\nroutes: {fallback: {a: a}}\n", "routes.fallback.a",
+                           "own fallback"),
+    "fallback not a mapping": ("models:\n  a: {path: /m}\nroutes: {fallback: [a]}\n", "routes.fallback",
+                               "dictionary"),
+    "private_only not a boolean": ("models:\n  a: {path: /m}\nprivate_only: sometimes\n", "private_only",
+                                   "true or false"),
     "reserved name": ("models:\n  default: {path: /m}\n", "models.default", "reserved"),
     "no models": ("routes: {default: a}\n", "models", "required"),
     "not YAML": ("models:\n  a: {path: /m\n", "not valid YAML", "line"),
@@ -242,6 +263,13 @@ def test_a_models_file_entry_that_cannot_load_names_its_entry(tmp_path):
 def test_an_engine_entry_whose_engine_is_down_names_its_entry(tmp_path):
     f, err = serve_fails(tmp_path, f"models:\n  gpu: {{engine: http://127.0.0.1:{free_port()}, kind: vllm, path: {TINY}}}\n")
     assert f"glmkit: error: {f}: models.gpu.engine: cannot reach the engine" in err
+
+
+def test_a_cloud_entry_whose_key_variable_is_unset_names_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLMKIT_TEST_UNSET_KEY", raising=False)
+    f, err = serve_fails(tmp_path, "models:\n  c: {openai: 'http://127.0.0.1:9/v1', model: m, "
+                                   f"api_key_env: GLMKIT_TEST_UNSET_KEY}}\n  a: {{path: {TINY}}}\n")
+    assert f"glmkit: error: {f}: models.c.api_key_env: the environment variable GLMKIT_TEST_UNSET_KEY" in err
 
 
 def test_models_file_excludes_model_options(tmp_path):

@@ -57,13 +57,18 @@ class GLM3Format:
     def encode_message(self, role: str, content: str, metadata: str = "") -> list[int]:
         return [self.role_ids[role]] + self.tok.encode(f"{metadata}\n") + self.tok.encode(content)
 
+    def encode_turn(self, m: dict) -> list[int]:
+        """One checked history message (validate_messages): a system message's tools are listed
+        after its content.  The fine-tuning data (glmkit.finetune) is built from these too."""
+        content = m["content"]
+        if m["role"] == "system" and "tools" in m:
+            content = content + "\n" + tools_text(m["tools"])
+        return self.encode_message(m["role"], content, m.get("metadata", ""))
+
     def encode(self, messages: list[dict]) -> list[int]:
         ids = list(self.prefix)
         for m in validate_messages(messages):
-            content = m["content"]
-            if m["role"] == "system" and "tools" in m:
-                content = content + "\n" + tools_text(m["tools"])
-            ids += self.encode_message(m["role"], content, m.get("metadata", ""))
+            ids += self.encode_turn(m)
         return ids + [self.role_ids["assistant"]]
 
     def reply_parser(self) -> "GLM3ReplyParser":

@@ -3,7 +3,8 @@ which runs the chosen subcommand and turns a user's error into one line and an e
 
 chat.py: `glmkit chat` (tools_chat.py for --tools/--code, terminal.py for what both chats share
 at the terminal, slash.py for the session's /commands, chat_log.py for its SQLite log); logs.py:
-`glmkit logs`, that log read back; serve.py, quantize.py, bench.py, models.py: the other subcommands; options.py: the option
+`glmkit logs`, that log read back; export.py: `glmkit export`, the console's conversations as
+fine-tuning data; serve.py, quantize.py, bench.py, models.py: the other subcommands; options.py: the option
 groups they share and what those build (the model, the SamplingParams, the KernelPool)."""
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import sys
 
 from .. import __version__
 from ..errors import GlmkitError
-from . import bench, chat, logs, models, quantize, serve
+from . import bench, chat, export, logs, models, quantize, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmkit", description="Run ChatGLM3 and similar models on your own machine.")
     p.add_argument("--version", action="version", version=f"glmkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (chat, logs, quantize, serve, bench, models):
+    for command in (chat, logs, quantize, serve, bench, models, export):
         command.add_parser(sub)       # each sets `run`, the function that carries it out
     return p
 

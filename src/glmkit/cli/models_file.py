@@ -3,22 +3,33 @@
     models:
       chatglm3-6b:  {path: /models/chatglm3-6b, quantize: int4, kv_cache_mb: 2048}         # loaded here
       chatglm3-gpu: {engine: http://gpu-box:8000, kind: vllm, path: /models/chatglm3-6b}  # a remote engine
+      cloud-glm:    {openai: https://maas.example/v1, model: glm-4, api_key_env: MAAS_KEY} # a cloud chat API
     routes:
       default: chatglm3-6b        # what a request without a model (or "default") gets; default: the first
+      fallback: {chatglm3-6b: cloud-glm}    # answers when chatglm3-6b is down, timed out or busy
+    private_only: false           # true: no request is ever answered outside this machine
 
 Each name is what clients send as `model`.  An entry with `engine` generates through that engine
-(engine/remote.py; `path` gives the tokenizer, config and chat format, not weights); any other
-entry is loaded in this process and gets a scheduler of its own (quantize, group_size, device and
-dtype as the model options say them; max_batch and kv_cache_mb size its scheduler).  The file is
-checked whole before anything loads: a mistake is one GlmkitError naming the file and the field
+(engine/remote.py; `path` gives the tokenizer, config and chat format, not weights); an entry with
+`openai` passes chat requests through to that service's /v1/chat/completions (server/cloud_chat.py;
+its key from the environment variable `api_key_env` names, never from this file); any other entry
+is loaded in this process and gets a scheduler of its own (quantize, group_size, device and dtype
+as the model options say them; max_batch and kv_cache_mb size its scheduler).
+
+A model is outside this machine when its URL's host is not a loopback address, unless its entry
+says `private: true` (the operator vouching for a host of their own); `private_only` (here, `serve
+--private-only`, or a key marked so) keeps every request off those.  The file is checked whole
+before anything loads: a mistake is one GlmkitError naming the file and the field
 ("models.yaml: models.chatglm3-6b.quantize: ..."), which `glmkit` prints as one line (exit 1)."""
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
@@ -26,10 +37,7 @@ from ..errors import GlmkitError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 RESERVED = ("default", "glmkit")          # the generic names: they mean the default model
-NOT_YET = {   # planned kinds of entry and route (issue 16): refused by name rather than as unknown keys
-    "openai": "cloud models (openai:) are not supported yet",
-    "fallback": "fallback routes are not supported yet",
-}
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class _Strict(BaseModel):
@@ -55,10 +63,21 @@ class EngineEntry(_Strict):
     path: str = Field(min_length=1)       # the same model's directory: tokenizer, config, chat format
     timeout: float | None = Field(None, gt=0)      # default: --engine-timeout
     api_key: str | None = None                     # default: --engine-api-key
+    private: bool | None = None                    # None: private when the engine is on loopback
+
+
+class CloudEntry(_Strict):
+    """A chat model another service answers at its OpenAI-compatible /v1/chat/completions."""
+    openai: HttpUrl                                # its base URL, as OpenAI's clients take it (.../v1)
+    model: str = Field(min_length=1)               # the service's name for the model
+    api_key_env: str | None = Field(None, pattern=ENV_NAME)   # the environment variable with its key
+    timeout: float | None = Field(None, gt=0)      # default: --engine-timeout
+    private: bool | None = None
 
 
 class Routes(_Strict):
     default: str | None = None
+    fallback: dict[str, str] = Field(default_factory=dict)
 
 
 LOCAL_ONLY = set(LocalEntry.model_fields) - set(EngineEntry.model_fields)
@@ -67,8 +86,20 @@ LOCAL_ONLY = set(LocalEntry.model_fields) - set(EngineEntry.model_fields)
 @dataclass
 class ModelsFile:
     path: str
-    models: dict[str, LocalEntry | EngineEntry]     # in the file's order
+    models: dict[str, LocalEntry | EngineEntry | CloudEntry]     # in the file's order
     default: str
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    private_only: bool = False
+
+    def outside(self) -> dict[str, str]:
+        """{name: host} of the models answered outside this machine (server.state.ServerConfig)."""
+        from ..server.cloud_chat import on_this_machine
+        out = {}
+        for name, e in self.models.items():
+            url = str(e.engine) if isinstance(e, EngineEntry) else str(e.openai) if isinstance(e, CloudEntry) else None
+            if url is not None and not e.private and (e.private is False or not on_this_machine(url)):
+                out[name] = urlsplit(url).netloc
+        return out
 
     def limits(self) -> dict:
         """{name: the scheduler sizes its entry sets} (server.state.ServerConfig.model_limits)."""
@@ -94,8 +125,11 @@ def read(path: str) -> ModelsFile:
     if not isinstance(data, dict):
         fail("(top level)", "expected a mapping with `models:` (and optionally `routes:`)")
     for key in data:
-        if key not in ("models", "routes"):
-            fail(str(key), "unknown key (known: models, routes)")
+        if key not in ("models", "routes", "private_only"):
+            fail(str(key), "unknown key (known: models, routes, private_only)")
+    private_only = data.get("private_only", False)
+    if not isinstance(private_only, bool):
+        fail("private_only", "expected true or false")
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         fail("models", ("required" if models is None else "expected") + ": a mapping of at least one name "
@@ -110,10 +144,15 @@ def read(path: str) -> ModelsFile:
             fail(field, f"{name!r} is reserved: it means the default model")
         if not isinstance(raw, dict):
             fail(field, "expected a mapping such as {path: /models/chatglm3-6b} or {engine: URL, path: ...}")
-        for key, why in NOT_YET.items():
-            if key in raw:
-                fail(f"{field}.{key}", why)
-        if "engine" in raw:
+        if "openai" in raw:
+            if "api_key" in raw:
+                fail(f"{field}.api_key", "a key is never written in this file: put it in an environment variable "
+                                         "and name that variable with api_key_env")
+            if "engine" in raw or "path" in raw:
+                fail(f"{field}.{'engine' if 'engine' in raw else 'path'}",
+                     "a cloud model (openai:) is answered by its service: it has no engine or path here")
+            entries[name] = _validated(CloudEntry, raw, field, fail)
+        elif "engine" in raw:
             mixed = sorted(LOCAL_ONLY & set(raw))
             if mixed:
                 fail(f"{field}.{mixed[0]}", "applies to a model loaded here, not to one an engine serves "
@@ -126,12 +165,24 @@ def read(path: str) -> ModelsFile:
         routes = {}
     if not isinstance(routes, dict):
         fail("routes", "expected a mapping such as {default: NAME}")
-    if "fallback" in routes:
-        fail("routes.fallback", NOT_YET["fallback"])
-    default = _validated(Routes, routes, "routes", fail).default
+    checked = _validated(Routes, routes, "routes", fail)
+    default = checked.default
     if default is not None and default not in entries:
         fail("routes.default", f"{default!r} names no model in this file (models: {', '.join(entries)})")
-    return ModelsFile(path, entries, default or next(iter(entries)))
+    runs_here = [n for n, e in entries.items() if not isinstance(e, CloudEntry)]
+    if not runs_here:
+        fail("models", "at least one model must be one glmkit runs (path: or engine:): the console and "
+                       "the APIs other than /v1/chat/completions need one")
+    if default is not None and isinstance(entries[default], CloudEntry):
+        fail("routes.default", f"{default!r} is a cloud model; the default must be one glmkit runs "
+                               f"({', '.join(runs_here)})")
+    for source, target in checked.fallback.items():
+        for which, name in (("", source), (f".{source}", target)):
+            if name not in entries:
+                fail(f"routes.fallback{which}", f"{name!r} names no model in this file (models: {', '.join(entries)})")
+        if source == target:
+            fail(f"routes.fallback.{source}", "a model cannot be its own fallback")
+    return ModelsFile(path, entries, default or runs_here[0], dict(checked.fallback), private_only)
 
 
 def _validated(cls, raw: dict, field: str, fail):
@@ -148,9 +199,10 @@ def _validated(cls, raw: dict, field: str, fail):
 
 
 def load(spec: ModelsFile, args) -> dict:
-    """{name: ChatModel}, in the file's order: each local entry loaded with the serve command's
-    model options (--device, --dtype, --no-compile) unless the entry says otherwise; each engine
-    entry asked what it serves now.  A failure names the entry it came from."""
+    """{name: ChatModel or CloudChat}, in the file's order: each local entry loaded with the serve
+    command's model options (--device, --dtype, --no-compile) unless the entry says otherwise; each
+    engine entry asked what it serves now; each cloud entry's key variable checked (the service is
+    not called: it may be down now and a fallback's target).  A failure names the entry."""
     import sys
     from argparse import Namespace
 
@@ -158,9 +210,17 @@ def load(spec: ModelsFile, args) -> dict:
     from .options import load_model
     from .options import remote_model_at
     models = {}
+    for name, entry in spec.models.items():      # before any model loads (which takes a while)
+        if isinstance(entry, CloudEntry) and entry.api_key_env and not os.environ.get(entry.api_key_env):
+            raise GlmkitError(f"{spec.path}: models.{name}.api_key_env: the environment variable "
+                              f"{entry.api_key_env} (this model's API key) is not set")
     for name, entry in spec.models.items():
         try:
-            if isinstance(entry, EngineEntry):
+            if isinstance(entry, CloudEntry):
+                from ..server.cloud_chat import CloudChat
+                models[name] = CloudChat(name, str(entry.openai), entry.model, entry.api_key_env,
+                                         entry.timeout if entry.timeout is not None else args.engine_timeout)
+            elif isinstance(entry, EngineEntry):
                 models[name] = remote_model_at(
                     entry.path, str(entry.engine), entry.kind, name,
                     entry.timeout if entry.timeout is not None else args.engine_timeout,

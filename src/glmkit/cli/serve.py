@@ -22,7 +22,12 @@ def add_parser(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accepted API key (repeatable)")
-    sv.add_argument("--api-key-file", metavar="FILE", help="file with one API key per line")
+    sv.add_argument("--api-key-file", metavar="FILE",
+                    help="file with one API key per line; a line `KEY private_only` marks a key whose requests "
+                         "are never answered outside this machine")
+    sv.add_argument("--private-only", action="store_true",
+                    help="no request is ever answered outside this machine: models served by a cloud service "
+                         "or an engine on another host are refused (403), and never a fallback")
     sv.add_argument("--metrics-public", action="store_true",
                     help="serve /metrics without an API key even when keys are set (e.g. for a scraper)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -35,15 +40,23 @@ def add_parser(sub) -> None:
     sv.add_argument("--model-id", help="model name reported by /v1/models (default: the checkpoint's name)")
     sv.add_argument("--models", metavar="FILE",
                     help="serve several models, each request's `model` choosing one: a YAML file of "
-                         "`models: {NAME: {path: DIR, quantize: ...} or {engine: URL, kind: vllm, path: DIR}}` "
-                         "and `routes: {default: NAME}` (instead of --model/--engine/--model-id; each model "
+                         "`models: {NAME: {path: DIR, quantize: ...} or {engine: URL, kind: vllm, path: DIR} or "
+                         "{openai: URL, model: NAME, api_key_env: VAR}}`, `routes: {default: NAME, fallback: "
+                         "{NAME: NAME}}` and `private_only: BOOL` (instead of --model/--engine/--model-id; each model "
                          "has a scheduler of its own, sized by --max-batch/--kv-cache-mb unless its entry "
                          "sets max_batch/kv_cache_mb; the other options apply to every model)")
     sv.add_argument("--embedding-model", metavar="PATH",
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     sv.add_argument("--data-dir", metavar="DIR", default=None,
-                    help="where the web console keeps conversations (SQLite); default $GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
+                    help="where the web console keeps conversations (SQLite) and their files; default "
+                         "$GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
+    sv.add_argument("--database", metavar="URL",
+                    help="keep the console's conversations (and /v1/responses stored for previous_response_id) "
+                         "in this PostgreSQL database instead of SQLite in --data-dir, so that several gateways "
+                         "share them: postgresql://USER@HOST[:PORT]/DB (a password best from $PGPASSWORD or "
+                         "~/.pgpass; needs pip install 'psycopg[binary]'). --data-dir still holds each "
+                         "conversation's files (uploads, Code mode's workspace), which are not shared")
     sv.add_argument("--no-console", action="store_true", help="serve the API only, no web console at /")
     sv.add_argument("--tools", metavar="SPEC", help="tools the server runs itself for requests with "
                     "\"glmkit_run_tools\": true ('builtin' or a .py file of @glmkit.tool functions)")
@@ -94,6 +107,7 @@ def cmd_serve(args) -> int:
     if args.ray:
         from ..engine.ray_serve import import_ray
         import_ray()              # one clear error before anything loads
+    check_database(args)
     import uvicorn
 
     from ..chat.tools import load_tools
@@ -104,7 +118,7 @@ def cmd_serve(args) -> int:
         model = remote_model(args) if args.engine else ray_model(args) if args.ray else \
             load_model(args, progress=sys.stderr.isatty())
         default = None
-    keys = api_keys(args)
+    keys, private_keys = api_keys(args)
     embedder = None
     if not args.no_embeddings:
         from ..server.embeddings import load_embedder
@@ -120,7 +134,11 @@ def cmd_serve(args) -> int:
                                          server_tools=server_tools, code_interpreter=kernels,
                                          max_steps=args.max_steps, data_dir=data_dir(args),
                                          metrics_public=args.metrics_public, default_model=default,
-                                         model_limits=spec.limits() if args.models else None),
+                                         model_limits=spec.limits() if args.models else None,
+                                         fallbacks=spec.fallbacks if args.models else None,
+                                         outside=spec.outside() if args.models else engine_outside(args, model),
+                                         private_only=args.private_only or args.models and spec.private_only,
+                                         private_keys=private_keys, database=args.database),
                      embedder=embedder)
     state = app.state.server
     if state.several:
@@ -134,7 +152,8 @@ def cmd_serve(args) -> int:
     print(f"glmkit {__version__} serving {what} on http://{args.host}:{args.port}/v1 "
           f"({batching}, {state.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})" + (f"; web console on http://{args.host}:{args.port}/"
-          if state.config.data_dir is not None else ""), file=sys.stderr, flush=True)
+          if state.config.data_dir is not None else "")
+          + (f" (conversations in {state.console.store.where})" if args.database else ""), file=sys.stderr, flush=True)
     try:
         return run_http_and_engine(app, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     finally:
@@ -215,16 +234,38 @@ def run_http_and_engine(app, config) -> int:
     return 0 if server.started else 1
 
 
-def api_keys(args) -> list[str]:
-    keys = list(args.api_key)
+def api_keys(args) -> tuple[list[str], list[str]]:
+    """(every accepted key, the keys marked private_only in --api-key-file)."""
+    keys, private = list(args.api_key), []
     if args.api_key_file:
         try:
             lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise GlmkitError(f"{args.api_key_file}: cannot read API keys ({e.strerror})") from None
-        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        for n, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if len(words) > 2 or len(words) == 2 and words[1] != "private_only":
+                raise GlmkitError(f"{args.api_key_file}: line {n}: expected `KEY` or `KEY private_only`")
+            keys.append(words[0])
+            if len(words) == 2:
+                private.append(words[0])
     keys += [k.strip() for k in os.environ.get("GLMKIT_API_KEYS", "").split(",") if k.strip()]
-    return keys
+    return keys, private
+
+
+def engine_outside(args, model) -> dict[str, str]:
+    """--engine on another host: that model is outside this machine (for --private-only)."""
+    from urllib.parse import urlsplit
+
+    from ..server.cloud_chat import on_this_machine
+    if not args.engine or on_this_machine(args.engine):
+        return {}
+    if args.private_only:       # every request would be refused
+        raise GlmkitError(f"--private-only: the engine at {urlsplit(args.engine).netloc} is outside this machine "
+                          "(name it in a models file with `private: true` if that host is yours)")
+    return {args.model_id or model.name: urlsplit(args.engine).netloc}
 
 
 def data_dir(args) -> str | None:
@@ -232,6 +273,21 @@ def data_dir(args) -> str | None:
     if args.no_console:
         return None
     return args.data_dir or default_data_dir()
+
+
+def check_database(args) -> None:
+    """--database opened (and migrated) before the model loads: a bad URL, a server that cannot be
+    reached or a refused login is one line at once, not after a minute of loading."""
+    if not args.database:
+        return
+    from ..server.store import Store
+    from ..server.store_sql import POSTGRES_SCHEMES
+    if args.no_console:
+        raise GlmkitError("--database keeps the web console's conversations; leave out --no-console")
+    if not args.database.startswith(POSTGRES_SCHEMES):
+        raise GlmkitError("--database takes a postgresql:// URL (SQLite, the default, needs no --database: "
+                          "its file is in --data-dir)")
+    Store(args.database).close()
 
 
 def scripted(path: str | None) -> dict | None:

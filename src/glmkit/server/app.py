@@ -17,6 +17,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..engine.scheduler import Scheduler
 from . import anthropic_api, console, embeddings, ollama_api, openai_routes, responses_api
+from .cloud_chat import CloudChat
 from .errors import StrictJSONRoute, add_error_handlers
 from .middleware import Guard
 from .state import ServedModel, ServerConfig, ServerState
@@ -25,18 +26,20 @@ __all__ = ["ServerConfig", "create_app"]
 
 
 def create_app(chat_model, config: ServerConfig | None = None, embedder=None) -> FastAPI:
-    """`chat_model`: the ChatModel to serve, or {name: ChatModel} for several (config.default_model
-    names the default; None: the first)."""
+    """`chat_model`: the ChatModel to serve, or {name: ChatModel or CloudChat} for several
+    (config.default_model names the default, a ChatModel; None: the first ChatModel)."""
     config = config or ServerConfig()
+    clouds = {}
     if isinstance(chat_model, dict):
-        chat_models = dict(chat_model)
+        chat_models = {n: m for n, m in chat_model.items() if not isinstance(m, CloudChat)}
+        clouds = {n: m for n, m in chat_model.items() if isinstance(m, CloudChat)}
     else:
         chat_models = {config.model_id or chat_model.name: chat_model}
     default = config.default_model or next(iter(chat_models))
     served = {name: _served(name, m, config) for name, m in chat_models.items()}
     served = {default: served.pop(default), **served}      # the default first (listed first, too)
     first = served[default]
-    server = ServerState(config, first.chat_model, first.scheduler, default, embedder, models=served)
+    server = ServerState(config, first.chat_model, first.scheduler, default, embedder, models=served, clouds=clouds)
     schedulers = [m.scheduler for m in served.values()]
 
     @asynccontextmanager
@@ -49,6 +52,8 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         finally:
             for scheduler in schedulers:
                 scheduler.stop()
+            for cloud in clouds.values():
+                await cloud.aclose()
 
     # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, and the server
     # fetches nothing at run time (offline); /openapi.json describes the API

@@ -25,7 +25,6 @@ from ..chat.reply_stream import ReplyTokens
 from ..chat.tool_calls import RefusedCall, ToolCall
 from ..engine.requests import SamplingParams, TokenEvent
 from ..errors import ContextLengthError, GlmkitError
-from ..engine.remote import EngineUnavailable
 from .errors import APIError, error_body
 from .openai_responses import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChoiceLogprobs,
                             ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta, ToolCallOut,
@@ -122,6 +121,24 @@ class Choice:
         self.calls: list[ToolCall] = []
         self.events: list[TokenEvent] = []
         self.reason_ids = reason_ids
+        self._begun = None      # (first event, the rest) once start() has waited for it
+
+    async def start(self) -> None:
+        """Wait for the first event, raising what the engine raised instead (down, busy): so that
+        a fallback route can still answer a request that nothing has been sent for."""
+        rest = events(self.handle)
+        self._begun = (await anext(rest), rest)
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        if self._begun is None:
+            async for ev in events(self.handle):
+                yield ev
+            return
+        (first, rest), self._begun = self._begun, None
+        yield first
+        if not first.finish:
+            async for ev in rest:
+                yield ev
 
     @property
     def stop_reason(self) -> int | str | None:
@@ -139,7 +156,7 @@ class Choice:
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """A Piece per token event until the choice ends (then `finish_reason` is set)."""
-        async for ev in events(self.handle):
+        async for ev in self._events():
             seen = len(self.tokens.logprobs or ())
             items = self.tokens.feed(ev)
             if self.tokens.finish_reason:
@@ -211,13 +228,20 @@ class Answer:
             return None
         return await asyncio.to_thread(self.json_check, choice.content)
 
-    async def whole(self) -> ChatCompletion | Completion:
+    async def start(self) -> None:
+        """Wait until every choice has its first token (see Choice.start); cancels them all if one fails."""
         try:
             for c in self.choices:
-                async for _ in c.pieces():
-                    pass
-        except EngineUnavailable as e:     # a remote engine (engine/remote.py) failed or went away
-            raise APIError(502, str(e), "engine_error", code="engine_unavailable") from None
+                await c.start()
+        except BaseException:
+            for c in self.choices:
+                c.handle.cancel()
+            raise
+
+    async def whole(self) -> ChatCompletion | Completion:
+        for c in self.choices:      # a remote engine's failure: EngineUnavailable, a 502 (server.errors)
+            async for _ in c.pieces():
+                pass
         for i, c in enumerate(self.choices):
             if problem := await self._problem(c):
                 raise APIError(422, f"choice {i}: {problem}", "invalid_response_error", param="response_format",

@@ -64,7 +64,7 @@ class Console:
         self.limit = config.max_tokens_limit
         self.defaults = dict(chat_model.default_sampling, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.limit),
                              system="")
-        self.store = Store(Path(config.data_dir) / "conversations.db")
+        self.store = Store(config.database or Path(config.data_dir) / "conversations.db")
         self.workspaces = Workspaces(Path(config.data_dir) / "workspaces", config.code_interpreter)
         self.active: dict[str, Turn] = {}       # conversation id -> its turn in progress
         self.modes = {                          # mode -> why it is off (None: on)
@@ -74,6 +74,10 @@ class Console:
         self.reported: set[str] = set()         # conversations whose unreadable stored values were logged
         # Tool and Code modes' plain note for a small model without a native tool protocol
         self.note = small_model_note(chat_model, "glmkit serve -m PATH/TO/chatglm3-6b")
+        # what the page shows for a conversation answered by each model: its sampling defaults and note
+        self.per_model = {name: {"defaults": {**self.defaults, **m.default_sampling},
+                                 "note": small_model_note(m, "glmkit serve -m PATH/TO/chatglm3-6b")}
+                          for name, m in self.models.items()}
 
     def owner(self, request: Request) -> str:
         return owner_of(request_key(request) if self.config.api_keys else None)
@@ -172,7 +176,7 @@ def console_config(console: TheConsole):
             "modes": [m for m, why in modes.items() if why is None],
             "unavailable": {m: why for m, why in modes.items() if why},
             "tools": [t.spec() for t in config.server_tools.values()],
-            "note": console.note}
+            "note": console.note, "per_model": console.per_model}
 
 
 @router.get("/api/conversations")

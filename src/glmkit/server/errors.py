@@ -10,6 +10,7 @@ route with a JSON body uses, the API's and the console's alike."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from fastapi import Request
@@ -22,6 +23,7 @@ from ..engine.requests import QueueFull
 from ..engine.remote import EngineUnavailable
 from ..errors import ContextLengthError, GlmkitError
 from .openai_responses import ErrorDetail, ErrorResponse
+from .store_sql import StoreUnavailable
 
 
 class APIError(Exception):
@@ -163,7 +165,7 @@ class StrictJSONRoute(APIRoute):
 # -- exception handlers --------------------------------------------------------------------------
 def add_error_handlers(app) -> None:
     for exc, handler in ((APIError, _api_error), (QueueFull, _queue_full), (EngineUnavailable, _engine_down),
-                         (GlmkitError, _request_error),
+                         (StoreUnavailable, _store_down), (GlmkitError, _request_error),
                          (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error)):
         app.add_exception_handler(exc, _shaped(handler))
 
@@ -186,6 +188,15 @@ async def _engine_down(request: Request, exc: EngineUnavailable):
     # a remote engine (serve --engine) that failed or went away: the gateway's upstream, so a 502 on
     # every API and the console alike, not a 400 that would blame the request
     return error_response(502, str(exc), "engine_error", code="engine_unavailable")
+
+
+async def _store_down(request: Request, exc: StoreUnavailable):
+    # the conversation store's PostgreSQL (serve --database) cannot be reached: the server's
+    # trouble, for a while, not the request's.  Where the database is, and why, goes to the log,
+    # not to clients.
+    logging.getLogger("glmkit.server").error("%s", exc)
+    return error_response(503, "the conversation store is unavailable; try again shortly", "server_error",
+                          code="store_unavailable", headers={"Retry-After": "5"})
 
 
 async def _request_error(request: Request, exc: GlmkitError):

@@ -1,4 +1,4 @@
-"""Prometheus text exposition of the schedulers' counters (no client library needed for this); with
+"""Prometheus text exposition of the schedulers' counters (and the server's fallbacks) (no client library needed for this); with
 several models, each series per model (a `model` label).
 
 HTTP requests are counted per route template (`/api/conversations/{cid}`), never per raw path:
@@ -49,7 +49,7 @@ SERIES = [
 ]
 
 
-def render_metrics(schedulers, http_requests: dict) -> str:
+def render_metrics(schedulers, http_requests: dict, fallbacks: dict | None = None) -> str:
     """`schedulers`: the one model's scheduler (its series unlabelled, as a single-model server has
     always shown them), or {model name: scheduler} for several (each series with a `model` label,
     as vLLM labels its series `model_name`)."""
@@ -73,4 +73,9 @@ def render_metrics(schedulers, http_requests: dict) -> str:
               "# TYPE glmkit_http_requests_total counter"]
     for (path, status), n in sorted(http_requests.items()):
         lines.append(f'glmkit_http_requests_total{{path="{_label(path)}",status="{status}"}} {n}')
+    lines += ["# HELP glmkit_fallbacks_total Requests answered by a fallback model (routes.fallback).",
+              "# TYPE glmkit_fallbacks_total counter"]
+    for (source, target, reason), n in sorted((fallbacks or {}).items()):
+        lines.append(f'glmkit_fallbacks_total{{from="{_label(source)}",to="{_label(target)}",'
+                     f'reason="{_label(reason)}"}} {n}')
     return "\n".join(lines) + "\n"

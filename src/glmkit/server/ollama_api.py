@@ -269,6 +269,8 @@ def _loaded(server: ServerState, empty: dict) -> dict:
 def _pick(name: str, server: ServerState) -> ServerState:
     """The model `name` names: one of our ids, the generic names (the default), or an id with a
     tag (Ollama clients add ":latest"); the longest id that matches, so that "m-32k" is not "m"."""
+    if name in server.clouds:
+        return server.pick(name)        # refused: a cloud model answers /v1/chat/completions only
     found = server.find(name)
     if found is None:
         found = max((m for m in server.models.values() if name.startswith(m.model_id)),

@@ -152,10 +152,10 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "glmkit"
-    context_length: int
-    max_model_len: int
-    family: str
+    owned_by: str = "glmkit"       # a cloud model: the host of the service that answers it
+    context_length: int | None     # None: a cloud model's (its service does not say)
+    max_model_len: int | None
+    family: str | None
 
 
 class ModelList(BaseModel):

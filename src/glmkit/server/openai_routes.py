@@ -11,11 +11,12 @@ import asyncio
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..chat.protocols import TaggedCallParser
 from ..chat.template import PlainReplyParser
 from ..errors import GlmkitError, GrammarError
+from . import routing
 from .completions import Answer, submit
 from .errors import APIError, StrictJSONRoute
 from .metrics import render_metrics
@@ -38,26 +39,51 @@ def health(server: Server):
 def metrics(server: Server):
     # one model: its series unlabelled, as always; several: each series per model (a `model` label)
     schedulers = {name: m.scheduler for name, m in server.models.items()} if server.several else server.scheduler
-    return render_metrics(schedulers, server.http_requests)
+    return render_metrics(schedulers, server.http_requests, server.fallbacks_done)
 
 
 @router.get("/v1/models", response_model=ModelList)
 def models(server: Server):
-    return ModelList(data=[_model_card(server.pick(name)) for name in server.models])
+    """Every model a request may name (for a private_only request: those on this machine)."""
+    names = [n for n in [*server.models, *server.clouds] if not (server.private and n in server.config.outside)]
+    return ModelList(data=[_model_card(server, name) for name in names])
 
 
 @router.get("/v1/models/{name}", response_model=ModelCard)
 def model(name: str, server: Server):
-    if name not in server.models:       # the exact name here: "default" is not a model's id
+    if name not in server.models and name not in server.clouds:   # the exact name: "default" is no id
         raise APIError(404, f"model {name!r} not found; this server serves {server.names()}",
                        code="model_not_found")
-    return _model_card(server.pick(name))
+    server.allowed(name)
+    return _model_card(server, name)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}}})
-async def chat_completions(body: ChatCompletionRequest, server: Server, request: Request):
-    server = server.pick(body.model)
+async def chat_completions(body: ChatCompletionRequest, server: Server, request: Request, response: Response):
+    """Answered by the model the request names, or (routes.fallback) by its fallback when that one
+    cannot start (server.routing); `x-glmkit-served-by` and the reply's `model` name what answered."""
+    name = server.model_name(body.model)
+    served_by, reply = await routing.with_fallback(server, name, lambda n: _start_chat(server, n, body, request))
+    if isinstance(reply, Answer):
+        reply = StreamingResponse(reply.sse(), media_type="text/event-stream", headers=SSE_HEADERS) \
+            if body.stream else await reply.whole()
+    elif isinstance(reply, dict):                   # a cloud model's reply, as its service shaped it
+        reply = JSONResponse(reply)
+    elif hasattr(reply, "__anext__"):               # a cloud model's events (else run_tools' response)
+        reply = StreamingResponse(reply, media_type="text/event-stream", headers=SSE_HEADERS)
+    (reply if isinstance(reply, Response) else response).headers["x-glmkit-served-by"] = served_by
+    return reply
+
+
+async def _start_chat(server: ServerState, name: str, body: ChatCompletionRequest, request: Request):
+    """Begin answering with model `name`: an Answer whose choices have been submitted (with a
+    fallback configured: and have their first tokens), a cloud model's reply, or (glmkit_run_tools)
+    the whole response."""
+    if name in server.clouds:
+        server.allowed(name)
+        return await server.clouds[name].start(await request.json())
+    server = server.pick(name)
     json_check = body.json_checker()
     if body.tools or json_check:
         await asyncio.to_thread(body.check_schemas)     # jsonschema's meta-schema check is slow
@@ -68,9 +94,9 @@ async def chat_completions(body: ChatCompletionRequest, server: Server, request:
         return await run_tools(server, body, params, max_new, json_check, request)
     prompt, choices = await chat_choices(server, body, params, max_new, json_check)
     answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body))
-    if body.stream:
-        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
-    return await answer.whole()
+    if server.fallback_for(name) is not None:
+        await answer.start()       # a failure before the first token may still be answered elsewhere
+    return answer
 
 
 async def chat_choices(server: ServerState, body: ChatCompletionRequest, params, max_new: int, json_check):
@@ -191,7 +217,11 @@ def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _model_card(server: ServerState) -> ModelCard:
+def _model_card(server: ServerState, name: str) -> ModelCard:
+    if name in server.clouds:
+        return ModelCard(id=name, created=server.started, owned_by=server.clouds[name].host, context_length=None,
+                         max_model_len=None, family=None)
+    server = server.pick(name)
     n = server.scheduler.max_seq_len
     return ModelCard(id=server.model_id, created=server.started, context_length=n, max_model_len=n,
                      family=server.chat_model.config.family)

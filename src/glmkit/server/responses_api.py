@@ -6,10 +6,10 @@ pieces as they decode, client-disconnect cancellation); here its pieces become R
 items, whole or as the Responses event stream.  One path builds both: the whole response is the
 event stream consumed on the server.
 
-Responses are kept (store, the default) in the console's SQLite store, under the same owner as
-its conversations (a hash of the request's API key), with the whole conversation through each
-one, so that previous_response_id continues it.  Without a data directory (--no-console) nothing
-is kept and previous_response_id is refused."""
+Responses are kept (store, the default) in the console's store (SQLite, or --database's
+PostgreSQL), under the same owner as its conversations (a hash of the request's API key), with the
+whole conversation through each one, so that previous_response_id continues it.  Without a data
+directory (--no-console) nothing is kept and previous_response_id is refused."""
 
 from __future__ import annotations
 

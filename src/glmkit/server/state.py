@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
+from .auth import request_key
 from .errors import APIError
 
 if TYPE_CHECKING:
@@ -21,8 +22,17 @@ class ServerConfig:
     def __init__(self, api_keys=(), cors_origins=(), max_batch=8, max_queue=64, max_tokens_limit=4096,
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
                  server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
-                 metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None, model_limits=None):
+                 metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None, model_limits=None,
+                 fallbacks=None, outside=None, private_only=False, private_keys=(), database=None):
         self.api_keys = [k for k in api_keys if k]
+        # private_only (the server) or a key of private_keys (a request): no request is answered
+        # by a model in `outside` ({name: host}: a cloud service or an engine on another machine),
+        # not even as a fallback
+        self.private_only = private_only
+        self.private_keys = frozenset(k for k in private_keys if k)
+        self.outside = dict(outside or {})
+        # {model: the model that answers when it cannot (down, timed out, busy)}: routes.fallback
+        self.fallbacks = dict(fallbacks or {})
         self.metrics_public = metrics_public   # with API keys: serve /metrics without one
         self.cors_origins = list(cors_origins)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -44,6 +54,10 @@ class ServerConfig:
         self.code_interpreter = code_interpreter
         self.max_steps = max_steps
         self.data_dir = data_dir      # the web console's conversation store; None: no console
+        # a postgresql:// URL: the console's conversations (and kept /v1/responses) live there,
+        # shared with other gateways, instead of in data_dir's SQLite file; data_dir still holds
+        # the conversations' workspaces (uploaded and generated files)
+        self.database = database
         # True: the app's lifespan runs the scheduler's steps in a thread of their own; False: the
         # caller runs scheduler.run() in a thread it chooses (glmkit serve: its main thread)
         self.engine_thread = engine_thread
@@ -75,6 +89,10 @@ class ServerState:
     # every model by name, the default first; one server's chat_model/scheduler/model_id above
     # are the default's, so a route that names no model (and every single-model server) uses them
     models: dict[str, ServedModel] = field(default_factory=dict)
+    # chat models another service answers (server.cloud_chat.CloudChat): /v1/chat/completions only
+    clouds: dict[str, Any] = field(default_factory=dict)
+    private: bool = False      # this request may not leave the machine (ServerConfig.private_only/keys)
+    fallbacks_done: dict = field(default_factory=dict)  # (from, to, reason) -> count, for /metrics
 
     def __post_init__(self):
         if not self.models:
@@ -91,24 +109,56 @@ class ServerState:
             return self.models[self.model_id]
         return self.models.get(name)
 
-    def pick(self, name: str | None, param: str = "model") -> ServerState:
-        """This state as a route for the model `name` sees it (its chat_model, scheduler and
-        model_id; everything else shared), or the API's 404 for a model it does not serve, as
-        OpenAI and vLLM answer it."""
+    def model_name(self, name: str | None, param: str = "model") -> str:
+        """The id of the model (served here or a cloud's) that a request's `model` names; the
+        API's 404 when there is none."""
+        if name in self.clouds:
+            return name
         served = self.find(name)
         if served is None:
             raise APIError(404, f"model {name!r} not found; this server serves {self.names()}", param=param,
                            code="model_not_found")
+        return served.model_id
+
+    def pick(self, name: str | None, param: str = "model") -> ServerState:
+        """This state as a route for the model `name` sees it (its chat_model, scheduler and
+        model_id; everything else shared), or the API's 404 for a model it does not serve, as
+        OpenAI and vLLM answer it."""
+        if name in self.clouds:
+            self.allowed(name, param)
+            raise APIError(400, f"model {name!r} is answered by {self.clouds[name].host} through its chat API: "
+                                "only /v1/chat/completions reaches it", param=param, code="model_not_supported")
+        served = self.models[self.model_name(name, param)]
+        self.allowed(served.model_id, param)
         if served.model_id == self.model_id:
             return self
         return replace(self, chat_model=served.chat_model, scheduler=served.scheduler, model_id=served.model_id)
 
     def names(self) -> str:
-        return ", ".join(repr(n) for n in self.models)
+        return ", ".join(repr(n) for n in [*self.models, *self.clouds] if self.private is False
+                         or n not in self.config.outside)
+
+    def allowed(self, name: str, param: str = "model") -> None:
+        """A 403 when this request is private and `name` is answered outside this machine."""
+        if self.private and name in self.config.outside:
+            who = "this server" if self.config.private_only else "this API key"
+            raise APIError(403, f"model {name!r} is answered outside this machine ({self.config.outside[name]}) "
+                                f"and {who} is private_only", "permission_error", param=param, code="private_only")
+
+    def fallback_for(self, name: str) -> str | None:
+        """The model that answers for `name` when it cannot: routes.fallback, unless this request
+        may not leave the machine and that model is outside it."""
+        target = self.config.fallbacks.get(name)
+        return None if target is None or self.private and target in self.config.outside else target
 
 
 def server_state(request: Request) -> ServerState:
-    return request.app.state.server
+    """The server as this request sees it: private when the server or the request's key says so."""
+    state = request.app.state.server
+    config = state.config
+    if config.outside and (config.private_only or config.private_keys and request_key(request) in config.private_keys):
+        return replace(state, private=True)
+    return state
 
 
 # a route's parameter `server: Server` is this app's ServerState

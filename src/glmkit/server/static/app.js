@@ -249,7 +249,8 @@ function showMode(m) {
   document.querySelectorAll("#modes button").forEach((b) => b.classList.toggle("active", b.dataset.mode === m));
   $("input").placeholder = { chat: "Send a message", tool: "Ask something the tools can help with",
     code: "Ask for an analysis, a computation or a plot" }[m] + " (Enter to send, Shift+Enter for a new line)";
-  $("note").hidden = !(config.note && m !== "chat" && !noteDismissed);
+  $("note-text").textContent = modelInfo().note || "";
+  $("note").hidden = !(modelInfo().note && m !== "chat" && !noteDismissed);
   if (m === "code") refreshFiles().catch((e) => toast(e.message));
 }
 
@@ -311,9 +312,9 @@ async function open(id) {
   mode = current.mode;        // before the messages: Run buttons are for Code conversations
   current.messages.forEach(addMessage);
   for (const w of current.warnings || []) toast(w, "warning");
-  showSettings(Object.assign({}, defaults, current.settings));
-  showMode(current.mode);
   if (current.model) $("model-pick").value = current.model;
+  showSettings(Object.assign({}, modelInfo().defaults, current.settings));
+  showMode(current.mode);
   document.body.classList.remove("sidebar-open");
   await refreshList();
 }
@@ -445,6 +446,12 @@ async function runCode(code) {
     try { if (current && current.id === cid) await open(cid); }
     finally { busy(false); }
   }
+}
+
+// the picked model's sampling defaults and small-model note (with one model: the server's)
+function modelInfo() {
+  const name = $("model-pick").hidden ? config.default_model : $("model-pick").value;
+  return (config.per_model || {})[name] || { defaults, note: config.note };
 }
 
 function pickedModel() {   // with several models: the header's choice, sent with each message and stored
@@ -610,8 +617,13 @@ async function startApp(c) {
       b.onclick = () => { localStorage.removeItem("glmkit-key"); location.reload(); };
     }
   }
-  showSettings(defaults);
+  showSettings(modelInfo().defaults);
   showMode("chat");
+  // another model picked: its sampling defaults (under what the conversation set) and its note
+  $("model-pick").onchange = () => {
+    showSettings(Object.assign({}, modelInfo().defaults, current ? current.settings : {}));
+    showMode(mode);
+  };
   for (const k of SLIDERS) {
     $(k).oninput = () => { $(k + "-v").textContent = $(k).value; };
     $(k).onchange = saveSettings;
