@@ -76,6 +76,18 @@ def add_parser(sub) -> None:
                     help="seconds to connect to the engine, and at most between two of its events (default 60)")
     eg.add_argument("--engine-api-key", metavar="KEY", default=os.environ.get("GLMKIT_ENGINE_API_KEY"),
                     help="API key the engine wants (also $GLMKIT_ENGINE_API_KEY)")
+    rg = sv.add_argument_group("Ray Serve (the engine as N replicas; pip install 'glmkit[cluster]')")
+    rg.add_argument("--ray", action="store_true",
+                    help="run the engine as a Ray Serve deployment of --replicas replicas, each loading --model "
+                         "with its own continuous batching; this server routes requests to them (the chat "
+                         "protocol, tools and console stay here)")
+    rg.add_argument("--replicas", type=positive, default=1, metavar="N", help="engine replicas with --ray (default 1)")
+    rg.add_argument("--ray-address", metavar="ADDR",
+                    help="join the Ray cluster at ADDR (host:port of its head, or 'auto') instead of starting a "
+                         "local one; every node needs glmkit and the model at the same path")
+    rg.add_argument("--ray-chunk-ms", type=float, default=50, metavar="MS",
+                    help="a replica sends a stream's tokens at most every MS milliseconds, several in one "
+                         "message when they come faster (each message costs CPU; default 50, 0: each at once)")
     sv.add_argument("--scripted-replies", metavar="FILE",
                     help="TESTING ONLY: JSON object {user message: reply}; a chat whose last user message "
                          "matches is decoded under a constraint that forces that reply token by token "
@@ -88,6 +100,13 @@ def cmd_serve(args) -> int:
         if args.model or args.engine or args.model_id:
             raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
         spec = models_file.read(args.models)      # the whole file checked first: before torch is imported
+    if args.ray and (args.models or args.engine):
+        raise GlmkitError("--ray serves --model's replicas; leave out --models and --engine")
+    if not args.ray and (args.replicas != 1 or args.ray_address):
+        raise GlmkitError("--replicas and --ray-address go with --ray")
+    if args.ray:
+        from ..engine.ray_serve import import_ray
+        import_ray()              # one clear error before anything loads
     check_database(args)
     import uvicorn
 
@@ -96,7 +115,8 @@ def cmd_serve(args) -> int:
     if args.models:
         model, default = models_file.load(spec, args), spec.default
     else:
-        model = remote_model(args) if args.engine else load_model(args, progress=sys.stderr.isatty())
+        model = remote_model(args) if args.engine else ray_model(args) if args.ray else \
+            load_model(args, progress=sys.stderr.isatty())
         default = None
     keys, private_keys = api_keys(args)
     embedder = None
@@ -127,6 +147,8 @@ def cmd_serve(args) -> int:
     else:
         what = state.model_id
         batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
+        if args.ray:
+            batching = f"{args.replicas} Ray Serve replica{'s' if args.replicas > 1 else ''} of batch {args.max_batch}"
     print(f"glmkit {__version__} serving {what} on http://{args.host}:{args.port}/v1 "
           f"({batching}, {state.scheduler.max_seq_len} tokens per sequence, "
           f"{'API keys required' if keys else 'no API key'})" + (f"; web console on http://{args.host}:{args.port}/"
@@ -137,12 +159,36 @@ def cmd_serve(args) -> int:
     finally:
         if kernels is not None:
             kernels.close_all()     # the console's idle kernels (a request closes its own)
+        if args.ray:
+            from ..engine.ray_serve import undeploy
+            undeploy()              # the replicas end; a local cluster started here ends too
 
 
 def remote_model(args):
     """A ChatModel over the engine at --engine: --model's tokenizer, config and chat format, no weights."""
     return remote_model_at(args.model, args.engine, args.engine_kind, args.model_id, args.engine_timeout,
                            args.engine_api_key)
+
+
+def ray_model(args):
+    """A ChatModel over --replicas Ray Serve replicas of --model (engine/ray_serve.py): its
+    tokenizer, config and chat format read here, its weights loaded by each replica."""
+    from ..chat import chat_format_for
+    from ..chat_model import ChatModel
+    from ..engine.ray_serve import RayBackend, deploy
+    from ..models.loader import without_weights
+    checkpoint = without_weights(args.model)      # a wrong path: one error before Ray starts
+    load = {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype,
+            "quantize": args.quantize, "group_size": args.group_size, "compile": not args.no_compile}
+    handle, _ = deploy(str(checkpoint.source.resolve()), load, args.replicas, args.threads, args.max_batch,
+                       args.kv_cache_mb, args.max_queue, address=args.ray_address,
+                       log=lambda m: print(f"glmkit: {m}", file=sys.stderr, flush=True),
+                       interval=max(0.0, args.ray_chunk_ms) / 1000)
+    backend = RayBackend(handle, checkpoint.tokenizer, chat_format_for(checkpoint),
+                         args.model_id or checkpoint.config.name, checkpoint.config.context_length,
+                         timeout=args.engine_timeout)
+    backend.check()
+    return ChatModel.over(checkpoint, backend)
 
 
 def run_http_and_engine(app, config) -> int:

@@ -66,6 +66,9 @@ def render_metrics(schedulers, http_requests: dict, fallbacks: dict | None = Non
                    {labels: s.stats.ttft for labels, s in by_label.items()})
     lines += _hist("glmkit_inter_token_latency_seconds", "Between consecutive tokens of a sequence.",
                    {labels: s.stats.token_latency for labels, s in by_label.items()})
+    for s in by_label.values():       # a scheduler's own series (a Ray deployment's, per replica)
+        if hasattr(s, "metric_lines"):
+            lines += s.metric_lines()
     lines += ["# HELP glmkit_http_requests_total HTTP requests by route and status.",
               "# TYPE glmkit_http_requests_total counter"]
     for (path, status), n in sorted(http_requests.items()):
