@@ -238,7 +238,6 @@ def check_base(adapter: Adapter, base: Path, cfg) -> None:
 def merge_state(state: Iterator, adapter: Adapter) -> Iterator:
     """The checkpoint's (file, name, tensor) stream with W + scale·B·A in place of each adapted W
     (computed in float32; the loader then casts, and quantizes if asked)."""
-    import torch
     from ..models.quantize import QTensor
     done = set()
     for file, name, tensor in state:
