@@ -291,3 +291,18 @@ def test_qlora_trains_on_an_int4_base(tmp_path):
     assert state["method"] == "qlora" and s["train_loss"] < 3.0      # from ~7.6 (ln 2048)
     tuned = glmkit.load(TINY, adapter=tmp_path / "q")
     assert check_merged(tuned.model, tmp_path / "q") == 8
+
+
+def test_chat_command_takes_the_adapter(trained, clean_env):
+    """`glmkit chat --model DIR --adapter OUT`: the trained answer, and the wrong base refused in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    clean_env["PYTHONPATH"] = str(Path(glmkit.__file__).parent.parent)
+    cmd = [sys.executable, "-m", "glmkit.cli", "chat", "--adapter", str(trained), "--temperature", "0",
+           "--repetition-penalty", "1.0", "-p", QA[1][0]]
+    ok = subprocess.run(cmd + ["--model", str(TINY)], capture_output=True, text=True, env=clean_env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == QA[1][1]
+    bad = subprocess.run(cmd + ["--model", str(TINY_32K)], capture_output=True, text=True, env=clean_env, timeout=300)
+    assert bad.returncode == 1 and "trained on a different base model" in bad.stderr
