@@ -222,7 +222,8 @@ def _to_stderr(line: str):
 
 
 def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, quantize: str | None = None,
-         group_size: int = 128, quantize_output: bool = False, compile: bool = False) -> ChatModel:
+         group_size: int = 128, quantize_output: bool = False, compile: bool = False,
+         adapter=None) -> ChatModel:
     """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model.
 
     quantize: None/"auto" keeps the checkpoint's own precision (a GGUF file's Q4_0/Q4_1/Q8_0 blocks
@@ -233,7 +234,12 @@ def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, qu
     compile: decode through a compiled step (torch.compile; engine/compiled_step.py), each batch size
     compiled in a background thread when first needed while the eager step serves.  Off by default
     here: it needs a C++ compiler, costs a minute of CPU the first time, and its tokens may differ
-    from the eager step's by rounding in bfloat16 (the `glmkit` commands turn it on)."""
+    from the eager step's by rounding in bfloat16 (the `glmkit` commands turn it on).
+
+    adapter: a LoRA adapter directory (peft's layout: adapter_config.json + adapter_model.safetensors,
+    as `glmkit finetune` or peft writes it for ChatGLM3), merged into the weights as they load, before
+    any quantization (finetune/adapters.py); one made for another base model is refused."""
     quant = QuantConfig.parse(quantize, group_size, quantize_output)
-    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant),
+    return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant,
+                                     adapter=adapter),
                      compile=compile, progress=progress)

@@ -4,7 +4,7 @@ which runs the chosen subcommand and turns a user's error into one line and an e
 chat.py: `glmkit chat` (tools_chat.py for --tools/--code, terminal.py for what both chats share
 at the terminal, slash.py for the session's /commands, chat_log.py for its SQLite log); logs.py:
 `glmkit logs`, that log read back; export.py: `glmkit export`, the console's conversations as
-fine-tuning data; kb.py: `glmkit kb`, knowledge bases; serve.py, quantize.py, bench.py, models.py:
+fine-tuning data; finetune.py: `glmkit finetune`, a LoRA adapter trained on it; kb.py: `glmkit kb`, knowledge bases; serve.py, quantize.py, bench.py, models.py:
 the other subcommands; options.py: the option
 groups they share and what those build (the model, the SamplingParams, the KernelPool)."""
 
@@ -16,14 +16,14 @@ import sys
 
 from .. import __version__
 from ..errors import GlmkitError
-from . import bench, chat, export, kb, logs, models, quantize, serve
+from . import bench, chat, export, finetune, kb, logs, models, quantize, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmkit", description="Run ChatGLM3 and similar models on your own machine.")
     p.add_argument("--version", action="version", version=f"glmkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (chat, logs, kb, quantize, serve, bench, models, export):
+    for command in (chat, logs, kb, quantize, serve, bench, models, export, finetune):
         command.add_parser(sub)       # each sets `run`, the function that carries it out
     return p
 

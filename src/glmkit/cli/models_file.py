@@ -228,7 +228,7 @@ def load(spec: ModelsFile, args) -> dict:
             else:
                 options = Namespace(**{**vars(args), "model": entry.path, "quantize": entry.quantize,
                                        "group_size": entry.group_size, "device": entry.device or args.device,
-                                       "dtype": entry.dtype or args.dtype})
+                                       "dtype": entry.dtype or args.dtype, "adapter": None})
                 models[name] = load_model(options, progress=sys.stderr.isatty())
         except EngineUnavailable as e:
             raise GlmkitError(f"{spec.path}: models.{name}.engine: {e}") from None

@@ -58,6 +58,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
+    g.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter (`glmkit finetune` output, or peft's adapter_config.json + "
+                        "adapter_model.safetensors for ChatGLM3) merged into the weights as they load, before "
+                        "--quantize")
     g.add_argument("--no-compile", action="store_true", default=os.environ.get("GLMKIT_NO_COMPILE") == "1",
                    help="decode with the eager step only (also GLMKIT_NO_COMPILE=1).  Default: a torch.compile'd "
                         "step, compiled in the background (about a minute the first time, seconds once cached "
@@ -77,7 +81,7 @@ def load_model(args, progress: bool, compile: bool = True):
             if progress else nullcontext():
         return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                            quantize=args.quantize, group_size=args.group_size,
-                           compile=compile and not args.no_compile)
+                           compile=compile and not args.no_compile, adapter=getattr(args, "adapter", None))
 
 
 def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: float, api_key: str | None):

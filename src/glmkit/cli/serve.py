@@ -100,6 +100,9 @@ def cmd_serve(args) -> int:
         if args.model or args.engine or args.model_id:
             raise GlmkitError("--models names every model (and its id); leave out --model, --engine and --model-id")
         spec = models_file.read(args.models)      # the whole file checked first: before torch is imported
+    if args.adapter and (args.models or args.engine):
+        raise GlmkitError("--adapter is merged into --model's weights as they load here; with --models or "
+                          "--engine no weights load in this process")
     if args.ray and (args.models or args.engine):
         raise GlmkitError("--ray serves --model's replicas; leave out --models and --engine")
     if not args.ray and (args.replicas != 1 or args.ray_address):
@@ -179,7 +182,8 @@ def ray_model(args):
     from ..models.loader import without_weights
     checkpoint = without_weights(args.model)      # a wrong path: one error before Ray starts
     load = {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype,
-            "quantize": args.quantize, "group_size": args.group_size, "compile": not args.no_compile}
+            "quantize": args.quantize, "group_size": args.group_size, "compile": not args.no_compile,
+            "adapter": str(Path(args.adapter).resolve()) if args.adapter else None}
     handle, _ = deploy(str(checkpoint.source.resolve()), load, args.replicas, args.threads, args.max_batch,
                        args.kv_cache_mb, args.max_queue, address=args.ray_address,
                        log=lambda m: print(f"glmkit: {m}", file=sys.stderr, flush=True),

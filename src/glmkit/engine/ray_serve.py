@@ -71,7 +71,8 @@ class EngineReplica:
         from .scheduler import Scheduler
         torch.set_num_threads(threads)
         quant = QuantConfig.parse(load["quantize"], load["group_size"], False)
-        checkpoint = load_checkpoint(model, device=load["device"], dtype=load["dtype"], quant=quant)
+        checkpoint = load_checkpoint(model, device=load["device"], dtype=load["dtype"], quant=quant,
+                                     adapter=load.get("adapter"))
         self.model_id = checkpoint.config.name
         self.scheduler = Scheduler.from_memory(checkpoint.model, kv_cache_mb, max_batch, max_queue=max_queue,
                                                compile=load["compile"])

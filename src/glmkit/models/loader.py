@@ -87,20 +87,35 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str, quantized: bool = F
 
 def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                     dtype: str | torch.dtype | None = None, progress: bool = False,
-                    quant: QuantConfig | None = None) -> Checkpoint:
+                    quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None) -> Checkpoint:
+    """`adapter`: a LoRA adapter directory (peft's layout, finetune/adapters.py) merged into the
+    weights as they load, before any quantization."""
     path = resolve_model_path(model)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
     if _is_gguf(path):  # by magic bytes, whatever the file is called
+        if adapter is not None:
+            raise CheckpointError(f"--adapter applies to a ChatGLM3 model directory, not a GGUF file ({path.name})")
         return _load_gguf(path, device, dtype, progress, quant)
     if path.is_dir():
         cfg = directory.read_config(path)
+        lora = None
+        if adapter is not None:
+            from ..finetune.adapters import check_base, read_adapter
+            lora = read_adapter(adapter)
+            check_base(lora, path, cfg)
         tokenizer, template = directory.tokenizer_and_template(path)
         if quantized_checkpoint.is_quantized_dir(path):
+            if lora is not None:
+                raise CheckpointError(f"{path} is already quantized; an adapter is merged into float weights (load "
+                                      f"the float checkpoint, with --quantize to quantize after merging)")
             state = quantized_checkpoint.iter_state(path, quantized_checkpoint.read_marker(path))
             prequantized = True
         else:
             state, prequantized = directory.iter_state(path, cfg), False
+        if lora is not None:
+            from ..finetune.adapters import merge_state
+            state = merge_state(state, lora)
         prompt_format = directory.prompt_format(path)
     else:
         raise CheckpointError(f"{path}: not a model (expected a model directory with config.json, or a .gguf file)")

@@ -105,6 +105,20 @@ class Attention(nn.Module):
                                            enable_gqa=cfg.n_head != cfg.n_kv_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
+    def forward_train(self, x: Tensor, rope: Tensor) -> Tensor:
+        """Causal self-attention over `x` [B, T, dim] at positions 0..T-1, without the KV cache
+        (fine-tuning: finetune/train.py); right padding is never seen by a real token."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
+                                      cfg.n_kv_head * cfg.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_dim), rope)
+        k = apply_rope(k.view(B, T, cfg.n_kv_head, cfg.head_dim), rope)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=cfg.n_head != cfg.n_kv_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+
 
 class FeedForward(nn.Module):
     """SwiGLU with the gate and up projections fused into one matmul (gate first)."""
@@ -129,6 +143,10 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, rows, slots, kv_len, in_order):
         x = x + self.attention(self.attention_norm(x), rope, mask, rows, slots, kv_len, in_order)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def forward_train(self, x: Tensor, rope: Tensor) -> Tensor:
+        x = x + self.attention.forward_train(self.attention_norm(x), rope)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -227,3 +245,20 @@ class Transformer(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         logits = self.output(self.norm(x))
         return logits if all_logits else logits[:, 0]
+
+    def forward_train(self, tokens: Tensor, checkpoint: bool = False) -> Tensor:
+        """Logits [B, T, V] for `tokens` [B, T] at positions 0..T-1 (rows right-padded), with
+        autograd and without the KV cache: the fine-tuning pass (finetune/train.py).  `checkpoint`
+        recomputes each block's activations in the backward pass instead of keeping them."""
+        T = tokens.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.context_length}")
+        rope = rope_table(self.cfg, T, self.dtype, tokens.device)[None]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if checkpoint and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint as recompute
+                x = recompute(layer.forward_train, x, rope, use_reentrant=False)
+            else:
+                x = layer.forward_train(x, rope)
+        return self.output(self.norm(x))
