@@ -16,9 +16,10 @@ its key from the environment variable `api_key_env` names, never from this file)
 is loaded in this process and gets a scheduler of its own (quantize, group_size, device and dtype
 as the model options say them; max_batch and kv_cache_mb size its scheduler).
 
-A model is outside this machine when its URL's host is not a loopback address, unless its entry
-says `private: true` (the operator vouching for a host of their own); `private_only` (here, `serve
---private-only`, or a key marked so) keeps every request off those.  The file is checked whole
+A model is outside this machine when it is a cloud entry, or an engine whose URL's host is not a
+loopback address, unless its entry says `private: true` (the operator vouching for a host of their
+own); `private_only` (here, `serve --private-only`, or a key marked so) keeps every request off
+those.  The file is checked whole
 before anything loads: a mistake is one GlmkitError naming the file and the field
 ("models.yaml: models.chatglm3-6b.quantize: ..."), which `glmkit` prints as one line (exit 1)."""
 
@@ -29,7 +30,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
@@ -93,12 +93,15 @@ class ModelsFile:
 
     def outside(self) -> dict[str, str]:
         """{name: host} of the models answered outside this machine (server.state.ServerConfig)."""
-        from ..server.cloud_chat import on_this_machine
+        from ..server.cloud_chat import host_of, on_this_machine
         out = {}
         for name, e in self.models.items():
             url = str(e.engine) if isinstance(e, EngineEntry) else str(e.openai) if isinstance(e, CloudEntry) else None
-            if url is not None and not e.private and (e.private is False or not on_this_machine(url)):
-                out[name] = urlsplit(url).netloc
+            # a cloud entry is outside even on loopback (a local proxy may forward anywhere), an
+            # engine when its host is not loopback; `private: true` is the operator vouching
+            local = on_this_machine(url) if isinstance(e, EngineEntry) and url else False
+            if url is not None and not e.private and (e.private is False or not local):
+                out[name] = host_of(url)
         return out
 
     def limits(self) -> dict:

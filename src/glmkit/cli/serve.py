@@ -111,17 +111,27 @@ def cmd_serve(args) -> int:
         from ..engine.ray_serve import import_ray
         import_ray()              # one clear error before anything loads
     check_database(args)
+    keys, private_keys = api_keys(args)       # a bad keys file: one error before anything loads
+    try:
+        return _serve(args, spec if args.models else None, keys, private_keys)
+    finally:
+        if args.ray:
+            from ..engine.ray_serve import undeploy
+            undeploy()      # the replicas end (also when starting failed after they were deployed)
+
+
+def _serve(args, spec, keys: list[str], private_keys: list[str]) -> int:
     import uvicorn
 
     from ..chat.tools import load_tools
     from ..server.app import ServerConfig, create_app
+    from . import models_file
     if args.models:
         model, default = models_file.load(spec, args), spec.default
     else:
         model = remote_model(args) if args.engine else ray_model(args) if args.ray else \
             load_model(args, progress=sys.stderr.isatty())
         default = None
-    keys, private_keys = api_keys(args)
     embedder = None
     if not args.no_embeddings:
         from ..server.embeddings import load_embedder
@@ -162,9 +172,6 @@ def cmd_serve(args) -> int:
     finally:
         if kernels is not None:
             kernels.close_all()     # the console's idle kernels (a request closes its own)
-        if args.ray:
-            from ..engine.ray_serve import undeploy
-            undeploy()              # the replicas end; a local cluster started here ends too
 
 
 def remote_model(args):
@@ -260,16 +267,19 @@ def api_keys(args) -> tuple[list[str], list[str]]:
 
 
 def engine_outside(args, model) -> dict[str, str]:
-    """--engine on another host: that model is outside this machine (for --private-only)."""
-    from urllib.parse import urlsplit
-
-    from ..server.cloud_chat import on_this_machine
-    if not args.engine or on_this_machine(args.engine):
+    """The model, when it is generated outside this machine (for --private-only): by --engine on
+    another host, or by Ray replicas of a cluster joined at an address (its nodes may be anywhere)."""
+    from ..server.cloud_chat import host_of, on_this_machine
+    ray_address = (args.ray_address or os.environ.get("RAY_ADDRESS")) if args.ray else None
+    if args.engine and not on_this_machine(args.engine):
+        where = host_of(args.engine)
+    elif ray_address and ray_address != "local":
+        where = f"the Ray cluster at {ray_address}"
+    else:
         return {}
     if args.private_only:       # every request would be refused
-        raise GlmkitError(f"--private-only: the engine at {urlsplit(args.engine).netloc} is outside this machine "
-                          "(name it in a models file with `private: true` if that host is yours)")
-    return {args.model_id or model.name: urlsplit(args.engine).netloc}
+        raise GlmkitError(f"--private-only: the model is generated outside this machine ({where})")
+    return {args.model_id or model.name: where}
 
 
 def data_dir(args) -> str | None:

@@ -105,12 +105,12 @@ def add_files(store: KnowledgeStore, kb: dict, paths: list[str], embedder, max_b
                 bar.set_postfix_str(f.name[:30])
             try:
                 o = add_file(store, kb, f, embedder, max_bytes)
-            except BadDocument as e:
-                o = Outcome(str(f), "failed", detail=str(e))
-            except GlmkitError as e:
+            except GlmkitError as e:          # BadDocument included: one line, and on with the rest
                 o = Outcome(str(f), "failed", detail=str(e))
             except OSError as e:
                 o = Outcome(str(f), "failed", detail=f"cannot read: {e.strerror or e}")
+            except (Exception, RecursionError) as e:  # a parser's own failure must not stop the others
+                o = Outcome(str(f), "failed", detail=f"could not be read ({type(e).__name__})")
             report.outcomes.append(o)
             if bar is not None:
                 bar.update(1)

@@ -106,6 +106,8 @@ def _pdf(path: Path) -> Parsed:
         raise BadDocument("encrypted PDF: it needs a password (save an unprotected copy)") from None
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as e:
         raise BadDocument(f"not a readable PDF ({_one_line(e)})") from None
+    except Exception as e:     # pypdf's other refusals (LimitReachedError, NotImplementedError, deep nesting)
+        raise BadDocument(f"not a PDF this reader can take ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -73,7 +73,7 @@ async def count_tokens(body: CountTokensRequest, server: Server):
 
 def _chosen(body: CountTokensRequest, server: ServerState) -> ServerState:
     """The model the request names if this server serves it, else the default (see above)."""
-    return server.pick(body.model) if body.model in server.models or body.model in server.clouds else server
+    return server.pick(body.model if body.model in server.models or body.model in server.clouds else None)
 
 
 async def _prompt(body: CountTokensRequest, server: ServerState) -> tuple[list[int], list[dict]]:

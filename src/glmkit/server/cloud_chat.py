@@ -19,6 +19,7 @@ httpx is imported on first use."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import AsyncIterator
@@ -26,7 +27,6 @@ from urllib.parse import urlsplit
 
 from .errors import APIError, error_body
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class Unavailable(Exception):
@@ -39,7 +39,23 @@ class Unavailable(Exception):
 
 
 def on_this_machine(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in LOOPBACK or (urlsplit(url).hostname or "").startswith("127.")
+    """Whether `url`'s host is a loopback address (a name other than localhost is not: it could
+    resolve anywhere)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_of(url: str) -> str:
+    """host[:port] of `url`, without any user:password@ it may carry (it is shown to clients)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{parts.port}" if parts.port else host
 
 
 class CloudChat:
@@ -53,7 +69,7 @@ class CloudChat:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).netloc
+        return host_of(self.url)
 
     def _http(self):
         if self._client is None:       # made in the server's event loop, on the first request
@@ -96,6 +112,9 @@ class CloudChat:
             return self._sse(response)
         try:
             data = json.loads(await response.aread())
+        except httpx.TimeoutException:
+            raise Unavailable(f"{self.name}: {self.host} did not finish its reply within {self.timeout:g} s",
+                              "timeout", 504) from None
         except (httpx.HTTPError, ValueError) as e:
             raise Unavailable(f"{self.name}: {self.host} sent an unreadable reply ({type(e).__name__})",
                               "down") from None
@@ -106,9 +125,12 @@ class CloudChat:
         return {**data, "model": self.name}
 
     async def _refused(self, response) -> None:
+        import httpx
         status = response.status_code
         try:
             text = (await response.aread()).decode("utf-8", "replace")
+        except httpx.HTTPError:        # the status is what counts; its body may never come
+            text = ""
         finally:
             await response.aclose()
         try:

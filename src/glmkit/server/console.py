@@ -34,6 +34,7 @@ from ..chat.protocols import GLM3Protocol
 from ..chat.tool_calls import INTERPRETER, CodeCall
 from ..chat.tools import ToolResult
 from .auth import request_key
+from .state import server_state
 from .console_turns import Turn
 from .errors import APIError, StrictJSONRoute
 from .console_requests import (CONTENT_MAX, MODES, SYSTEM_MAX, TITLE_MAX, ConsoleSettings, ConversationPatch,
@@ -131,12 +132,19 @@ class Console:
         if cid in self.active:
             raise APIError(409, "this conversation is still answering; stop it first", code="busy")
 
-    def served(self, model: str) -> str:
-        """A model a request names, checked: this server must serve it."""
+    def served(self, model: str, request: Request) -> str:
+        """A model a request names, checked: this server must serve it, and (private_only) it must
+        be answered on this machine."""
         if model not in self.models:
             raise APIError(400, f"model {model[:40]!r} is not served here (models: {', '.join(self.models)})",
                            param="model")
+        server_state(request).allowed(model)
         return model
+
+    def visible(self, request: Request) -> list[str]:
+        """The models this request may pick (a private_only one: those on this machine)."""
+        state = server_state(request)
+        return [m for m in self.models if not (state.private and m in state.config.outside)]
 
     def mode_on(self, mode: str, param: str | None = None):
         if self.modes[mode]:
@@ -167,16 +175,17 @@ def static(name: str):
 
 
 @router.get("/api/config")
-def console_config(console: TheConsole):
+def console_config(console: TheConsole, request: Request):
     config, modes = console.config, console.modes
-    return {"model": console.chat_model.name, "models": list(console.models), "default_model": console.default_model,
+    models = console.visible(request)
+    return {"model": console.chat_model.name, "models": models, "default_model": console.default_model,
             "defaults": console.defaults, "auth_required": bool(config.api_keys),
             "limits": {"max_new_tokens": console.limit, "system": SYSTEM_MAX, "title": TITLE_MAX,
                        "content": CONTENT_MAX},
             "modes": [m for m, why in modes.items() if why is None],
             "unavailable": {m: why for m, why in modes.items() if why},
             "tools": [t.spec() for t in config.server_tools.values()],
-            "note": console.note, "per_model": console.per_model}
+            "note": console.note, "per_model": {m: console.per_model[m] for m in models}}
 
 
 @router.get("/api/conversations")
@@ -194,7 +203,7 @@ def list_conversations(request: Request, console: TheConsole, q: str = ""):
 def create_conversation(request: Request, console: TheConsole, body: NewConversation | None = None):
     body = body or NewConversation()         # no body: a new chat with the defaults
     console.mode_on(body.mode, param="mode")
-    model = console.served(body.model) if body.model is not None else ""
+    model = console.served(body.model, request) if body.model is not None else ""
     return console.readable(console.store.create(console.owner(request), body.title, body.mode,
                                                  console.checked(body.settings), model))
 
@@ -368,7 +377,7 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
     conv = console.conversation(request, cid)
     console.not_busy(cid)
     console.mode_on(conv["mode"])
-    model = console.served(body.model) if body.model is not None else conv["model"]
+    model = console.served(body.model if body.model is not None else conv["model"], request)
     # each one valid; the defaults are the answering model's (its family's sampling)
     settings = {**console.defaults, **console.models[model].default_sampling, **conv["settings"],
                 **console.checked(body.settings)}

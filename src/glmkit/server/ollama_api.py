@@ -112,12 +112,12 @@ async def generate(body: GenerateRequest, server: Server):
 
 @router.get("/api/tags")
 async def tags(server: Server):
-    return {"models": [await _model_entry(server.pick(name)) for name in server.models]}
+    return {"models": [await _model_entry(server.pick(name)) for name in _listed(server)]}
 
 
 @router.get("/api/ps")
 async def ps(server: Server):
-    return {"models": [await _running(server.pick(name)) for name in server.models]}
+    return {"models": [await _running(server.pick(name)) for name in _listed(server)]}
 
 
 async def _running(server: ServerState) -> dict:
@@ -266,6 +266,11 @@ def _loaded(server: ServerState, empty: dict) -> dict:
 
 
 # -- the model -------------------------------------------------------------------------------------
+def _listed(server: ServerState) -> list[str]:
+    """The models a request may name (a private_only one: those on this machine)."""
+    return [n for n in server.models if not (server.private and n in server.config.outside)]
+
+
 def _pick(name: str, server: ServerState) -> ServerState:
     """The model `name` names: one of our ids, the generic names (the default), or an id with a
     tag (Ollama clients add ":latest"); the longest id that matches, so that "m-32k" is not "m"."""

@@ -64,7 +64,10 @@ async def chat_completions(body: ChatCompletionRequest, server: Server, request:
     """Answered by the model the request names, or (routes.fallback) by its fallback when that one
     cannot start (server.routing); `x-glmkit-served-by` and the reply's `model` name what answered."""
     name = server.model_name(body.model)
-    served_by, reply = await routing.with_fallback(server, name, lambda n: _start_chat(server, n, body, request))
+    if body.glmkit_run_tools:      # tools may have run before a failure: never run again elsewhere
+        served_by, reply = name, await _start_chat(server, name, body, request)
+    else:
+        served_by, reply = await routing.with_fallback(server, name, lambda n: _start_chat(server, n, body, request))
     if isinstance(reply, Answer):
         reply = StreamingResponse(reply.sse(), media_type="text/event-stream", headers=SSE_HEADERS) \
             if body.stream else await reply.whole()

@@ -41,12 +41,13 @@ async def with_fallback(server: ServerState, name: str, start: Callable[[str], A
             _raise(e)
         reason = reason_of(e)
         log.warning("fallback: %s could not answer (%s: %s); %s answers instead", name, reason, e, target)
-        key = (name, target, reason)
-        server.fallbacks_done[key] = server.fallbacks_done.get(key, 0) + 1
     try:
-        return target, await start(target)
+        reply = await start(target)
     except CANNOT_START as e:
         _raise(e)
+    key = (name, target, reason)       # counted once the fallback has begun to answer
+    server.fallbacks_done[key] = server.fallbacks_done.get(key, 0) + 1
+    return target, reply
 
 
 def _raise(e: BaseException):
