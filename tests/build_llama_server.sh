@@ -35,8 +35,9 @@ cmake -S "$src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-    >"$DEST/cmake.log"
-cmake --build "$DEST/build" --target llama-server -j "$JOBS" >"$DEST/build.log"
+    >"$DEST/cmake.log" 2>&1
+cmake --build "$DEST/build" --target llama-server -j "$JOBS" >"$DEST/build.log" 2>&1 \
+    || { tail -n 30 "$DEST/build.log" >&2; exit 1; }
 mkdir -p "$DEST/bin"
 cp "$DEST/build/bin/llama-server" "$DEST/bin/llama-server"
 echo "built $DEST/bin/llama-server"

@@ -170,8 +170,8 @@ class RemoteBackend:
                 "samplers": ["penalties", "temperature", "top_k", "top_p"],
                 "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                 "min_p": 0.0, "typical_p": 1.0,
-                # glmkit penalizes every id seen, the prompt's included: llama.cpp's -1 is the whole context
-                "repeat_penalty": params.repetition_penalty, "repeat_last_n": -1,
+                # glmkit penalizes every id seen, the prompt's included
+                "repeat_penalty": params.repetition_penalty, "repeat_last_n": len(prompt) + max_tokens,
                 # llama.cpp's seed is 32 bits, and 0xFFFFFFFF (its -1) means a random one
                 "seed": -1 if params.seed is None else params.seed % 0xFFFFFFFF,
                 # the chosen token's logprob comes with the top n: at least one
