@@ -263,6 +263,15 @@ def test_engine_killed_mid_stream(smol):
         backend.close()
 
 
+def test_the_wrong_kind_is_named(engine, smol):
+    """llama-server's /v1/completions takes ids but answers in text: as a vLLM-kind engine it is
+    refused at startup, saying which kind to use."""
+    from glmkit.engine.remote import EngineUnavailable, RemoteBackend
+    backend = RemoteBackend(engine, "vllm", smol.tokenizer, smol.format, "smol", smol.context_length)
+    with pytest.raises(EngineUnavailable, match="llama-server.*--engine-kind llamacpp"):
+        backend.check()
+
+
 def test_unreachable_engine_at_start():
     url = f"http://127.0.0.1:{free_port()}"
     p = subprocess.run([glmkit_bin(), "serve", "--engine", url, "--engine-kind", "llamacpp", "--model", gguf(),

@@ -94,6 +94,10 @@ class RemoteBackend:
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
             raise EngineUnavailable(f"the engine at {self.url} did not answer GET /v1/models as an "
                                     f"OpenAI-compatible server ({_why(e)})") from None
+        if card.get("owned_by") == "llamacpp":
+            # its /v1/completions takes ids but names the tokens it returns in text
+            raise EngineUnavailable(f"the engine at {self.url} is llama.cpp's llama-server, which cannot return "
+                                    "token ids there: use --engine-kind llamacpp (kind: llamacpp in a models file)")
         self.engine_model = self.engine_model or card.get("id")
         if isinstance(card.get("max_model_len"), int):
             self.context_length = min(self.context_length, card["max_model_len"])
@@ -107,6 +111,8 @@ class RemoteBackend:
             r = _retrying(lambda: self.client.get(self.url + "/props"))
         except httpx.HTTPError as e:
             raise EngineUnavailable(f"cannot reach the engine at {self.url} ({_why(e)})") from None
+        if r.status_code == 503:          # still loading its model
+            raise EngineUnavailable(f"the engine at {self.url} is not ready: {_error_message(r)}")
         try:
             r.raise_for_status()
             props = r.json()
