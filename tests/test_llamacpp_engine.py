@@ -38,6 +38,14 @@ def llama_server_bin() -> str | None:
     return None
 
 
+NOT_BUILT = ("llama.cpp's llama-server is not built: run `bash tests/build_llama_server.sh` (builds it "
+             "from PyPI's llama-cpp-python sdist into ~/.cache/glmkit-test; or set GLMKIT_LLAMA_SERVER)")
+
+
+# on every test that needs the server, so that none loads the in-process model only to skip
+needs_server = pytest.mark.skipif(llama_server_bin() is None, reason=NOT_BUILT)
+
+
 def gguf() -> str:
     from glmkit.models.loader import default_model_path
     return str(default_model_path())
@@ -48,8 +56,7 @@ def llama_server(ctx: int = 4096):
     """llama-server on the default GGUF, on a free loopback port: (URL, process)."""
     binary = llama_server_bin()
     if binary is None:
-        pytest.skip("llama.cpp's llama-server is not built: run `bash tests/build_llama_server.sh` "
-                    "(builds it from PyPI's llama-cpp-python sdist into ~/.cache/glmkit-test)")
+        pytest.skip(NOT_BUILT)
     port = free_port()
     log = tempfile.TemporaryFile(mode="w+")
     # one slot (-np 1): its whole context is ours; --slots and --metrics: what the tests watch.
@@ -150,6 +157,7 @@ def local(smol):
     return out
 
 
+@needs_server
 @pytest.mark.parametrize("prompt", ["What is 2+2?", "Count from 1 to 10."])
 def test_greedy_chat_equals_in_process(gateway, smol, local, prompt):
     finish, n = REPLIES[prompt]
@@ -159,6 +167,7 @@ def test_greedy_chat_equals_in_process(gateway, smol, local, prompt):
     assert choice["finish_reason"] == finish == events[-1].finish
 
 
+@needs_server
 def test_ids_and_logprobs_equal_in_process(remote, smol, local):
     """The Backend's events, id for id, through llama-server's /completion."""
     from glmkit.engine import SamplingParams
@@ -177,6 +186,7 @@ def test_ids_and_logprobs_equal_in_process(remote, smol, local):
         remote.submit(ids, SamplingParams(grammar=object()), smol.format.stop_ids, 8)
 
 
+@needs_server
 def test_streaming_with_the_openai_client(gateway):
     import openai
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="none")
@@ -193,6 +203,7 @@ def test_streaming_with_the_openai_client(gateway):
                                              temperature=0).choices[0].text and text
 
 
+@needs_server
 def test_sampling_with_a_seed(gateway):
     body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 16,
             "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7}
@@ -203,6 +214,7 @@ def test_sampling_with_a_seed(gateway):
     assert again["choices"][0]["message"]["content"] == text != other["choices"][0]["message"]["content"]
 
 
+@needs_server
 def test_stop_ids_end_the_reply_and_the_request(remote, smol, local, engine):
     """llama-server takes no stop ids: the stream stops at the first one here, reports it last with
     finish "stop", and closes the request, which frees the engine's slot."""
@@ -218,6 +230,7 @@ def test_stop_ids_end_the_reply_and_the_request(remote, smol, local, engine):
     assert not busy(engine)             # not 400 tokens later
 
 
+@needs_server
 def test_cancel_closes_the_upstream_request(gateway, engine):
     """A client that leaves mid-stream: the gateway closes its request to llama-server, whose slot
     stops generating at once (a reply of 2000 tokens would take it a minute)."""
@@ -240,6 +253,7 @@ def test_cancel_closes_the_upstream_request(gateway, engine):
 
 
 # -- an engine that fails ----------------------------------------------------------------------------
+@needs_server
 def test_engine_killed_mid_stream(smol):
     """llama-server dies while a sequence streams from it: the reader gets one error naming the
     engine, at once, not a hang; a new request is refused naming it too."""
@@ -263,6 +277,7 @@ def test_engine_killed_mid_stream(smol):
         backend.close()
 
 
+@needs_server
 def test_the_wrong_kind_is_named(engine, smol):
     """llama-server's /v1/completions takes ids but answers in text: as a vLLM-kind engine it is
     refused at startup, saying which kind to use."""
