@@ -23,8 +23,6 @@ from conftest import glmkit_bin
 from server_helpers import free_port, running_server
 
 COMMON = ("--no-console", "--no-embeddings")
-HI = [{"role": "user", "content": "What is the capital of France?"}]
-PROMPTS = [HI, [{"role": "user", "content": "Write a haiku about the sea."}]]
 
 
 def llama_server_bin() -> str | None:
