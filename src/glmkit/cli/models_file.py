@@ -3,6 +3,7 @@
     models:
       chatglm3-6b:  {path: /models/chatglm3-6b, quantize: int4, kv_cache_mb: 2048}         # loaded here
       chatglm3-gpu: {engine: http://gpu-box:8000, kind: vllm, path: /models/chatglm3-6b}  # a remote engine
+      smollm2-cpp:  {engine: http://127.0.0.1:8080, kind: llamacpp, path: /models/smollm2.gguf}  # llama-server
       cloud-glm:    {openai: https://maas.example/v1, model: glm-4, api_key_env: MAAS_KEY} # a cloud chat API
     routes:
       default: chatglm3-6b        # what a request without a model (or "default") gets; default: the first
@@ -57,9 +58,10 @@ class LocalEntry(_Strict):
 
 
 class EngineEntry(_Strict):
-    """A model whose tokens come from another server's /v1/completions (`glmkit serve` or vLLM)."""
+    """A model whose tokens come from another server: `glmkit serve` or vLLM (/v1/completions), or
+    llama.cpp's llama-server (/completion); engine/remote.py's KINDS."""
     engine: HttpUrl
-    kind: Literal["glmkit", "vllm"] = "glmkit"
+    kind: Literal["glmkit", "vllm", "llamacpp"] = "glmkit"
     path: str = Field(min_length=1)       # the same model's directory: tokenizer, config, chat format
     timeout: float | None = Field(None, gt=0)      # default: --engine-timeout
     api_key: str | None = None                     # default: --engine-api-key
