@@ -29,6 +29,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	   apt-get install -y -qq bubblewrap chromium postgresql >/dev/null) || \
 	  echo "note: install bubblewrap, chromium and postgresql (apt-get) for the interpreter, browser and store tests"
+	# llama.cpp's llama-server (an engine glmkit did not write), for tests/test_llamacpp_engine.py only:
+	# built once from PyPI's llama-cpp-python sdist into ~/.cache/glmkit-test (about 10 minutes on two
+	# idle cores); where it cannot be built, those tests skip and say why
+	(command -v cmake >/dev/null && command -v c++ >/dev/null) || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq cmake build-essential >/dev/null) || true
+	PYTHON=$(BIN)/python bash tests/build_llama_server.sh || echo "note: llama-server was not built; its tests will skip"
 	touch $@
 
 chat: setup
