@@ -111,19 +111,8 @@ def test_chatglm3_agent_answers_with_citations(tiny32k):
 
 
 # -- the prompt: the default model (a chat template) -----------------------------------------
-@pytest.fixture(scope="module")
-def default_format():
-    """The default model's tokenizer and chat template (no weights needed for a prompt)."""
-    from glmkit.chat.protocols import TaggedProtocol
-    from glmkit.chat.template import TemplateFormat
-    from glmkit.models.gguf_llama import GGUFFile
-    from glmkit.models.loader import default_model_path
-    gguf = GGUFFile(default_model_path())
-    return TemplateFormat(gguf.tokenizer(), gguf.chat_template()), TaggedProtocol()
-
-
-def test_default_model_passages_are_a_block_in_the_user_message(default_format):
-    fmt, protocol = default_format
+def test_default_model_passages_are_a_block_in_the_user_message(smol):
+    fmt, protocol = smol.format, smol.protocol
     tok = fmt.tok
     plain = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
     history = with_knowledge(plain, protocol, ITEMS)
@@ -235,6 +224,9 @@ def test_api_a_key_never_reaches_another_keys_knowledge_base(server):
     assert ask(server, KEY_A, "nope").status_code == 404
     # n > 1 and a last message that is not the user's are refused
     assert ask(server, KEY_A, "handbook", n=2).status_code == 400
+    r = ask(server, KEY_A, "handbook", messages=[{"role": "user", "content": QUESTION},
+                                                 {"role": "assistant", "content": "25"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_api_streamed_citations_come_in_a_chunk_before_done(server):
@@ -261,3 +253,23 @@ def test_chat_kb_prints_sources(data_dir):
     bad = subprocess.run([glmkit_bin(), "chat", "--kb", "nope", "--data-dir", str(data_dir), "-p", "hi"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 1 and "no knowledge base 'nope'" in bad.stderr
+
+
+def test_server_without_an_embedder_retrieves_by_words_and_says_so(data_dir):
+    """--no-embeddings (or another embedding model than the knowledge base's): lexical only, with
+    a note; the terminal's knowledge base is owner "local", a keyless server's."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from glmkit.server import knowledge
+    from glmkit.server.openai_requests import ChatCompletionRequest
+    server = SimpleNamespace(config=SimpleNamespace(api_keys=[], knowledge_dir=str(data_dir)), embedder=None)
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": QUESTION}], glmkit_knowledge={"kb": "handbook"})
+    knowledge.check(server, body)
+    got = asyncio.run(knowledge.retrieve(server, None, body))
+    assert got.mode == "lexical" and "no embedding model" in got.note
+    assert got.passages[0]["document"] == "handbook.md" and "25 vacation days" in got.passages[0]["text"]
+    dense = ChatCompletionRequest(messages=[{"role": "user", "content": QUESTION}],
+                                  glmkit_knowledge={"kb": "handbook", "mode": "dense"})
+    with pytest.raises(knowledge.APIError):
+        asyncio.run(knowledge.retrieve(server, None, dense))
