@@ -177,7 +177,8 @@ def server(data_dir, tmp_path_factory):
     # a ChatGLM3 prompt with passages ends with the observation's instruction: its reply is forced
     script.write_text(json.dumps({CITE_INSTRUCTION: "Staff get the days in [1]. Not [7]."}))
     with running_server("--model", str(TINY_32K), "--no-console", "--threads", "1", "--data-dir", str(data_dir),
-                        "--api-key", KEY_A, "--api-key", KEY_B, "--scripted-replies", str(script)) as (base, _):
+                        "--api-key", KEY_A, "--api-key", KEY_B, "--tools", "builtin",
+                        "--scripted-replies", str(script)) as (base, _):
         yield base
 
 
@@ -237,6 +238,18 @@ def test_api_streamed_citations_come_in_a_chunk_before_done(server):
     assert last["glmkit_citations"][0]["document"] == "handbook.md" and last["glmkit_knowledge"]["kb"] == "handbook"
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2] if e["choices"])
     assert text == "Staff get the days in [1]. Not [7]."
+
+
+def test_api_knowledge_with_the_servers_own_tools(server):
+    """glmkit_run_tools with glmkit_knowledge: the agent answers from the passages, the citations
+    come back beside its steps, whole and streamed."""
+    r = ask(server, KEY_B, "handbook", glmkit_run_tools=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Staff get the days in [1]. Not [7]."
+    assert [c["document"] for c in body["glmkit_citations"]] == ["team-b.md"] and body["glmkit_steps"] == []
+    events = ask(server, KEY_B, "handbook", stream=True, glmkit_run_tools=True)
+    assert events[-1] == "[DONE]" and [c["n"] for c in events[-2]["glmkit_citations"]] == [1]
 
 
 def test_chat_kb_prints_sources(data_dir):
