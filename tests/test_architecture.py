@@ -20,7 +20,7 @@ ALLOWED = {
     "sandbox": set(),
     "engine": {"models"},
     "chat": {"engine", "tokenizers", "sandbox"},
-    "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model"},   # it serves a ChatModel
+    "server": {"engine", "chat", "sandbox", "tokenizers", "models", "chat_model", "knowledge"},   # it serves a ChatModel (and retrieves from knowledge bases)
     "finetune": {"chat", "tokenizers"},   # data for training: the chat layer's format, never the server's store
     "knowledge": {"models"},          # the embedding model; never the server
 }

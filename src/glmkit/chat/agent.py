@@ -80,11 +80,15 @@ class Agent:
                                                       interpreter is not None, system)
         self.messages: list[dict] = [system_message] if system_message else []
 
-    def run(self, user_text: str | None, **gen) -> Iterator[AgentEvent]:
+    def run(self, user_text: str | None, knowledge: list[dict] | None = None, **gen) -> Iterator[AgentEvent]:
         """Answer one user message (None: answer the history as it stands), calling tools as the
-        model asks."""
+        model asks.  `knowledge`: passages (chat.knowledge_context.passages) the message is
+        answered from, put into the prompt as the model's protocol carries context."""
         from .reply_stream import Reply
-        if user_text is not None:
+        if user_text is not None and knowledge is not None:
+            from .knowledge_context import knowledge_turn
+            self.messages += knowledge_turn(self.protocol, user_text, knowledge)
+        elif user_text is not None:
             self.messages.append({"role": "user", "content": user_text})
         runnable = set(self.tools) | ({INTERPRETER} if self.interpreter is not None else set())
         rounds = 0

@@ -56,6 +56,14 @@ def add_parser(sub) -> None:
                            "removed on exit)")
     chat.add_argument("--unsafe-interpreter", action="store_true",
                       help="with --code: run model-written code WITHOUT a sandbox if none is available (dangerous)")
+    chat.add_argument("--kb", metavar="NAME",
+                      help="answer each message from this knowledge base (`glmkit kb`): the passages retrieved for "
+                           "it go into the prompt, the answer cites them as [n], and its sources are printed under it")
+    chat.add_argument("--passages", dest="kb_top_k", type=positive, default=5, metavar="N",
+                      help="with --kb: how many passages each message is given (default 5; --top-k is sampling's)")
+    chat.add_argument("--data-dir", metavar="DIR", default=None,
+                      help="where the chat log and knowledge bases are kept (default: $GLMKIT_DATA_DIR, "
+                           "else ~/.local/share/glmkit)")
     add_model_options(chat)
     add_sampling_options(chat)
 
@@ -65,27 +73,36 @@ def cmd_chat(args) -> int:
     args.prompt = one_shot_prompt(args.prompt, piped_stdin())
     if args.prompt is not None and not args.prompt.strip():
         raise GlmkitError("nothing to answer: the prompt (and what was piped in) is empty")
-    history, logged_system, cid = resume(args.continue_latest, args.cid)
+    history, logged_system, cid = resume(args.continue_latest, args.cid, args.data_dir)
     system = args.system if args.system is not None else logged_system
-    recorder = Recorder(None if args.no_log else open_log(), "", cid)
+    knowledge = None
+    if args.kb:
+        if args.server:
+            raise GlmkitError("--kb retrieves here and answers with the model loaded here; with --server, send "
+                              "\"glmkit_knowledge\" in the API request instead")
+        from .kb import ChatKnowledge
+        knowledge = ChatKnowledge(args.kb, args.data_dir, args.kb_top_k)     # a wrong name fails before the model loads
+    recorder = Recorder(None if args.no_log else open_log(args.data_dir), "", cid)
     try:
-        return run_chat(args, recorder, system, history)
+        return run_chat(args, recorder, system, history, knowledge)
     finally:
         if recorder.log is not None:
             recorder.log.close()
+        if knowledge is not None:
+            knowledge.close()
 
 
-def open_log() -> ChatLog | None:
+def open_log(data_dir: str | None = None) -> ChatLog | None:
     """The chat log, or None with one warning when it cannot be opened (a data directory that is a
     file, no permission, a database locked too long): the chat itself does not need it."""
     try:
-        return ChatLog(log_path())
+        return ChatLog(log_path(data_dir))
     except (OSError, GlmkitError) as e:
         print(f"glmkit: warning: not logging this chat: {e}", file=sys.stderr)
         return None
 
 
-def run_chat(args, recorder: Recorder, system: str | None, history: list[dict]) -> int:
+def run_chat(args, recorder: Recorder, system: str | None, history: list[dict], knowledge=None) -> int:
     if args.server:
         if args.tools or args.code:
             raise GlmkitError("--tools and --code run the model here; with --server only the plain chat is available")
@@ -99,8 +116,8 @@ def run_chat(args, recorder: Recorder, system: str | None, history: list[dict]) 
     recorder.model_name = model.name
     settings = Settings(model, args, sampling_params(args, model))
     if args.tools or args.code:
-        return tools_chat.run(model, args, settings, recorder, system, history)
-    session = PlainSession(model, args, settings, recorder, system, history)
+        return tools_chat.run(model, args, settings, recorder, system, history, knowledge)
+    session = PlainSession(model, args, settings, recorder, system, history, knowledge)
     if args.prompt is not None:
         session.answer(args.prompt, renderer(), one_shot=True)
         return 0
@@ -111,9 +128,11 @@ class PlainSession:
     """A conversation with the model: its system prompt, its user and assistant messages, the
     sampling (Settings) and the log it is written to.  What /commands act on (slash.Commands)."""
 
-    def __init__(self, model, args, settings: Settings, recorder: Recorder, system: str | None, history: list[dict]):
+    def __init__(self, model, args, settings: Settings, recorder: Recorder, system: str | None, history: list[dict],
+                 knowledge=None):
         self.model, self.args, self.settings, self.recorder = model, args, settings, recorder
         self.system, self.history = system, list(history)
+        self.knowledge = knowledge      # kb.ChatKnowledge (--kb), or None
 
     @property
     def conversation_id(self) -> str | None:
@@ -146,7 +165,12 @@ class PlainSession:
         from ..chat.reply_stream import Cancelled, Reply
         a, model = self.args, self.model
         base = [{"role": "system", "content": self.system}] if self.system else []
-        messages = base + self.history + [{"role": "user", "content": text}]
+        turn, passages = [{"role": "user", "content": text}], None
+        if self.knowledge is not None:      # the passages go where the model's protocol carries context
+            from ..chat.knowledge_context import knowledge_turn
+            passages = self.knowledge.passages(text)
+            turn = knowledge_turn(model.protocol, text, passages)
+        messages = base + self.history + turn
         reply, shown = Reply(), []
         # room kept for the reply when old turns are dropped: a quarter of the context, at most a reply
         reserve = min(a.max_new_tokens, max(16, (a.max_length or model.context_length) // 4))
@@ -181,9 +205,17 @@ class PlainSession:
                 out.end()
         elapsed = time.monotonic() - started
         say("\n" if one_shot or out.ends_line else "\n\n")
+        if passages is not None:
+            print_sources("".join(shown), passages, blank_line=not one_shot)
         after_reply(reply, elapsed, a.max_new_tokens, a.verbose)
         self.history = [m for m in messages if m["role"] != "system"] + reply.messages
         self.recorder.record(text, self.system, "".join(shown), reply, elapsed)
+
+
+def print_sources(answer: str, passages: list[dict], blank_line: bool = False) -> None:
+    """--kb: the passages the answer cites (else those it was given) under it, on stdout."""
+    from ..chat.knowledge_context import sources_lines
+    say("\n".join(sources_lines(answer, passages)) + ("\n\n" if blank_line else "\n"))
 
 
 def interactive(session: PlainSession) -> int:

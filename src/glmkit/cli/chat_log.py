@@ -205,12 +205,12 @@ class Recorder:
             self.log = None
 
 
-def resume(continue_latest: bool, cid: str | None) -> tuple[list[dict], str | None, str | None]:
+def resume(continue_latest: bool, cid: str | None, data_dir: str | None = None) -> tuple[list[dict], str | None, str | None]:
     """(messages, system prompt, conversation id) of the logged conversation that `chat -c` or
     `chat --cid ID` continues; ([], None, None) for a new one."""
     if not continue_latest and not cid:
         return [], None, None
-    path = log_path()
+    path = log_path(data_dir)
     try:
         log = ChatLog(path, create=False)
     except FileNotFoundError:

@@ -187,3 +187,24 @@ def cmd_export(args) -> int:
     n = store.export(store.get(OWNER, args.name), Path(args.out))
     print(f"exported {n} documents and passages.jsonl to {args.out}")
     return 0
+
+
+class ChatKnowledge:
+    """`glmkit chat --kb NAME`: the knowledge base each user message is answered from (owner
+    "local"), opened before the model loads so that a wrong name fails at once."""
+
+    def __init__(self, name: str, data_dir: str | None, top_k: int = 5):
+        from ..knowledge.index import KnowledgeStore
+        self.store = KnowledgeStore(data_dir or default_data_dir())
+        self.kb = self.store.get(OWNER, name)
+        self.top_k = top_k
+        self.embedder = _embedder(self.kb, None)
+
+    def passages(self, question: str) -> list[dict]:
+        """The numbered passages (chat.knowledge_context.passages) retrieved for `question`."""
+        from ..chat.knowledge_context import passages
+        from ..knowledge.retrieval import search
+        return passages(search(self.store, self.kb, question, self.embedder, top_k=self.top_k))
+
+    def close(self) -> None:
+        self.store.close()

@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
                     help="sentence-embedding model directory for /v1/embeddings (default: the one installed with glmkit)")
     sv.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     sv.add_argument("--data-dir", metavar="DIR", default=None,
-                    help="where the web console keeps conversations (SQLite) and their files; default "
+                    help="where the web console keeps conversations (SQLite) and their files, and where the "
+                         "knowledge bases that requests' glmkit_knowledge name are (`glmkit kb --data-dir`); default "
                          "$GLMKIT_DATA_DIR, else ~/.local/share/glmkit")
     sv.add_argument("--database", metavar="URL",
                     help="keep the console's conversations (and /v1/responses stored for previous_response_id) "
@@ -154,7 +155,8 @@ def _serve(args, spec, keys: list[str], private_keys: list[str]) -> int:
                                          fallbacks=spec.fallbacks if args.models else None,
                                          outside=spec.outside() if args.models else engine_outside(args, model),
                                          private_only=args.private_only or args.models and spec.private_only,
-                                         private_keys=private_keys, database=args.database),
+                                         private_keys=private_keys, database=args.database,
+                                         knowledge_dir=args.data_dir or default_data_dir()),
                      embedder=embedder)
     state = app.state.server
     if state.several:

@@ -30,9 +30,10 @@ KERNEL_KEY = "chat"     # the terminal chat's one kernel in its pool
 
 
 def run(model, args, params, recorder: Recorder | None = None, system: str | None = None,
-        history: list[dict] = ()) -> int:
+        history: list[dict] = (), knowledge=None) -> int:
     """The tools chat for `model`: `args.prompt` answered once, or a session.  `recorder`: the
-    log (None: not logged); `system` and `history`: the conversation to continue."""
+    log (None: not logged); `system` and `history`: the conversation to continue; `knowledge`:
+    the knowledge base each message is answered from (kb.ChatKnowledge, --kb), or None."""
     from ..chat.agent import Agent
     from ..chat.capabilities import small_model_note
     from ..chat.tools import ToolResult, load_tools
@@ -70,7 +71,8 @@ def run(model, args, params, recorder: Recorder | None = None, system: str | Non
                   f"{'' if args.workspace else '; removed on exit'}]", file=sys.stderr)
         settings = params if isinstance(params, Settings) else Settings(model, args, params)
         session = Session(args, settings, new_agent, kernels, workspace, watched,
-                          recorder or Recorder(None, model.name), system, history, [t.name for t in tools])
+                          recorder or Recorder(None, model.name), system, history, [t.name for t in tools],
+                          knowledge)
         if args.prompt is not None:
             session.answer_once(args.prompt)
             return 0
@@ -121,8 +123,11 @@ class Session:
     that answer's Lease on the chat's kernel (as each console turn does): an interrupted answer's
     lease refuses further cells, the next answer's does not."""
 
-    def __init__(self, args, settings, new_agent, kernels, workspace, watched, recorder, system, history, tool_names):
+    def __init__(self, args, settings, new_agent, kernels, workspace, watched, recorder, system, history, tool_names,
+                 knowledge=None):
         self.args, self.settings = args, settings
+        self.knowledge = knowledge          # kb.ChatKnowledge (--kb), or None
+        self.passages: list[dict] | None = None     # what the answer in progress was given
         self.new_agent, self.kernels, self.workspace = new_agent, kernels, workspace
         self.watched, self.recorder, self._tool_names = watched, recorder, tool_names
         self.system = system if system is not None else args.system
@@ -171,6 +176,7 @@ class Session:
                 out.pause()
         if not out.ends_line:
             say("\n")
+        self._sources("".join(answer), one_shot=True)
         self._after(text, "".join(answer), started, one_shot=True)
 
     def answer(self, text: str, out=None) -> None:
@@ -196,7 +202,15 @@ class Session:
                     out.pause()
                     print(f"\n[error: {e}]", file=sys.stderr)
                     return
+        self._sources("".join(answer))
         self._after(text, "".join(answer), started)
+
+    def _sources(self, answer: str, one_shot: bool = False) -> None:
+        if self.passages is not None:
+            from .chat import print_sources
+            if not one_shot:
+                say("\n" if answer.endswith("\n") else "\n\n")
+            print_sources(answer, self.passages)
 
     def _after(self, text: str, answer: str, started: float, one_shot: bool = False) -> None:
         """The token-limit note, --verbose's line and the log, once an answer is over."""
@@ -225,7 +239,8 @@ class Session:
 
     def _run(self, agent, text: str, cancel):
         a = self.args
-        return agent.run(text, params=self.settings.params, max_new_tokens=a.max_new_tokens,
+        self.passages = self.knowledge.passages(text) if self.knowledge is not None else None
+        return agent.run(text, knowledge=self.passages, params=self.settings.params, max_new_tokens=a.max_new_tokens,
                          max_length=a.max_length, stop=a.stop, cancel=cancel)
 
     # -- /run ------------------------------------------------------------------------------

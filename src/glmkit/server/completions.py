@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..chat.backend import TokenStream
 from ..chat.openai_compat import openai_tool_call
@@ -211,6 +212,7 @@ class Answer:
     include_usage: bool = False                              # stream_options.include_usage
     # /v1/completions with logprobs: how a token is named there (its text, or vLLM's "token_id:<id>")
     token_name: Callable[[int], str] | None = None
+    knowledge: Any = None        # server.knowledge.Retrieved: a glmkit_knowledge request's passages
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -197,6 +197,14 @@ class NamedToolChoice(_Lenient):
     function: _Named
 
 
+class KnowledgeRequest(_Lenient):
+    """glmkit extension: answer the last user message from a knowledge base of the request's
+    owner (its API key), citing passages as [n]."""
+    kb: str = Field(min_length=1, max_length=64)
+    top_k: int = Field(5, ge=1, le=20)
+    mode: Literal["hybrid", "lexical", "dense"] = "hybrid"
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolDef] | None = Field(None, max_length=128)
@@ -206,6 +214,9 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     # glmkit extension: run the server's registered tools / code interpreter in an agent loop
     glmkit_run_tools: bool = False
+    # glmkit extension: answer from a knowledge base (server.knowledge); the reply's citations
+    # come back in glmkit_citations
+    glmkit_knowledge: KnowledgeRequest | None = None
 
     def message_dicts(self) -> list[dict]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

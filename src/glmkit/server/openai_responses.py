@@ -87,6 +87,28 @@ class CodeStep(BaseModel):
     images: list[str]             # PNG, base64
 
 
+class KnowledgePassage(BaseModel):
+    """A passage of a knowledge base: what the reply cites as [n] (glmkit_citations), or what
+    the model was given (glmkit_knowledge.passages, with its retrieval score)."""
+    n: int
+    document: str
+    position: str                 # "page 3, § Leave, line 12", as `glmkit kb search` shows it
+    text: str
+    page: int | None = None
+    heading: str | None = None
+    line: int | None = None
+    paragraph: int | None = None
+    score: float | None = _omitted_if_none()
+
+
+class KnowledgeInfo(BaseModel):
+    """glmkit_knowledge: the knowledge base a reply was given passages from, and how."""
+    kb: str
+    mode: Literal["hybrid", "lexical", "dense"]
+    note: str | None = _omitted_if_none()      # why retrieval was not what was asked (no embedder)
+    passages: list[KnowledgePassage]
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -95,6 +117,9 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     glmkit_steps: list[ToolStep | CodeStep] | None = _omitted_if_none()    # glmkit_run_tools only
+    # glmkit_knowledge requests only: the passages the reply cites, and all it was given
+    glmkit_citations: list[KnowledgePassage] | None = _omitted_if_none()
+    glmkit_knowledge: KnowledgeInfo | None = _omitted_if_none()
 
 
 class Delta(BaseModel):

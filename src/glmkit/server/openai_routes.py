@@ -8,6 +8,7 @@ server.run_tools.  Every check of a request's parameters is in its model (openai
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ..chat.protocols import TaggedCallParser
 from ..chat.template import PlainReplyParser
 from ..errors import GlmkitError, GrammarError
-from . import routing
+from . import knowledge, routing
 from .completions import Answer, submit
 from .errors import APIError, StrictJSONRoute
 from .metrics import render_metrics
@@ -69,8 +70,16 @@ async def chat_completions(body: ChatCompletionRequest, server: Server, request:
     else:
         served_by, reply = await routing.with_fallback(server, name, lambda n: _start_chat(server, n, body, request))
     if isinstance(reply, Answer):
-        reply = StreamingResponse(reply.sse(), media_type="text/event-stream", headers=SSE_HEADERS) \
-            if body.stream else await reply.whole()
+        retrieved = reply.knowledge
+        if body.stream:
+            reply = StreamingResponse(_with_citations(reply) if retrieved else reply.sse(),
+                                      media_type="text/event-stream", headers=SSE_HEADERS)
+        else:
+            whole = await reply.whole()
+            if retrieved is not None:
+                content = whole.choices[0].message.content or ""
+                whole = whole.model_copy(update=retrieved.fields(content))
+            reply = whole
     elif isinstance(reply, dict):                   # a cloud model's reply, as its service shaped it
         reply = JSONResponse(reply)
     elif hasattr(reply, "__anext__"):               # a cloud model's events (else run_tools' response)
@@ -85,8 +94,14 @@ async def _start_chat(server: ServerState, name: str, body: ChatCompletionReques
     the whole response."""
     if name in server.clouds:
         server.allowed(name)
+        if body.glmkit_knowledge is not None:
+            knowledge.check(server, body, cloud=True)
         return await server.clouds[name].start(await request.json())
     server = server.pick(name)
+    retrieved = None
+    if body.glmkit_knowledge is not None:
+        knowledge.check(server, body)
+        retrieved = await knowledge.retrieve(server, request, body)
     json_check = body.json_checker()
     if body.tools or json_check:
         await asyncio.to_thread(body.check_schemas)     # jsonschema's meta-schema check is slow
@@ -94,17 +109,20 @@ async def _start_chat(server: ServerState, name: str, body: ChatCompletionReques
     params = body.to_sampling_params(chat_model.default_sampling)
     max_new = body.max_new_tokens(server.config.max_tokens_limit)
     if body.glmkit_run_tools:
-        return await run_tools(server, body, params, max_new, json_check, request)
-    prompt, choices = await chat_choices(server, body, params, max_new, json_check)
-    answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body))
+        return await run_tools(server, body, params, max_new, json_check, request, retrieved)
+    prompt, choices = await chat_choices(server, body, params, max_new, json_check, retrieved)
+    answer = Answer(server.model_id, True, len(prompt), choices, json_check, _include_usage(body),
+                    knowledge=retrieved)
     if server.fallback_for(name) is not None:
         await answer.start()       # a failure before the first token may still be answered elsewhere
     return answer
 
 
-async def chat_choices(server: ServerState, body: ChatCompletionRequest, params, max_new: int, json_check):
+async def chat_choices(server: ServerState, body: ChatCompletionRequest, params, max_new: int, json_check,
+                       retrieved: knowledge.Retrieved | None = None):
     """A chat request's prompt and its submitted choices (constrained to response_format's schema,
-    or to a forced strict tool's): /v1/chat/completions and /v1/responses share this."""
+    or to a forced strict tool's): /v1/chat/completions and /v1/responses share this.
+    `retrieved`: glmkit_knowledge's passages, which the last user message is answered from."""
     chat_model = server.chat_model
     tools = body.flat_tools() if body.tool_choice != "none" else []
     if json_check and not tools:     # with tools the reply may be a call instead: checked, not constrained
@@ -116,7 +134,7 @@ async def chat_choices(server: ServerState, body: ChatCompletionRequest, params,
     forced = body.forced_tool(tools)
     protocol = chat_model.protocol
     try:
-        history = protocol.api_messages(body.message_dicts(), tools)
+        history = knowledge.prompt_history(protocol.api_messages(body.message_dicts(), tools), protocol, retrieved)
         prompt = await asyncio.to_thread(chat_model.encode_chat, history)
     except GlmkitError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -135,6 +153,20 @@ async def chat_choices(server: ServerState, body: ChatCompletionRequest, params,
                      logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                      forced_prefix=chat_model.tokenizer.encode(start) if start else ())
     return prompt, choices
+
+
+async def _with_citations(answer: Answer):
+    """A glmkit_knowledge answer's events, with one more chunk (no choices; glmkit_citations and
+    glmkit_knowledge) before [DONE] (server.knowledge)."""
+    async for event in answer.sse():
+        if event == "data: [DONE]\n\n":
+            fields = answer.knowledge.fields(answer.choices[0].content)
+            body = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created,
+                    "model": answer.model, "choices": [],
+                    "glmkit_citations": [c.model_dump() for c in fields["glmkit_citations"]],
+                    "glmkit_knowledge": fields["glmkit_knowledge"].model_dump()}
+            yield "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+        yield event
 
 
 @router.post("/v1/completions", response_model=Completion, responses={200: {"content": {"text/event-stream": {}}}})

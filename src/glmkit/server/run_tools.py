@@ -31,6 +31,7 @@ from ..chat.tool_definitions import Tool
 from ..engine.requests import SamplingParams
 from ..errors import GlmkitError
 from .errors import APIError, error_body
+from .knowledge import prompt_history
 from .openai_requests import ChatCompletionRequest
 from .openai_responses import AssistantMessage, ChatChoice, ChatCompletion, ToolCallOut, Usage
 from .scheduled_model import ScheduledModel
@@ -56,7 +57,8 @@ def _check(server, body: ChatCompletionRequest) -> None:
 class _Run:
     """One agent run: its model adapter (with the cancel event), its kernel, its events."""
 
-    def __init__(self, server, body: ChatCompletionRequest, params: SamplingParams, max_new_tokens: int):
+    def __init__(self, server, body: ChatCompletionRequest, params: SamplingParams, max_new_tokens: int,
+                 retrieved=None):
         config = server.config
         client_tools = [Tool(t["name"], t["description"], t["parameters"]) for t in body.flat_tools()]
         tools = client_tools + [t for t in config.server_tools.values() if t.name not in {c.name for c in client_tools}]
@@ -65,10 +67,11 @@ class _Run:
         try:
             # the first system message is the agent's (which lists the tools); the rest is history
             history = server.chat_model.protocol.api_messages([m for m in messages if m is not system], [])
+            history = prompt_history(history, server.chat_model.protocol, retrieved)     # glmkit_knowledge
             system_text = content_text(system.get("content")) if system else None
         except GlmkitError as e:
             raise APIError(400, str(e), param="messages") from None
-        self.server = server
+        self.server, self.retrieved = server, retrieved
         self.model = ScheduledModel(server.chat_model, threading.Event(), max_new_tokens, stop=body.stops(),
                                     params=params)
         # the request's own kernel, in a temporary workspace, made only if the model writes code
@@ -99,9 +102,11 @@ class _Run:
 
 
 async def run_tools(server, body: ChatCompletionRequest, params: SamplingParams, max_new_tokens: int,
-                    json_check=None, request: Request | None = None):
+                    json_check=None, request: Request | None = None, retrieved=None):
+    """`retrieved`: glmkit_knowledge's passages (server.knowledge), which the last user message
+    is answered from; the response's glmkit_citations are read from the final answer."""
     _check(server, body)
-    run = _Run(server, body, params, max_new_tokens)
+    run = _Run(server, body, params, max_new_tokens, retrieved)
     if body.stream:
         from fastapi.responses import StreamingResponse
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -135,7 +140,7 @@ async def run_tools(server, body: ChatCompletionRequest, params: SamplingParams,
                        code="json_validation_failed")
     return ChatCompletion(id=run.id, created=run.created, model=server.model_id,
                           choices=[ChatChoice(index=0, message=message, finish_reason=finish)], usage=run.usage(),
-                          glmkit_steps=steps)
+                          glmkit_steps=steps, **(retrieved.fields(content) if retrieved is not None else {}))
 
 
 def _final(run: _Run, finished: Finished | None, content: str) -> tuple[AssistantMessage, str]:
@@ -209,6 +214,10 @@ async def _sse(run: _Run, json_check, include_usage: bool) -> AsyncIterator[str]
         yield chunk([{"index": 0, "delta": delta, "finish_reason": finish}])
         if include_usage:
             yield chunk([], usage=run.usage().model_dump())
+        if run.retrieved is not None:       # glmkit_knowledge: as server.knowledge says, before [DONE]
+            fields = run.retrieved.fields(content)
+            yield chunk([], glmkit_citations=[c.model_dump() for c in fields["glmkit_citations"]],
+                        glmkit_knowledge=fields["glmkit_knowledge"].model_dump())
         yield "data: [DONE]\n\n"
     finally:
         if thread.is_alive():           # the client left mid-run

@@ -23,7 +23,8 @@ class ServerConfig:
                  max_body_bytes=1 << 20, max_seq_len=None, model_id=None, scripted_replies=None,
                  server_tools=(), code_interpreter=None, max_steps=5, data_dir=None, max_upload_bytes=64 << 20,
                  metrics_public=False, kv_cache_mb=None, engine_thread=True, default_model=None, model_limits=None,
-                 fallbacks=None, outside=None, private_only=False, private_keys=(), database=None):
+                 fallbacks=None, outside=None, private_only=False, private_keys=(), database=None,
+                 knowledge_dir=None):
         self.api_keys = [k for k in api_keys if k]
         # private_only (the server) or a key of private_keys (a request): no request is answered
         # by a model in `outside` ({name: host}: a cloud service or an engine on another machine),
@@ -58,6 +59,9 @@ class ServerConfig:
         # shared with other gateways, instead of in data_dir's SQLite file; data_dir still holds
         # the conversations' workspaces (uploaded and generated files)
         self.database = database
+        # where knowledge bases are kept (DATA_DIR/knowledge/, as `glmkit kb --data-dir` keeps them)
+        # for glmkit_knowledge requests; None: the server answers from none
+        self.knowledge_dir = knowledge_dir
         # True: the app's lifespan runs the scheduler's steps in a thread of their own; False: the
         # caller runs scheduler.run() in a thread it chooses (glmkit serve: its main thread)
         self.engine_thread = engine_thread
