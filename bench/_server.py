@@ -24,9 +24,10 @@ GLMKIT = ROOT / ".venv" / "bin" / "glmkit"
 
 
 @contextmanager
-def serve(args: list[str], port: int, timeout: float = 150) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run `glmkit serve --port PORT ARGS...`; yields (base URL, the server process)."""
-    proc = subprocess.Popen([str(GLMKIT), "serve", "--port", str(port), *args],
+def serve(args: list[str], port: int, timeout: float = 150, wrap: list[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `glmkit serve --port PORT ARGS...` (after `wrap`, e.g. taskset's pinning); yields (base
+    URL, the server process)."""
+    proc = subprocess.Popen([*wrap, str(GLMKIT), "serve", "--port", str(port), *args],
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,7 +1,7 @@
 """What a glmkit gateway in front of a remote engine adds to a streamed reply (issue 16's goal: at most
 1 ms per streamed token and 10 ms to the first token), measured against asking the engine itself.
 
-    .venv/bin/python bench/gateway_overhead.py [--model PATH] [--rounds 12] [--tokens 64]
+    .venv/bin/python bench/gateway_overhead.py [--model PATH] [--rounds 12] [--tokens 64] [--pin]
 
 Two real servers on loopback: the engine (`glmkit serve --model M`) and the gateway (`glmkit serve
 --engine <engine> --model M`, which renders the prompt to ids and parses the reply itself).  The
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -49,12 +50,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8931)
+    ap.add_argument("--pin", action="store_true",
+                    help="engine on CPU 0 with one thread, gateway and client on CPU 1 (as when the engine "
+                         "runs elsewhere: the gateway's work then takes nothing from the engine's cores)")
     args = ap.parse_args()
     model = ["--model", args.model] if args.model else []
     common = ["--no-console", "--no-embeddings", "--log-level", "warning"]
-    with serve([*model, *common, "--max-batch", "4"], args.port) as (engine, _):
+    engine_wrap, gateway_wrap = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if args.pin else ([], [])
+    threads = ["--threads", "1"] if args.pin else []
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+    with serve([*model, *common, *threads, "--max-batch", "4"], args.port, wrap=engine_wrap) as (engine, _):
         gateway_model = model or ["--model", _default_model()]
-        with serve(["--engine", engine, *gateway_model, *common], args.port + 1) as (gateway, _):
+        with serve(["--engine", engine, *gateway_model, *common], args.port + 1, wrap=gateway_wrap) as (gateway, _):
             sides = {"engine directly": engine, "through the gateway": gateway}
             for url in sides.values():
                 one_run(url, args.tokens)          # warm-up: not counted
