@@ -89,6 +89,9 @@ def add_parser(sub) -> None:
     rg.add_argument("--ray-address", metavar="ADDR",
                     help="join the Ray cluster at ADDR (host:port of its head, or 'auto') instead of starting a "
                          "local one; every node needs glmkit and the model at the same path")
+    rg.add_argument("--ray-app", default="glmkit-engine", metavar="NAME",
+                    help="the Serve application's name on the cluster (default glmkit-engine); each gateway "
+                         "sharing a cluster needs its own, or it replaces the other's replicas")
     rg.add_argument("--ray-chunk-ms", type=float, default=50, metavar="MS",
                     help="a replica sends a stream's tokens at most every MS milliseconds, several in one "
                          "message when they come faster (each message costs CPU; default 50, 0: each at once)")
@@ -121,7 +124,7 @@ def cmd_serve(args) -> int:
     finally:
         if args.ray:
             from ..engine.ray_serve import undeploy
-            undeploy()      # the replicas end (also when starting failed after they were deployed)
+            undeploy(args.ray_app)      # the replicas end (also when starting failed after deploying)
 
 
 def _serve(args, spec, keys: list[str], private_keys: list[str]) -> int:
@@ -197,12 +200,12 @@ def ray_model(args):
             "quantize": args.quantize, "group_size": args.group_size, "compile": not args.no_compile,
             "adapter": str(Path(args.adapter).resolve()) if args.adapter else None}
     handle, _ = deploy(str(checkpoint.source.resolve()), load, args.replicas, args.threads, args.max_batch,
-                       args.kv_cache_mb, args.max_queue, address=args.ray_address,
+                       args.kv_cache_mb, args.max_queue, address=args.ray_address, app=args.ray_app,
                        log=lambda m: print(f"glmkit: {m}", file=sys.stderr, flush=True),
                        interval=max(0.0, args.ray_chunk_ms) / 1000)
     backend = RayBackend(handle, checkpoint.tokenizer, chat_format_for(checkpoint),
                          args.model_id or checkpoint.config.name, checkpoint.config.context_length,
-                         timeout=args.engine_timeout)
+                         name=args.ray_app, timeout=args.engine_timeout)
     backend.check()
     return ChatModel.over(checkpoint, backend)
 
