@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on the tiny ChatGLM3 fixture (finetune/train.py, finetune/adapters.py, `glmkit
+"""LoRA fine-tuning on the tiny ChatGLM3 fixture (finetune/train.py, models/adapters.py, `glmkit
 finetune`, `--adapter`): the training pass, a trained answer that the base model does not give,
 peft's adapter layout and key names (checked against what peft itself writes for a module tree
 shaped like the HF ChatGLM3 model), the merged weights, a base mismatch, resume and QLoRA."""
@@ -194,7 +194,7 @@ def test_saved_adapter_has_peft_layout_and_key_names(trained):
     for k, t in theirs.items():
         assert ours[k].shape == t.shape and ours[k].dtype == torch.float32, k
     manifest = json.loads((trained / "glmkit_adapter.json").read_text())
-    from glmkit.finetune.adapters import base_config_hash
+    from glmkit.models.adapters import base_config_hash
     assert manifest["base_config_sha256"] == base_config_hash(TINY)
 
 

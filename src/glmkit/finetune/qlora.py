@@ -64,7 +64,7 @@ def make_differentiable(model: torch.nn.Module) -> None:
 class Int4LoraLinear(LoraLinear):
     """peft's LoRA Linear over an int4 base layer (registered with LoraConfig._register_custom_module);
     peft does not know the layer type, so its sizes are given here.  Merging into int4 is not
-    supported: adapters are merged into float weights at load (finetune/adapters.py)."""
+    supported: adapters are merged into float weights at load (models/adapters.py)."""
 
     def _get_in_out_features(self, module):
         return module.in_features, module.out_features

@@ -6,7 +6,7 @@ w2: the same matrices, row for row), and the training pass is the model's own ca
 without a KV cache (Transformer.forward_train).  Loss: the mean cross entropy over the learned
 tokens of a whole optimizer step (all its micro-batches), so batch size x accumulation trade
 freely.  AdamW, linear warmup then cosine decay to zero, gradient clipping.  The adapter is
-written in peft's layout (finetune/adapters.py): at the end to OUT, every `save_steps` to
+written in peft's layout (models/adapters.py): at the end to OUT, every `save_steps` to
 OUT/checkpoint-STEP with the optimizer's state, from which `resume` carries on exactly.
 
 Reproducible: the seed fixes the LoRA initialisation, the data order (a permutation per epoch)
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import GlmkitError
-from .adapters import ADAPTER_WEIGHTS, DEFAULT_TARGETS, TARGETS, check_targets, hf_module, save_adapter
+from ..models.adapters import ADAPTER_WEIGHTS, DEFAULT_TARGETS, TARGETS, check_targets, hf_module, save_adapter
 from .data import IGNORE, read_conversations, tokenize_conversation
 from .export import DEV, TRAIN
 
@@ -182,7 +182,7 @@ def lora_model(model, cfg: TrainConfig):
 
 
 def load_lora_weights(model, adapter_dir: Path) -> None:
-    """Copy a saved adapter's weights (finetune/adapters.py keys) into `model`'s LoRA layers."""
+    """Copy a saved adapter's weights (models/adapters.py keys) into `model`'s LoRA layers."""
     import torch
     from safetensors.torch import load_file
     saved = load_file(str(adapter_dir / ADAPTER_WEIGHTS))

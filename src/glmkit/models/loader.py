@@ -88,7 +88,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str, quantized: bool = F
 def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                     dtype: str | torch.dtype | None = None, progress: bool = False,
                     quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None) -> Checkpoint:
-    """`adapter`: a LoRA adapter directory (peft's layout, finetune/adapters.py) merged into the
+    """`adapter`: a LoRA adapter directory (peft's layout, models/adapters.py) merged into the
     weights as they load, before any quantization."""
     path = resolve_model_path(model)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -101,7 +101,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         cfg = directory.read_config(path)
         lora = None
         if adapter is not None:
-            from ..finetune.adapters import check_base, read_adapter
+            from .adapters import check_base, read_adapter
             lora = read_adapter(adapter)
             check_base(lora, path, cfg)
         tokenizer, template = directory.tokenizer_and_template(path)
@@ -114,7 +114,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         else:
             state, prequantized = directory.iter_state(path, cfg), False
         if lora is not None:
-            from ..finetune.adapters import merge_state
+            from .adapters import merge_state
             state = merge_state(state, lora)
         prompt_format = directory.prompt_format(path)
     else:
