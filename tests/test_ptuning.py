@@ -11,6 +11,7 @@ positions of the prompt from 0."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,11 @@ def write_bin_checkpoint(out: Path, emb: torch.Tensor, pre_seq_len=None, project
 
 
 def write_full_checkpoint(out: Path, emb: torch.Tensor):
-    """finetune_hf.py's output: the whole model (base weights + prefix encoder) in indexed shards."""
+    """finetune_hf.py's output: the whole model (base weights + prefix encoder) in indexed shards,
+    and the tokenizer's files (its trainer is given the tokenizer for P-tuning)."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(TINY / name, out / name)
     (out / "config.json").write_text(json.dumps({**BASE, "pre_seq_len": emb.shape[0], "prefix_projection": False}))
     names = sorted(SD)
     shards = {"model-00001-of-00002.safetensors": {k: SD[k] for k in names[: len(names) // 2]},
@@ -200,6 +204,21 @@ def test_whole_model_layout_in_safetensors_shards(tmp_path, ckpt):
     assert torch.allclose(all_logits(model, PROMPT), reference_logits(PROMPT, get_prompt(ckpt[1])), atol=1e-4, rtol=0)
 
 
+def test_whole_model_save_as_the_model(tmp_path, ckpt):
+    """The same directory passed as --model (as the demo's inference_hf.py loads it): base weights and
+    prefix both from it; another prefix on top is refused; `glmkit quantize` refuses it (the copy
+    would lose the prefix)."""
+    from glmkit.models import quantized_checkpoint
+    from glmkit.models.quantize import QuantConfig
+    path = write_full_checkpoint(tmp_path / "checkpoint-3000", ckpt[1])
+    model = glmkit.load(path)
+    assert torch.allclose(all_logits(model, PROMPT), reference_logits(PROMPT, get_prompt(ckpt[1])), atol=1e-4, rtol=0)
+    with pytest.raises(CheckpointError, match="carries its own P-tuning v2 prefix"):
+        glmkit.load(path, adapter=ckpt[0])
+    with pytest.raises(CheckpointError, match="P-tuning v2 checkpoint .* quantize the base model"):
+        quantized_checkpoint.write(path, tmp_path / "q", QuantConfig(8))
+
+
 def test_prefix_projection(tmp_path):
     """prefix_projection=true: the MLP (Linear, tanh, Linear) is applied once, at load."""
     g = torch.Generator().manual_seed(3)
@@ -275,3 +294,20 @@ def test_chat_command_with_the_checkpoint(ckpt, tuned, tiny, clean_env):
     deep = write_bin_checkpoint(ckpt[0].parent / "deep", prefix_weights(8, width=3 * 2 * G * D))
     bad = subprocess.run(cmd + ["--adapter", str(deep)], capture_output=True, text=True, env=clean_env, timeout=300)
     assert bad.returncode == 1 and "3 layers" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_compiled_decode_step_with_the_prefix(tmp_path, ckpt, static):
+    """The compiled step (engine/compiled_step.py) shifts slots and mask by the prefix as the eager
+    step does: the same greedy tokens with sequences joining, leaving and reusing kept prefixes
+    (test_compiled_step's script); the static variant is the CUDA-graph layout, run on CPU."""
+    from test_compiled_step import compare
+
+    from glmkit.engine import Scheduler
+    from glmkit.engine.compiled_step import CompiledDecode
+    model = glmkit.load(TINY, adapter=ckpt[0]).model
+    compiled = CompiledDecode(model, 2, static=static)
+    Scheduler(model, max_batch=2, compile=compiled)        # reserves the cache's rows
+    compiled.compile()
+    assert not compiled.failed and compiled.ready == {1, 2}
+    compare(model, compiled, 2)

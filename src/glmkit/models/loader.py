@@ -100,15 +100,21 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         return _load_gguf(path, device, dtype, progress, quant)
     if path.is_dir():
         cfg = directory.read_config(path)
+        from ..finetune.ptuning import is_ptuning_dir, read_prefix
         lora = prefix = None
         if adapter is not None:
-            from ..finetune.ptuning import is_ptuning_dir, read_prefix
             if is_ptuning_dir(adapter):
                 prefix = read_prefix(adapter, cfg, path)
             else:
                 from ..finetune.adapters import check_base, read_adapter
                 lora = read_adapter(adapter)
                 check_base(lora, path, cfg)
+        if is_ptuning_dir(path) and not quantized_checkpoint.is_quantized_dir(path):
+            # the official demo's whole-model save (finetune_hf.py) passed as --model: its own prefix
+            if prefix is not None:
+                raise CheckpointError(f"{path} carries its own P-tuning v2 prefix (pre_seq_len in its config.json); "
+                                      f"a second one (--adapter {adapter}) cannot be added")
+            prefix = read_prefix(path, cfg, path)
         tokenizer, template = directory.tokenizer_and_template(path)
         if quantized_checkpoint.is_quantized_dir(path):
             if lora is not None:
