@@ -197,6 +197,15 @@ def test_generation_through_the_engine_equals_the_reference(tuned, ckpt):
     assert tuned.backend.scheduler.stats.prefix_hits > hits
 
 
+def test_quantized_base_keeps_the_prefix(ckpt):
+    """--quantize int8 (bfloat16 activations): the prefix is cast with the model and still applies."""
+    model = glmkit.load(TINY, adapter=ckpt[0], quantize="int8")
+    assert model.model.prefix_len == 8 and model.model.dtype == torch.bfloat16
+    want = reference_logits(PROMPT, get_prompt(ckpt[1]))
+    assert (all_logits(model, PROMPT).float() - want).abs().max() < 0.5      # int8 and bfloat16 rounding
+    assert (all_logits(glmkit.load(TINY, quantize="int8"), PROMPT).float() - want).abs().max() > 2
+
+
 def test_whole_model_layout_in_safetensors_shards(tmp_path, ckpt):
     """finetune_hf.py's checkpoint (every weight, prefix encoder included): only the prefix is read."""
     path = write_full_checkpoint(tmp_path / "checkpoint-3000", ckpt[1])
