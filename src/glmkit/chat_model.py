@@ -238,7 +238,9 @@ def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, qu
 
     adapter: a LoRA adapter directory (peft's layout: adapter_config.json + adapter_model.safetensors,
     as `glmkit finetune` or peft writes it for ChatGLM3), merged into the weights as they load, before
-    any quantization (models/adapters.py); one made for another base model is refused."""
+    any quantization (models/adapters.py); one made for another base model is refused.  Or a P-tuning
+    v2 checkpoint of the official demo (config.json with pre_seq_len), whose prefix keys and values sit
+    in the KV cache before every sequence (models/ptuning.py)."""
     quant = QuantConfig.parse(quantize, group_size, quantize_output)
     return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant,
                                      adapter=adapter),

@@ -61,7 +61,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter", metavar="DIR", default=None,
                    help="a LoRA adapter (`glmkit finetune` output, or peft's adapter_config.json + "
                         "adapter_model.safetensors for ChatGLM3) merged into the weights as they load, before "
-                        "--quantize")
+                        "--quantize; or a P-tuning v2 checkpoint of the official ChatGLM3 demo (config.json with "
+                        "pre_seq_len + the prefix encoder's weights), served as a KV-cache prefix")
     g.add_argument("--no-compile", action="store_true", default=os.environ.get("GLMKIT_NO_COMPILE") == "1",
                    help="decode with the eager step only (also GLMKIT_NO_COMPILE=1).  Default: a torch.compile'd "
                         "step, compiled in the background (about a minute the first time, seconds once cached "

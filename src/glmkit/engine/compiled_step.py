@@ -12,6 +12,7 @@ Shapes, so that a bucket compiles once and never again:
   warm-up raises instead of recompiling, and the scheduler then runs that bucket eagerly for good
   (logged; the tests' compile counters and `failed` would show it).
 - Positions, cache slots and the attention mask are tensors; the rope rows are gathered inside.
+  A P-tuning prefix (models/transformer.py) only shifts the slots and the mask, outside the step.
 - Length, on CPU: the cache keeps growing by doubling (engine/scheduler.py) and attention reads only
   the keys up to the longest row, as the eager step does.  Both lengths are marked dynamic, one
   symbol each, so growth and every new token reuse the same kernels: no recompilation, and a short
@@ -222,8 +223,9 @@ class CompiledDecode:
                 raise ValueError(f"the KV cache has {m.cache_batch} rows, fewer than the bucket")
             with torch.inference_mode():      # as the scheduler's steps run: same guards
                 # every row is padding: only the scratch slot is written.  The window is one short of
-                # the cache so that no two lengths share a size while Dynamo assigns symbols
-                n = m.cache_length - 1
+                # the cache so that no two lengths share a size while Dynamo assigns symbols (with a
+                # one-slot P-tuning prefix, two short: the window would be the rope table's length)
+                n = m.cache_length - 1 - (m.prefix_len == 1)
                 pad = torch.zeros(b, dtype=torch.bool)
                 self._run(b, torch.zeros(b, dtype=torch.long), torch.full((b,), n - 1), pad, n, compiling=True)
         except Exception as e:   # no C++ compiler, an unsupported op...: this bucket stays eager
@@ -285,10 +287,11 @@ class CompiledDecode:
         m = self.model
         dev = m.device
         tokens, pos, real = tokens.to(dev), pos.to(dev), real.to(dev)
-        L = m.cache_length
-        S = L if self.static else max(kv_len, MIN_WINDOW)
-        slots = torch.where(real, pos, L)                             # padding -> the scratch slot
-        mask = (torch.arange(S, device=dev)[None, :] <= pos[:, None])[:, None, None]
+        P, L = m.prefix_len, m.cache_length                          # P-tuning prefix slots come first
+        at = pos + P if P else pos                                    # the tokens' cache slots
+        S = P + L if self.static else max(P + kv_len, MIN_WINDOW)
+        slots = torch.where(real, at, P + L)                          # padding -> the scratch slot
+        mask = (torch.arange(S, device=dev)[None, :] <= at[:, None])[:, None, None]
         ks, vs = self._caches(b)
         if compiling and not self.static:
             # one symbol per length (the window S; the cache's, which grows by doubling): the kernels

@@ -87,7 +87,8 @@ class Scheduler:
         cannot hold fails at startup rather than under load."""
         cfg = model.cfg
         per_token = cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * model.dtype.itemsize   # keys + values
-        max_seq = max(256, min(cfg.context_length, kv_cache_mb * 2**20 // (max_batch * per_token)))
+        # a P-tuning prefix takes model.prefix_len slots of every row (models/transformer.py)
+        max_seq = max(256, min(cfg.context_length, kv_cache_mb * 2**20 // (max_batch * per_token) - model.prefix_len))
         s = cls(model, max_batch, max_seq, **kwargs)
         s._reserve(max_batch, s.max_seq_len)       # (already done by a static compiled step)
         return s

@@ -140,7 +140,8 @@ def read_adapter(path: str | Path) -> Adapter:
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {ADAPTER_CONFIG} (is this a peft adapter directory?)") from None
+        raise CheckpointError(f"{path}: no {ADAPTER_CONFIG} (is this a peft adapter directory?), and no config.json "
+                              f"with pre_seq_len (a P-tuning v2 checkpoint)") from None
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):

@@ -34,7 +34,9 @@ _TOP_KEYS = {
     "transformer.encoder.final_layernorm.weight": "norm.weight",
     "transformer.output_layer.weight": "output.weight",
 }
-_IGNORED = re.compile(r"^transformer\.rotary_pos_emb\.inv_freq$")  # a saved buffer, never read
+# a saved buffer, never read; a P-tuning v2 prefix encoder (a whole-model save of the official demo):
+# read apart by models/ptuning.py when config.json sets pre_seq_len, unused otherwise, as in the original
+_IGNORED = re.compile(r"^transformer\.(rotary_pos_emb\.inv_freq|prefix_encoder\..+)$")
 _LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
 
 

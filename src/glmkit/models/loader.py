@@ -89,7 +89,8 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                     dtype: str | torch.dtype | None = None, progress: bool = False,
                     quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None) -> Checkpoint:
     """`adapter`: a LoRA adapter directory (peft's layout, models/adapters.py) merged into the
-    weights as they load, before any quantization."""
+    weights as they load, before any quantization; or a P-tuning v2 checkpoint of the official
+    demo (config.json with pre_seq_len, models/ptuning.py), whose prefix goes into the KV cache."""
     path = resolve_model_path(model)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
@@ -99,11 +100,21 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         return _load_gguf(path, device, dtype, progress, quant)
     if path.is_dir():
         cfg = directory.read_config(path)
-        lora = None
+        from .ptuning import is_ptuning_dir, read_prefix
+        lora = prefix = None
         if adapter is not None:
-            from .adapters import check_base, read_adapter
-            lora = read_adapter(adapter)
-            check_base(lora, path, cfg)
+            if is_ptuning_dir(adapter):
+                prefix = read_prefix(adapter, cfg, path)
+            else:
+                from .adapters import check_base, read_adapter
+                lora = read_adapter(adapter)
+                check_base(lora, path, cfg)
+        if is_ptuning_dir(path) and not quantized_checkpoint.is_quantized_dir(path):
+            # the official demo's whole-model save (finetune_hf.py) passed as --model: its own prefix
+            if prefix is not None:
+                raise CheckpointError(f"{path} carries its own P-tuning v2 prefix (pre_seq_len in its config.json); "
+                                      f"a second one (--adapter {adapter}) cannot be added")
+            prefix = read_prefix(path, cfg, path)
         tokenizer, template = directory.tokenizer_and_template(path)
         if quantized_checkpoint.is_quantized_dir(path):
             if lora is not None:
@@ -122,6 +133,8 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     quantized = (quant.bits > 0) if quant is not None else prequantized
     torch_dtype = pick_dtype(dtype, device, quantized=quantized)
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
+    if prefix is not None:
+        transformer.set_prefix(prefix.layers)
     return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
 
 

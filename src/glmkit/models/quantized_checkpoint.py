@@ -136,6 +136,11 @@ def write(src: Path, dst: Path, qc: QuantConfig, progress: bool = False) -> dict
 def read_source(path: Path):
     """(config, tensors) of a model directory, whichever family it is."""
     cfg = directory.read_config(path)
+    from .ptuning import is_ptuning_dir
+    if is_ptuning_dir(path):
+        raise CheckpointError(f"{path} is a P-tuning v2 checkpoint (pre_seq_len in its config.json), whose prefix "
+                              f"a quantized copy would lose: quantize the base model, then serve it with "
+                              f"--adapter {path}")
     return cfg, directory.iter_state(path, cfg)
 
 

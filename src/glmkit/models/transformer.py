@@ -6,6 +6,11 @@ tokens [B, T] and, per row, the position where they start.  Rows shorter than T 
 the right and their padding is written to a scratch slot at the very end of the cache, which
 no real query can see.  This lets one decode step advance rows of different lengths, which is
 what continuous batching needs.
+
+A P-tuning v2 prefix (models/ptuning.py, `set_prefix`) takes the first `prefix_len` slots of every
+row: keys and values that every query sees and that have no position.  Positions stay 0..len-1 (the
+rotary angles, the scheduler's bookkeeping); a token at position p sits at slot prefix_len + p.
+Without a prefix, prefix_len is 0 and slots are positions.
 """
 
 from __future__ import annotations
@@ -165,6 +170,8 @@ class Transformer(nn.Module):
         # bumped by every call that writes the cache (setup_caches, forward): a scheduler that keeps
         # finished sequences' keys and values for reuse checks that nobody else wrote them since
         self.cache_version = 0
+        self.prefix_len = 0            # P-tuning v2 prefix slots at the start of every cache row
+        self._prefix: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -175,24 +182,57 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def setup_caches(self, batch: int, length: int):
-        """(Re)allocate KV caches for `batch` rows of up to `length` tokens."""
+        """(Re)allocate KV caches for `batch` rows of up to `length` tokens (after the prefix, if any)."""
         length = min(length, self.cfg.context_length)
         if batch == self.cache_batch and length == self.cache_length:
             return
         self.cache_version += 1
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, self.cfg.n_kv_head, length, self.cfg.head_dim,
+            layer.attention.kv_cache = KVCache(batch, self.cfg.n_kv_head, self.prefix_len + length, self.cfg.head_dim,
                                                self.dtype, self.device)
         self.register_buffer("rope", rope_table(self.cfg, length, self.dtype, self.device), persistent=False)
         self.cache_batch, self.cache_length = batch, length
+        self._write_prefix()
+
+    def set_prefix(self, layers: list[tuple[Tensor, Tensor]] | None):
+        """Keys and values every query sees before its row's own, with no position (a P-tuning v2
+        prefix, models/ptuning.py): per layer (keys, values), each [n_kv_head, P, head_dim].  None
+        removes it.  The caches are dropped (the next setup_caches allocates them with room for it)."""
+        cfg = self.cfg
+        if layers is not None:
+            if len(layers) != cfg.n_layer:
+                raise ValueError(f"a prefix for {len(layers)} layers; the model has {cfg.n_layer}")
+            n = layers[0][0].shape[1]
+            for k, v in layers:
+                if tuple(k.shape) != (cfg.n_kv_head, n, cfg.head_dim) or k.shape != v.shape:
+                    raise ValueError(f"prefix keys/values of shape {tuple(k.shape)}/{tuple(v.shape)}; expected "
+                                     f"{(cfg.n_kv_head, n, cfg.head_dim)}")
+            self._prefix = [(k.to(self.device, self.dtype), v.to(self.device, self.dtype)) for k, v in layers]
+            self.prefix_len = n
+        else:
+            self._prefix, self.prefix_len = None, 0
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_batch = self.cache_length = 0
+        self.cache_version += 1
+
+    def _write_prefix(self):
+        if self._prefix is None:
+            return
+        P = self.prefix_len
+        for layer, (k, v) in zip(self.layers, self._prefix):
+            c = layer.attention.kv_cache
+            c.k[:, :, :P] = k
+            c.v[:, :, :P] = v
 
     @torch.no_grad()
     def copy_cache(self, src: int, dst: int, length: int):
         """Copy the keys and values of positions 0..length-1 from cache row `src` to row `dst`."""
+        lo, hi = self.prefix_len, self.prefix_len + length   # every row holds the prefix already
         for layer in self.layers:
             c = layer.attention.kv_cache
-            c.k[dst, :, :length] = c.k[src, :, :length]
-            c.v[dst, :, :length] = c.v[src, :, :length]
+            c.k[dst, :, lo:hi] = c.k[src, :, lo:hi]
+            c.v[dst, :, lo:hi] = c.v[src, :, lo:hi]
 
     def forward(self, tokens: Tensor, start: Tensor, lengths: Tensor | None = None,
                 rows: Tensor | None = None, all_logits: bool = False) -> Tensor:
@@ -224,13 +264,16 @@ class Transformer(nn.Module):
         offsets = torch.arange(T, device=dev)
         positions = start[:, None] + offsets[None, :]                       # [B, T]
         real = offsets[None, :] < lengths[:, None]
+        P = self.prefix_len
+        at = positions + P if P else positions                               # cache slots of the tokens
         # padding goes to the scratch slot at the end of the cache
-        slots = torch.where(real, positions, torch.full_like(positions, self.cache_length))
+        slots = torch.where(real, at, torch.full_like(positions, P + self.cache_length))
         kv_len = int((start + lengths).max())
         if kv_len > self.cache_length:
             raise ValueError(f"sequence of {kv_len} tokens exceeds the cache of {self.cache_length}")
-        # a query at position p sees keys 0..p of its own row
-        mask = torch.arange(kv_len, device=dev)[None, None, :] <= positions[:, :, None]
+        kv_len += P
+        # a query at position p sees keys 0..p of its own row (and the prefix before them)
+        mask = torch.arange(kv_len, device=dev)[None, None, :] <= at[:, :, None]
         mask = mask[:, None]                                                 # [B, 1, T, S]
         rope = self.rope[positions.clamp(max=self.cache_length - 1)]
         last = (lengths - 1).clamp(min=0)
@@ -251,6 +294,9 @@ class Transformer(nn.Module):
         autograd and without the KV cache: the fine-tuning pass (finetune/train.py).  `checkpoint`
         recomputes each block's activations in the backward pass instead of keeping them."""
         T = tokens.shape[1]
+        if self.prefix_len:
+            raise ValueError("fine-tuning a model that carries a P-tuning v2 prefix is not supported; load the base "
+                             "model without --adapter")
         if T > self.cfg.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.context_length}")
         rope = rope_table(self.cfg, T, self.dtype, tokens.device)[None]
