@@ -232,7 +232,7 @@ def test_browser_upload_ask_and_open_the_cited_passage(base, tmp_path):
         pg.fill("#temperature", "0")
         pg.click("#mode-knowledge")
         pg.wait_for_function("document.body.dataset.mode === 'knowledge'")
-        pg.wait_for_selector("#kb-pick option")                 # Carol has none yet
+        pg.wait_for_selector("#kb-pick option", state="attached")          # Carol has none yet
         pg.fill("#kb-name", "policies")
         pg.click("#kb-create")
         pg.wait_for_function("document.getElementById('kb-pick').value === 'policies'")

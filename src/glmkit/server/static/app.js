@@ -238,6 +238,7 @@ function linkCitations(div, cited) {
     const text = node.nodeValue;
     CITE.lastIndex = 0;
     if (!CITE.test(text)) continue;
+    CITE.lastIndex = 0;                 // matchAll starts where test() left off
     const frag = document.createDocumentFragment();
     let at = 0;
     for (const m of text.matchAll(CITE)) {
