@@ -74,7 +74,7 @@ def wait_for(condition, what: str, timeout: float = 90):
 
 def test_config_lists_the_modes_and_tools(base):
     cfg = httpx.get(base + "/api/config").json()
-    assert cfg["modes"] == ["chat", "tool", "code"] and cfg["unavailable"] == {}
+    assert cfg["modes"] == ["chat", "tool", "code", "knowledge"] and cfg["unavailable"] == {}
     assert "calculator" in [t["name"] for t in cfg["tools"]]
 
 

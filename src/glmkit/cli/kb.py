@@ -70,7 +70,10 @@ def _store(args):
 
 
 def _embedder(kb: dict | None, override: str | None):
-    from ..knowledge.ingest import load_embedder
+    from ..knowledge.index import words_only
+    from ..knowledge.ingest import WordsOnly, load_embedder
+    if kb is not None and words_only(kb):      # made by a console without an embedding model
+        return WordsOnly()
     path = override or (kb["embedder_path"] if kb else "") or None
     embedder = load_embedder(path)
     if kb is not None and embedder.dim != kb["dim"]:

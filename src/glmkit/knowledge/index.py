@@ -80,6 +80,13 @@ MIGRATIONS = [
 ]
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
+# the embedder of a knowledge base indexed by words only (made where no embedding model was, as
+# by the console of a server started with --no-embeddings): its vectors are placeholders
+WORDS_ONLY = "none (words only)"
+
+
+def words_only(kb: dict) -> bool:
+    return kb.get("embedder") == WORDS_ONLY
 
 
 class KnowledgeError(GlmkitError):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import GlmkitError
 from .chunking import chunk
-from .index import KnowledgeStore, vector_bytes
+from .index import WORDS_ONLY, KnowledgeStore, vector_bytes
 from .parsers import MAX_BYTES, BadDocument, parse, supported
 
 BATCH = 32
@@ -27,6 +27,16 @@ def load_embedder(path: str | None):
     """The embedding model glmkit serves (models/bert.py; all-MiniLM-L6-v2 unless `path`); torch is imported here."""
     from ..models.bert import Embedder, default_embedding_path
     return Embedder(Path(path) if path else default_embedding_path())
+
+
+class WordsOnly:
+    """The "embedder" of a knowledge base indexed by words only (index.WORDS_ONLY): one constant
+    component per passage, since the vector index keeps a row for each; retrieval searches such
+    a knowledge base by words alone (retrieval.search)."""
+    name, dim = WORDS_ONLY, 1
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return [[1.0] for _ in texts], 0
 
 
 def embed(embedder, texts: list[str], batch: int = BATCH, progress=None) -> list[list[float]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .index import KnowledgeStore, terms, vector_bytes
+from .index import KnowledgeError, KnowledgeStore, terms, vector_bytes, words_only
 
 RRF_K = 60
 CANDIDATES = 50          # from each index, before fusing
@@ -74,6 +74,10 @@ def search(store: KnowledgeStore, kb: dict, query: str, embedder=None, top_k: in
     `embedder` (or a ready `query_vector`) is needed unless mode is "lexical"."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
+    if words_only(kb):               # its vectors are placeholders: words are all there is
+        if mode == "dense":
+            raise KnowledgeError(f"{kb['name']!r} is indexed by words only (it was made without an embedding model)")
+        mode = "lexical"
     lexical: list[tuple[int, float]] = []
     dense: list[tuple[int, float]] = []
     if mode in ("hybrid", "lexical"):

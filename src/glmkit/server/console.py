@@ -37,6 +37,7 @@ from .auth import request_key
 from .state import server_state
 from .console_turns import Turn
 from .errors import APIError, StrictJSONRoute
+from .knowledge import knowledge_dir, lookup
 from .console_requests import (CONTENT_MAX, MODES, SYSTEM_MAX, TITLE_MAX, ConsoleSettings, ConversationPatch,
                                NewConversation, Run, Send, slug, title_of)
 from .store import NotFound, Store, owner_of
@@ -46,6 +47,7 @@ from .workspace import Workspaces
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("glmkit.console")
 
+KNOWLEDGE_TOP_K = 5       # passages a Knowledge mode message is answered from
 SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty")
 CSP = ("default-src 'self'; img-src 'self' data:; media-src 'none'; object-src 'none'; frame-src 'none'; "
        "base-uri 'none'; form-action 'none'; style-src 'self'")
@@ -57,7 +59,7 @@ class Console:
 
     def __init__(self, server):
         config, chat_model = server.config, server.chat_model
-        self.config, self.chat_model = config, chat_model
+        self.server, self.config, self.chat_model = server, config, chat_model
         # every model the server serves (its default first): a conversation is answered by the
         # one it names, '' (or one no longer served) by the default
         self.models = {name: m.chat_model for name, m in server.models.items()}
@@ -71,7 +73,8 @@ class Console:
         self.modes = {                          # mode -> why it is off (None: on)
             "chat": None,
             "tool": None if config.server_tools else "start the server with --tools builtin (or a tools file)",
-            "code": None if config.code_interpreter else "start the server with --code"}
+            "code": None if config.code_interpreter else "start the server with --code",
+            "knowledge": None if knowledge_dir(config) else "start the server with --data-dir"}
         self.reported: set[str] = set()         # conversations whose unreadable stored values were logged
         # Tool and Code modes' plain note for a small model without a native tool protocol
         self.note = small_model_note(chat_model, "glmkit serve -m PATH/TO/chatglm3-6b")
@@ -145,6 +148,22 @@ class Console:
         """The models this request may pick (a private_only one: those on this machine)."""
         state = server_state(request)
         return [m for m in self.models if not (state.private and m in state.config.outside)]
+
+    async def retrieve(self, request: Request, conv: dict, body, content: str | None):
+        """Knowledge mode: the passages of the owner's knowledge base `body.kb` for the message
+        this turn answers (the new or edited one; regenerating, the last one), as the API's
+        glmkit_knowledge retrieves them (server.knowledge.lookup).  None: there is no message,
+        which send() refuses as in every mode."""
+        if not body.kb:
+            raise APIError(400, "Knowledge mode answers from a knowledge base: kb is required", param="kb")
+        question = content
+        if body.regenerate:
+            users = [m for m in conv["messages"] if m["role"] == "user"]
+            question = users[-1]["content"] if users else None
+        if not question:
+            return None
+        return await asyncio.to_thread(lookup, self.server, self.owner(request), body.kb, question, KNOWLEDGE_TOP_K,
+                                       "hybrid", "kb")
 
     def mode_on(self, mode: str, param: str | None = None):
         if self.modes[mode]:
@@ -384,6 +403,12 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
     params = SamplingParams(**{k: settings[k] for k in SAMPLING})   # checked together (a GlmkitError is a 400)
     content = body.content if body.content and body.content.strip() else None
     msgs = conv["messages"]
+    retrieved = None
+    if conv["mode"] == "knowledge":       # the passages first: a refusal (no such kb) changes nothing
+        retrieved = await console.retrieve(request, conv, body, content)
+        conv = console.conversation(request, cid)     # as it is now, after the wait
+        console.not_busy(cid)
+        msgs = conv["messages"]
     if body.regenerate:
         last_user = max((m["seq"] for m in msgs if m["role"] == "user"), default=None)
         if last_user is None:
@@ -415,10 +440,11 @@ async def send(cid: str, request: Request, console: TheConsole, body: Send | Non
     try:
         turn = Turn(store, who, cid, {
             "max_steps": console.config.max_steps,
-            "system": (settings.get("system") or None) if mode == "chat" else None,  # else the mode's own
+            "system": (settings.get("system") or None) if mode in ("chat", "knowledge") else None,  # else the mode's own
             "tools": list(console.config.server_tools.values()) if mode == "tool" else (),
             "interpreter": kernel}, history,
-            {"chat_model": console.models[model], "params": params, "max_new_tokens": settings["max_new_tokens"]})
+            {"chat_model": console.models[model], "params": params, "max_new_tokens": settings["max_new_tokens"]},
+            knowledge=retrieved)
         console.active[cid] = turn
         turn.start(on_finish=finished)
     except BaseException:

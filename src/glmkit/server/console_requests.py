@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .openai_requests import SamplingFields
 
-MODES = ("chat", "tool", "code")
+MODES = ("chat", "tool", "code", "knowledge")
 TITLE_MAX, CONTENT_MAX, SYSTEM_MAX = 200, 100_000, 20_000
 _API = SamplingFields.model_fields      # the API's sampling fields: the same types and bounds here
 
@@ -38,7 +38,7 @@ MODEL_NAME = Field(None, max_length=200)      # one of the server's models (`ser
 
 class NewConversation(_Strict):
     title: str = Field("New conversation", max_length=TITLE_MAX)
-    mode: Literal["chat", "tool", "code"] = "chat"
+    mode: Literal["chat", "tool", "code", "knowledge"] = "chat"
     model: str | None = MODEL_NAME
     settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
@@ -46,7 +46,7 @@ class NewConversation(_Strict):
 class ConversationPatch(_Strict):
     title: str | None = Field(None, max_length=TITLE_MAX)
     settings: ConsoleSettings | None = None                          # replaces them all
-    mode: Literal["chat", "tool", "code"] | None = None              # only while it has no messages
+    mode: Literal["chat", "tool", "code", "knowledge"] | None = None              # only while it has no messages
 
 
 class Run(_Strict):
@@ -59,6 +59,7 @@ class Send(_Strict):
     edit_seq: int | None = Field(None, ge=1, le=2**53)   # replace the user message at this seq and answer again
     settings: ConsoleSettings = Field(default_factory=ConsoleSettings)
     model: str | None = MODEL_NAME    # the header's model picker: it answers this and later turns
+    kb: str | None = Field(None, min_length=1, max_length=64)   # Knowledge mode: the owner's knowledge base it answers from
 
 
 def title_of(content: str) -> str:

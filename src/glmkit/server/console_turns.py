@@ -1,7 +1,9 @@
 """One answer in a console conversation: the chat layer's Agent, run in a worker thread.
 
-All three console modes are the same loop with different tools: Chat (none), Tool (the server's
-tools), Code interpreter (the conversation's sandboxed kernel).  Events go to the browser as they
+All four console modes are the same loop with different tools: Chat (none), Tool (the server's
+tools), Code interpreter (the conversation's sandboxed kernel), Knowledge (none; the user's
+message is answered from passages of a knowledge base, put into the prompt as the API's
+glmkit_knowledge puts them, and the reply is stored with the passages it cites).  Events go to the browser as they
 happen; messages go to the store as each completes, so a crash or a Stop loses at most the text
 in flight (and Stop keeps even that, marked as stopped)."""
 
@@ -13,6 +15,7 @@ import threading
 import time
 
 from ..chat.agent import Agent, CodeStep, Finished, Observation, RefusedStep, TextDelta, ToolCallStep
+from ..chat.knowledge_context import citations, with_knowledge
 from ..chat.reply_stream import Cancelled
 from ..errors import GlmkitError
 from .scheduled_model import ScheduledModel
@@ -22,15 +25,21 @@ log = logging.getLogger("glmkit.console")
 
 
 class Turn:
-    def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict):
+    def __init__(self, store, who: str, cid: str, agent_args: dict, history: list[dict], model_args: dict,
+                 knowledge=None):
         """`agent_args` for the chat layer's Agent, `model_args` for its ScheduledModel (the
-        conversation's SamplingParams and token limit); `history`: the stored messages."""
+        conversation's SamplingParams and token limit); `history`: the stored messages;
+        `knowledge`: server.knowledge.Retrieved, the passages the last user message is answered
+        from (in the prompt only: the store keeps the message as typed, and the citations)."""
         self.store, self.who, self.cid = store, who, cid
         self.cancel = threading.Event()
         self.done = False
         self.finished = threading.Event()    # everything stored, conversation free again
         self.agent = Agent(ScheduledModel(cancel=self.cancel, **model_args), **agent_args)
         self.agent.messages += history
+        self.knowledge = knowledge
+        if knowledge is not None:
+            self.agent.messages = with_knowledge(self.agent.messages, self.agent.protocol, knowledge.passages)
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._saved = len(self.agent.messages)
@@ -81,11 +90,23 @@ class Turn:
         for i, m in enumerate(new):
             extras = (observation_extras or {}) if m["role"] == "observation" else {}
             if reply_extras and i == len(new) - 1 and m["role"] == "assistant":
-                extras = reply_extras
+                extras = {**reply_extras, **self._cited(m["content"])}
             self.store.append(self.who, self.cid, m["role"], m["content"], m.get("metadata", ""), extras)
         self._saved = len(self.agent.messages)
 
+    def _cited(self, reply: str) -> dict:
+        """A Knowledge reply's extras: the passages it cites as [n] (n, document, position, text, ...)
+        and where they came from; {} in the other modes."""
+        k = self.knowledge
+        if k is None:
+            return {}
+        return {"citations": citations(reply, k.passages),
+                "knowledge": {"kb": k.kb, "mode": k.mode, "passages": len(k.passages), **({"note": k.note} if k.note else {})}}
+
     def _run(self):
+        if self.knowledge is not None:
+            k = self.knowledge
+            self._emit({"type": "knowledge", "kb": k.kb, "passages": len(k.passages), "note": k.note})
         try:
             for ev in self.agent.run(None):
                 if isinstance(ev, TextDelta):
@@ -140,7 +161,8 @@ class Turn:
         try:
             self._sync()
             if self._text:
-                self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True, **self._stats()})
+                self.store.append(self.who, self.cid, "assistant", self._text, extras={"stopped": True, **self._stats(),
+                                                                                   **self._cited(self._text)})
                 self._text = ""
         except Exception:  # noqa: BLE001 - e.g. the conversation was deleted meanwhile
             log.exception("could not store the rest of a console turn")

@@ -63,13 +63,17 @@ class Retrieved:
         return {"glmkit_citations": self.citations(reply), "glmkit_knowledge": self.info()}
 
 
-def _store(data_dir: str):
+def store_at(data_dir: str):
+    """The knowledge store under `data_dir`, one per server process (its connections are per thread)."""
     from ..knowledge.index import KnowledgeStore
     with _stores_lock:
         store = _stores.get(data_dir)
         if store is None:
             store = _stores[data_dir] = KnowledgeStore(data_dir)
         return store
+
+
+_store = store_at
 
 
 def check(server, body: ChatCompletionRequest, cloud: bool = False) -> None:
@@ -95,29 +99,40 @@ async def retrieve(server, request: Request, body: ChatCompletionRequest) -> Ret
     question = content_text(body.message_dicts()[-1].get("content"))
     if not question.strip():
         raise APIError(400, "the last user message is empty: there is nothing to retrieve for", param="messages")
-    who = owner(server, request)
+    return await asyncio.to_thread(lookup, server, owner(server, request), spec.kb, question, spec.top_k, spec.mode)
+
+
+def lookup(server, who: str, name: str, question: str, top_k: int = 5, mode: str = "hybrid",
+           param: str = f"{PARAM}.kb") -> Retrieved:
+    """The passages of `who`'s knowledge base `name` for `question` (blocking: run it in a
+    thread); a name `who` does not own is a 404, whoever else owns one.  The console's Knowledge
+    mode answers the same way (server.console_knowledge)."""
+    from ..knowledge.index import KnowledgeError, NotFound, words_only
+    from ..knowledge.retrieval import search
     embedder = server.embedder
+    try:
+        store = _store(knowledge_dir(server.config))
+        kb = store.get(who, name)
+    except NotFound:
+        raise APIError(404, f"no knowledge base {name!r}", param=param, code="knowledge_base_not_found") from None
+    except KnowledgeError as e:
+        raise APIError(500, str(e), "server_error") from None
+    note = None
+    if mode != "lexical" and words_only(kb):       # made without an embedding model (the console's, --no-embeddings)
+        if mode == "dense":
+            raise APIError(400, f"{kb['name']!r} is indexed by words only", param=f"{PARAM}.mode")
+        mode, note = "lexical", f"{kb['name']!r} is indexed by words only (it was made without an embedding model)"
+    elif mode != "lexical" and (embedder is None or embedder.name != kb["embedder"] or embedder.dim != kb["dim"]):
+        if mode == "dense":
+            raise APIError(400, _no_dense(embedder, kb), param=f"{PARAM}.mode")
+        mode, note = "lexical", _no_dense(embedder, kb) + "; retrieved by words only"
+    hits = search(store, kb, question, embedder if mode != "lexical" else None, top_k=top_k, mode=mode)
+    return Retrieved(kb["name"], mode, note, passages(hits))
 
-    def work() -> Retrieved:
-        from ..knowledge.index import KnowledgeError, NotFound
-        from ..knowledge.retrieval import search
-        try:
-            store = _store(server.config.knowledge_dir)
-            kb = store.get(who, spec.kb)
-        except NotFound:
-            raise APIError(404, f"no knowledge base {spec.kb!r}", param=f"{PARAM}.kb",
-                           code="knowledge_base_not_found") from None
-        except KnowledgeError as e:
-            raise APIError(500, str(e), "server_error") from None
-        mode, note = spec.mode, None
-        if mode != "lexical" and (embedder is None or embedder.name != kb["embedder"] or embedder.dim != kb["dim"]):
-            if mode == "dense":
-                raise APIError(400, _no_dense(embedder, kb), param=f"{PARAM}.mode")
-            mode, note = "lexical", _no_dense(embedder, kb) + "; retrieved by words only"
-        hits = search(store, kb, question, embedder if mode != "lexical" else None, top_k=spec.top_k, mode=mode)
-        return Retrieved(kb["name"], mode, note, passages(hits))
 
-    return await asyncio.to_thread(work)
+def knowledge_dir(config) -> str | None:
+    """Where the server keeps knowledge bases: --data-dir's (`glmkit kb --data-dir`'s)."""
+    return getattr(config, "knowledge_dir", None)
 
 
 def _no_dense(embedder, kb: dict) -> str:

@@ -3,7 +3,7 @@
 // MathML output so no fonts are needed) are vendored under /static/vendor/.
 const $ = (id) => document.getElementById(id);
 const SLIDERS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"];
-const MODE_NAMES = { chat: "Chat", tool: "Tool", code: "Code interpreter" };
+const MODE_NAMES = { chat: "Chat", tool: "Tool", code: "Code interpreter", knowledge: "Knowledge" };
 let current = null, controller = null, defaults = {}, config = {}, mode = "chat";
 
 // -- HTTP -----------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ function addMessage(m) {
   }
   const div = el("div", "msg " + m.role);
   div.dataset.seq = m.seq ?? "";
-  if (m.role === "assistant") setAssistantText(div, m.content || "", run);
+  if (m.role === "assistant") { setAssistantText(div, m.content || "", run); if (x.citations) linkCitations(div, x.citations); }
   else if (m.role === "user") { div.innerHTML = markdown(m.content || ""); highlight(div, run); }
   else div.textContent = m.content || "";
   if (x.stopped) div.appendChild(el("span", "badge", "stopped"));
@@ -208,14 +208,84 @@ function addMessage(m) {
     div.appendChild(b);
   }
   append(div);
+  if (m.role === "assistant" && x.knowledge) append(sources(x));
   if (m.role === "assistant" && (x.usage || x.tokens_per_second !== undefined)) append(usageLine(x));
   return div;
+}
+
+// -- Knowledge mode: a reply's [n] open the passage they cite ------------------------------------
+// The citations are the server's (stored with the reply: n, document, position, text); document
+// text is only ever set as textContent.
+const CITE = /[\[【]\s*(\d{1,3}(?:\s*[,，、]\s*\d{1,3})*)\s*[\]】]/g;
+
+function citeLink(c) {
+  const a = el("a", "cite");
+  a.href = "#"; a.textContent = String(c.n); a.dataset.n = c.n;
+  a.title = c.document + (c.position ? " · " + c.position : "");
+  a.onclick = (e) => { e.preventDefault(); showPassage(c); };
+  return a;
+}
+
+// Each [n] in the reply's text (not in code) whose n is a cited passage becomes a link.
+function linkCitations(div, cited) {
+  const byN = new Map(cited.map((c) => [Number(c.n), c]));
+  if (!byN.size) return;
+  const walker = document.createTreeWalker(div, NodeFilter.SHOW_TEXT, {
+    acceptNode: (n) => (n.parentElement.closest("pre, code, a, math") ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT) });
+  const nodes = [];
+  while (walker.nextNode()) nodes.push(walker.currentNode);
+  for (const node of nodes) {
+    const text = node.nodeValue;
+    CITE.lastIndex = 0;
+    if (!CITE.test(text)) continue;
+    CITE.lastIndex = 0;                 // matchAll starts where test() left off
+    const frag = document.createDocumentFragment();
+    let at = 0;
+    for (const m of text.matchAll(CITE)) {
+      frag.appendChild(document.createTextNode(text.slice(at, m.index)));
+      let inner = 0;
+      for (const d of m[0].matchAll(/\d{1,3}/g)) {       // the brackets and separators stay text
+        frag.appendChild(document.createTextNode(m[0].slice(inner, d.index)));
+        const c = byN.get(Number(d[0]));
+        frag.appendChild(c ? citeLink(c) : document.createTextNode(d[0]));
+        inner = d.index + d[0].length;
+      }
+      frag.appendChild(document.createTextNode(m[0].slice(inner)));
+      at = m.index + m[0].length;
+    }
+    frag.appendChild(document.createTextNode(text.slice(at)));
+    node.replaceWith(frag);
+  }
+}
+
+// Under a Knowledge reply: the passages it cites, each opening its passage, and how they were found.
+function sources(x) {
+  const k = x.knowledge, box = el("div", "sources");
+  const cited = x.citations || [];
+  const label = el("span");
+  label.textContent = cited.length ? "Sources:" : `No passage cited (${k.passages} from ${k.kb})`;
+  box.appendChild(label);
+  for (const c of cited) {
+    const b = el("button", "source"); b.type = "button";
+    b.textContent = `[${c.n}] ${c.document}` + (c.position ? ` · ${c.position}` : "");
+    b.onclick = () => showPassage(c);
+    box.appendChild(b);
+  }
+  if (k.note) { const n = el("small"); n.textContent = "(" + k.note + ")"; box.appendChild(n); }
+  return box;
+}
+
+function showPassage(c) {
+  $("passage-doc").textContent = `[${c.n}] ${c.document}`;
+  $("passage-pos").textContent = c.position || "";
+  $("passage-text").textContent = c.text;
+  if (!$("passage").open) $("passage").showModal();
 }
 
 // -- settings and modes ---------------------------------------------------------------------
 function settings() {
   const s = {};
-  if (mode === "chat") s.system = $("system").value;
+  if (mode === "chat" || mode === "knowledge") s.system = $("system").value;
   for (const k of SLIDERS) s[k] = Number($(k).value);
   return s;
 }
@@ -248,10 +318,11 @@ function showMode(m) {
   document.body.dataset.mode = m;
   document.querySelectorAll("#modes button").forEach((b) => b.classList.toggle("active", b.dataset.mode === m));
   $("input").placeholder = { chat: "Send a message", tool: "Ask something the tools can help with",
-    code: "Ask for an analysis, a computation or a plot" }[m] + " (Enter to send, Shift+Enter for a new line)";
+    code: "Ask for an analysis, a computation or a plot", knowledge: "Ask about your documents" }[m] + " (Enter to send, Shift+Enter for a new line)";
   $("note-text").textContent = modelInfo().note || "";
   $("note").hidden = !(modelInfo().note && m !== "chat" && !noteDismissed);
   if (m === "code") refreshFiles().catch((e) => toast(e.message));
+  if (m === "knowledge") refreshKnowledge().catch((e) => toast(e.message));
 }
 
 // A mode switch may create a conversation: anything that needs "the conversation shown" (an
@@ -310,6 +381,8 @@ async function open(id) {
   $("conv-title").textContent = current.title;
   $("messages").innerHTML = "";
   mode = current.mode;        // before the messages: Run buttons are for Code conversations
+  const used = current.messages.filter((m) => m.extras && m.extras.knowledge).pop();
+  if (used) kbWanted = used.extras.knowledge.kb;
   current.messages.forEach(addMessage);
   for (const w of current.warnings || []) toast(w, "warning");
   if (current.model) $("model-pick").value = current.model;
@@ -387,6 +460,89 @@ async function upload(files) {
   }
 }
 
+// -- Knowledge mode: the owner's knowledge bases, and their documents --------------------------
+let kbWanted = localStorage.getItem("glmkit-kb") || "";   // the one to show: last picked, or last answered from
+const kbPath = (name) => "/api/knowledge/" + encodeURIComponent(name);
+
+async function refreshKnowledge() {
+  const list = await (await api("/api/knowledge")).json();
+  const pick = $("kb-pick");
+  pick.innerHTML = "";
+  for (const kb of list) {
+    const o = el("option"); o.value = kb.name;
+    o.textContent = kb.name + (kb.words_only ? " (words only)" : "");
+    pick.appendChild(o);
+  }
+  if (!list.length) { const o = el("option"); o.value = ""; o.textContent = "No knowledge base yet: create one"; pick.appendChild(o); }
+  if (list.some((kb) => kb.name === kbWanted)) pick.value = kbWanted;
+  $("kb-delete").hidden = $("kb-upload-label").hidden = !pick.value;
+  await refreshDocuments();
+}
+
+async function refreshDocuments() {
+  const ul = $("kb-docs"), kb = $("kb-pick").value;
+  ul.innerHTML = "";
+  if (!kb) return;
+  const docs = await (await api(kbPath(kb) + "/documents")).json();
+  if (!docs.length) { const li = el("li", "empty"); li.textContent = "No documents yet: add some."; ul.appendChild(li); }
+  for (const d of docs) {
+    const li = el("li");
+    const name = el("span", "name"); name.textContent = d.name; name.title = `${d.kind}, ${d.bytes} bytes`;
+    const n = el("small"); n.textContent = `${d.chunks} passage${d.chunks === 1 ? "" : "s"}`;
+    const x = el("button", "icon", "×"); x.type = "button"; x.setAttribute("aria-label", "Remove " + d.name);
+    x.onclick = guard(async () => {
+      if (!confirm(`Remove “${d.name}” from ${kb}?`)) return;
+      await api(`${kbPath(kb)}/documents/${encodeURIComponent(d.name)}`, { method: "DELETE" });
+      await refreshDocuments();
+    });
+    li.append(name, n, x);
+    ul.appendChild(li);
+  }
+}
+
+async function createKnowledgeBase(e) {
+  e.preventDefault();
+  const name = $("kb-name").value.trim();
+  if (!name) return;
+  await api("/api/knowledge", { method: "POST", body: JSON.stringify({ name }) });
+  $("kb-name").value = "";
+  pickKnowledgeBase(name);
+  await refreshKnowledge();
+}
+
+function pickKnowledgeBase(name) { kbWanted = name; localStorage.setItem("glmkit-kb", name); }
+
+async function deleteKnowledgeBase() {
+  const kb = $("kb-pick").value;
+  if (!kb || !confirm(`Delete the knowledge base “${kb}” and all its documents?`)) return;
+  await api(kbPath(kb), { method: "DELETE" });
+  await refreshKnowledge();
+}
+
+async function addDocuments(files) {
+  files = [...files];
+  $("kb-upload").value = "";
+  const kb = $("kb-pick").value;
+  if (!kb) { toast("create a knowledge base first"); return; }
+  $("kb-upload-label").classList.add("busy");
+  try {
+    for (const f of files) {
+      try {
+        const r = await (await api(`${kbPath(kb)}/files/${encodeURIComponent(f.name)}`,
+          { method: "PUT", body: f, headers: Object.assign({ "Content-Type": "application/octet-stream" }, authHeaders()) })).json();
+        if (r.status === "duplicate" || r.status === "unchanged") toast(`${f.name}: ${r.detail || "already there"}`, "warning");
+      } catch (err) { toast(err.message); }       // one line for a file that cannot be added; the others go on
+    }
+  } finally {
+    $("kb-upload-label").classList.remove("busy");
+    await refreshDocuments();
+  }
+}
+
+function knowledgeChoice() {   // Knowledge mode: the knowledge base each message is answered from
+  return current && current.mode === "knowledge" ? { kb: $("kb-pick").value } : {};
+}
+
 // -- text attachments (Chat and Tool modes): sent as context inside the message ----------------
 const ATTACH_MAX = 100 * 1000;
 let attached = [];     // {name, text}
@@ -460,6 +616,10 @@ function pickedModel() {   // with several models: the header's choice, sent wit
 
 async function send(payload, accepted = () => {}) {
   await switching;
+  if ((current ? current.mode : mode) === "knowledge" && !$("kb-pick").value) {
+    toast("Knowledge mode answers from a knowledge base: create one and add documents first");
+    return;
+  }
   if (!current) await newConversation();
   await flushSettings();
   const cid = current.id;
@@ -478,7 +638,7 @@ async function send(payload, accepted = () => {}) {
   try {
     if (payload.content && payload.edit_seq === undefined) shown = addMessage({ role: "user", content: payload.content });
     const r = await fetch(`/api/conversations/${cid}/messages`, {
-      method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, pickedModel(), payload)), signal: controller.signal });
+      method: "POST", headers: headers(), body: JSON.stringify(Object.assign({ settings: settings() }, pickedModel(), knowledgeChoice(), payload)), signal: controller.signal });
     if (!r.ok) { if (shown) shown.remove(); throw await failure(r); }
     accepted();
     const reader = r.body.getReader(), dec = new TextDecoder();
@@ -493,7 +653,10 @@ async function send(payload, accepted = () => {}) {
         if (!line.startsWith("data: ")) continue;
         const ev = JSON.parse(line.slice(6));
         if (ev.type === "text") say(ev.text);
-        else if (ev.type === "code") { if (!ev.shown) append(codeBlock(ev.code)); bubble = null; append(el("div", "running", "running…")); }
+        else if (ev.type === "knowledge") {
+          const r = append(el("div", "running"));
+          r.textContent = `${ev.passages} passage${ev.passages === 1 ? "" : "s"} from ${ev.kb}` + (ev.note ? ` (${ev.note})` : "");
+        } else if (ev.type === "code") { if (!ev.shown) append(codeBlock(ev.code)); bubble = null; append(el("div", "running", "running…")); }
         else if (ev.type === "tool_call") { bubble = null; append(step("Tool call · " + ev.name, JSON.stringify(ev.arguments, null, 2))); append(el("div", "running", "running…")); }
         else if (ev.type === "tool_result") {
           document.querySelectorAll("#messages .running").forEach((n) => n.remove());
@@ -596,7 +759,7 @@ async function startApp(c) {
     $("model-pick").hidden = false;
     $("model-name").hidden = true;
   }
-  for (const m of ["chat", "tool", "code"]) {
+  for (const m of ["chat", "tool", "code", "knowledge"]) {
     const b = el("button"); b.textContent = MODE_NAMES[m]; b.dataset.mode = m; b.id = "mode-" + m; b.type = "button";
     if (config.unavailable[m]) { b.disabled = true; b.title = config.unavailable[m]; }
     b.onclick = guard(() => pickMode(m));
@@ -637,6 +800,12 @@ async function startApp(c) {
   $("clear").onclick = guard(clearConversation);
   $("upload").onchange = guard((e) => upload(e.target.files));
   $("attach").onchange = guard((e) => attach(e.target.files));
+  $("kb-new").onsubmit = guard(createKnowledgeBase);
+  $("kb-pick").onchange = guard(async () => { pickKnowledgeBase($("kb-pick").value); await refreshDocuments(); });
+  $("kb-upload").onchange = guard((e) => addDocuments(e.target.files));
+  $("kb-delete").onclick = guard(deleteKnowledgeBase);
+  $("passage-close").onclick = () => $("passage").close();
+  $("passage").onclick = (e) => { if (e.target === $("passage")) $("passage").close(); };   // a click on the backdrop
   let searchTimer = null;
   $("search").oninput = () => { clearTimeout(searchTimer); searchTimer = setTimeout(guard(refreshList), 250); };
   $("toggle-sidebar").onclick = () => document.body.classList.toggle("sidebar-open");
