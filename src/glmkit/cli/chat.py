@@ -18,7 +18,8 @@ from .chat_log import ChatLog, Recorder, log_path, resume
 from .options import add_model_options, add_sampling_options, existing_dir, load_model, positive, sampling_params
 from .render import renderer
 from .slash import Commands, Settings
-from .terminal import HINT, after_reply, ctrl_c_cancels, one_shot_prompt, piped_stdin, run_session, say
+from .terminal import (HINT, after_reply, ctrl_c_cancels, one_shot_prompt, piped_stdin, print_sources,
+                       run_session, say)
 
 
 def add_parser(sub) -> None:
@@ -210,12 +211,6 @@ class PlainSession:
         after_reply(reply, elapsed, a.max_new_tokens, a.verbose)
         self.history = [m for m in messages if m["role"] != "system"] + reply.messages
         self.recorder.record(text, self.system, "".join(shown), reply, elapsed)
-
-
-def print_sources(answer: str, passages: list[dict], blank_line: bool = False) -> None:
-    """--kb: the passages the answer cites (else those it was given) under it, on stdout."""
-    from ..chat.knowledge_context import sources_lines
-    say("\n".join(sources_lines(answer, passages)) + ("\n\n" if blank_line else "\n"))
 
 
 def interactive(session: PlainSession) -> int:

@@ -124,6 +124,12 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
+def print_sources(answer: str, passages: list[dict], blank_line: bool = False) -> None:
+    """--kb: the passages the answer cites (else those it was given) under it, on stdout."""
+    from ..chat.knowledge_context import sources_lines
+    say("\n".join(sources_lines(answer, passages)) + ("\n\n" if blank_line else "\n"))
+
+
 def piped_stdin() -> str | None:
     """What is piped or redirected into the command (`cat notes.txt | glmkit chat -p ...`); None
     when stdin is a terminal, or a device such as /dev/null (nothing was given: a service started

@@ -24,7 +24,7 @@ from .chat_log import Recorder
 from .options import kernel_pool
 from .render import PlainReply, renderer
 from .slash import Commands, Settings
-from .terminal import HINT, after_reply, ask, ctrl_c_cancels, run_session, say
+from .terminal import HINT, after_reply, ask, ctrl_c_cancels, print_sources, run_session, say
 
 KERNEL_KEY = "chat"     # the terminal chat's one kernel in its pool
 
@@ -207,7 +207,6 @@ class Session:
 
     def _sources(self, answer: str, one_shot: bool = False) -> None:
         if self.passages is not None:
-            from .chat import print_sources
             if not one_shot:
                 say("\n" if answer.endswith("\n") else "\n\n")
             print_sources(answer, self.passages)
