@@ -246,31 +246,18 @@ class RemoteLoad:
         self.backend.close()
 
 
-class RemoteStream(EventStream):
-    """One sequence generated remotely: the TokenStream of chat/backend.py."""
+class QueuedStream(EventStream):
+    """A sequence whose events a reader thread puts in a queue (a remote engine's stream, a Ray
+    replica's): the caller's side of chat/backend.py's TokenStream, and the reader's put and fail.
+    A subclass sets `backend` (whose scheduler counts cancels), starts its reader, keeps the
+    upstream call in `_response` and says in `_close` how that call is ended."""
 
-    path = "/v1/completions"
-
-    def __init__(self, backend: RemoteBackend, prompt: list[int], params: SamplingParams,
-                 stop_ids: frozenset[int], max_new: int, logprobs: int | None, forced: list[int]):
-        self.backend = backend
+    def __init__(self):
         self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
         self._notify = None
         self._cancelled = threading.Event()
         self._response = None
         self._done = False
-        self.logprobs = logprobs
-        self.stop_ids = stop_ids
-        # forced tokens: the first events, given here; the engine continues after them
-        for i, tok in enumerate(forced):
-            finish = "stop" if tok in stop_ids else "length" if i + 1 >= max_new else None
-            self.events.put(TokenEvent(tok, finish))
-            if finish:
-                self._done = True
-                return
-        body = backend.body(prompt + forced, params, stop_ids, max_new - len(forced), logprobs)
-        backend.streams.add(self)
-        threading.Thread(target=self._read, args=(body,), name="glmkit-remote", daemon=True).start()
 
     # -- the caller's side (as engine/sequence.py's Handle) -------------------------------------
     def get(self, timeout: float | None = None) -> TokenEvent:
@@ -283,7 +270,7 @@ class RemoteStream(EventStream):
         self._notify = callback
 
     def cancel(self) -> None:
-        """Close the upstream request: the engine sees its client go and frees the sequence."""
+        """End the upstream call: the engine sees its client go and frees the sequence."""
         if self._cancelled.is_set():
             return
         self._cancelled.set()
@@ -292,12 +279,15 @@ class RemoteStream(EventStream):
         response = self._response
         if response is not None:
             try:
-                response.close()     # unblocks the reader: its next read fails, and is ignored
+                self._close(response)     # unblocks the reader: its next read fails, and is ignored
             except Exception:
                 pass
 
+    def _close(self, response) -> None:
+        response.close()
+
     def abort(self, e: BaseException):
-        """End the sequence with `e` for its reader, and the upstream request with it."""
+        """End the sequence with `e` for its reader, and the upstream call with it."""
         self._fail(e)
         self.cancel()
 
@@ -313,6 +303,36 @@ class RemoteStream(EventStream):
         if self._notify is not None:
             self._notify()
 
+    def _fail(self, e: BaseException):
+        # after cancel() nobody reads on, and the reader's own failure (a closed socket) is expected
+        if not self._done and not self._cancelled.is_set():
+            self._done = True
+            self._put(e)
+
+
+class RemoteStream(QueuedStream):
+    """One sequence generated remotely: the TokenStream of chat/backend.py."""
+
+    path = "/v1/completions"
+
+    def __init__(self, backend: RemoteBackend, prompt: list[int], params: SamplingParams,
+                 stop_ids: frozenset[int], max_new: int, logprobs: int | None, forced: list[int]):
+        super().__init__()
+        self.backend = backend
+        self.logprobs = logprobs
+        self.stop_ids = stop_ids
+        # forced tokens: the first events, given here; the engine continues after them
+        for i, tok in enumerate(forced):
+            finish = "stop" if tok in stop_ids else "length" if i + 1 >= max_new else None
+            self.events.put(TokenEvent(tok, finish))
+            if finish:
+                self._done = True
+                return
+        body = backend.body(prompt + forced, params, stop_ids, max_new - len(forced), logprobs)
+        backend.streams.add(self)
+        threading.Thread(target=self._read, args=(body,), name="glmkit-remote", daemon=True).start()
+
+    # -- the reader thread --------------------------------------------------------------------
     def _read(self, body: dict):
         import httpx
         url = self.backend.url
@@ -330,12 +350,6 @@ class RemoteStream(EventStream):
             self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(e)})"))
         finally:
             self.backend.streams.discard(self)
-
-    def _fail(self, e: BaseException):
-        # after cancel() nobody reads on, and the reader's own failure (a closed socket) is expected
-        if not self._done and not self._cancelled.is_set():
-            self._done = True
-            self._put(e)
 
     def _stream(self, body: dict) -> bool:
         """Post the request and read its events; True once the finishing event was queued (or the
