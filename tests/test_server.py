@@ -138,19 +138,22 @@ def test_disconnect_frees_the_slot(smol_server):
 def test_api_keys_and_overload():
     keys_env = {"GLMKIT_API_KEYS": "k-one,k-two"}
     import os
-    with running_server("--model", str(TINY), "--max-batch", "1", "--max-queue", "1",
+    with running_server("--max-batch", "1", "--max-queue", "1", "--no-embeddings", "--no-console",
                         env={**os.environ, **keys_env}) as (base, _):
         anon = httpx.post(base + "/v1/chat/completions", json={"model": "default", "messages": FRANCE})
         assert anon.status_code == 401 and anon.json()["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=base + "/v1", api_key="k-two", max_retries=0)
-        assert ok.models.list().data[0].id == "chatglm3-tiny"
+        assert ok.models.list().data[0].id.startswith("SmolLM2-135M-Instruct")
         # one slot, one queue place: with one request running and one waiting, the next is turned away
-        # with 429.  Greedy decoding of FRANCE on this fixture meets no stop token, so the running
-        # request holds its slot for all its tokens; each step waits for /health to show the state.
+        # with 429.  The running request must hold its slot while /health is polled: ignore_eos and
+        # 4000 tokens keep it decoding for many seconds on any CPU (a short reply could end, and the
+        # waiting one run and end, before the poll; CI once saw exactly that).  Closing a stream
+        # cancels its request, so nothing runs on after each step.
         hdr = {"Authorization": "Bearer k-one"}
-        long = {"model": "default", "messages": FRANCE, "max_tokens": 230, "temperature": 0, "stream": True}
+        long = {"model": "default", "messages": FRANCE, "max_tokens": 4000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=base, headers=hdr, timeout=120) as c:
             with c.stream("POST", "/v1/chat/completions", json=long):
                 wait_for_health(base, running=1, waiting=0)
