@@ -41,6 +41,42 @@ def test_serve_keeps_the_console_and_responses_in_postgresql(postgres, tmp_path)
     assert not (tmp_path / "conversations.db").exists()
 
 
+def test_a_store_that_goes_down_mid_reply_fails_the_response_not_the_connection(postgres, tmp_path):
+    """The database goes away while a response is written: a stream (200 sent long before) ends
+    with an `error` event and `response.failed`, a whole response is the 503 any store failure
+    is; neither names the database.  Once it is back, the next response is kept."""
+    import json
+
+    import psycopg
+    url = postgres.new_database()
+    name = url.rsplit("/", 1)[1]
+    with running_server("--model", str(TINY), "--data-dir", str(tmp_path), "--database", url,
+                        "--no-embeddings") as (base, _):
+        body = {"input": "hi", "max_output_tokens": 4}
+        assert httpx.post(base + "/v1/responses", json=body, timeout=60).status_code == 200
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            # no new connections, and the gateway's open ones dropped: every store call now fails
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            try:
+                with httpx.stream("POST", base + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+                    assert r.status_code == 200
+                    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+                assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+                assert events[-2]["code"] == "store_unavailable" and "127.0.0.1" not in json.dumps(events)
+                failed = events[-1]["response"]
+                assert failed["status"] == "failed" and failed["error"]["code"] == "store_unavailable"
+                assert any(e["type"] == "response.output_text.delta" for e in events)   # the reply did stream
+                whole = httpx.post(base + "/v1/responses", json=body, timeout=60)
+                assert whole.status_code == 503 and whole.json()["error"]["code"] == "store_unavailable"
+                assert "127.0.0.1" not in whole.text
+            finally:
+                admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        again = httpx.post(base + "/v1/responses", json=body, timeout=60)
+        assert again.status_code == 200
+        assert httpx.get(f"{base}/v1/responses/{again.json()['id']}").status_code == 200
+
+
 def serve_fails(*args) -> str:
     out = subprocess.run([glmkit_bin(), "serve", "--model", str(TINY), "--no-embeddings", *args],
                          capture_output=True, text=True, timeout=60)

@@ -190,12 +190,15 @@ async def _engine_down(request: Request, exc: EngineUnavailable):
     return error_response(502, str(exc), "engine_error", code="engine_unavailable")
 
 
+STORE_DOWN = "the conversation store is unavailable; try again shortly"
+
+
 async def _store_down(request: Request, exc: StoreUnavailable):
     # the conversation store's PostgreSQL (serve --database) cannot be reached: the server's
     # trouble, for a while, not the request's.  Where the database is, and why, goes to the log,
     # not to clients.
     logging.getLogger("glmkit.server").error("%s", exc)
-    return error_response(503, "the conversation store is unavailable; try again shortly", "server_error",
+    return error_response(503, STORE_DOWN, "server_error",
                           code="store_unavailable", headers={"Retry-After": "5"})
 
 

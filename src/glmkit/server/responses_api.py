@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import secrets
 import time
@@ -26,11 +27,12 @@ from fastapi.responses import StreamingResponse
 
 from .auth import request_key
 from .completions import Choice
-from .errors import APIError, StrictJSONRoute
+from .errors import STORE_DOWN, APIError, StrictJSONRoute
 from .openai_routes import ERRORS, SSE_HEADERS, chat_choices
 from .responses_requests import ResponsesRequest
 from .state import Server, ServerState
 from .store import NotFound, owner_of
+from .store_sql import StoreUnavailable
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERRORS)
 
@@ -209,8 +211,19 @@ class ResponseRun:
             if self.choice.calls:
                 reply["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                     "name": c.name, "arguments": _arguments(c)}} for c in self.choice.calls]
-            await asyncio.to_thread(self.store.save_response, self.owner, self.id, self.body.previous_response_id,
-                                    [*self.messages, reply], self.final)
+            try:
+                await asyncio.to_thread(self.store.save_response, self.owner, self.id,
+                                        self.body.previous_response_id, [*self.messages, reply], self.final)
+            except StoreUnavailable as e:
+                # the reply is written but cannot be kept: a stream has sent 200 long ago, so it ends
+                # with an error and a failed response (as OpenAI's does), not a broken connection;
+                # whole() turns the error into the 503 any other store failure is
+                logging.getLogger("glmkit.server").error("%s", e)
+                self.final = {**self.final, "status": "failed", "completed_at": None,
+                              "error": {"code": "store_unavailable", "message": STORE_DOWN}}
+                yield {"type": "error", "code": "store_unavailable", "message": STORE_DOWN, "param": None}
+                yield {"type": "response.failed", "response": self.final}
+                return
         yield {"type": f"response.{status}", "response": self.final}
 
     def _message_item(self) -> dict:
@@ -255,6 +268,8 @@ class ResponseRun:
     async def whole(self) -> dict:
         try:
             async for ev in self.events():
+                if ev["type"] == "error" and ev["code"] == "store_unavailable":
+                    raise StoreUnavailable(ev["message"])
                 if ev["type"] == "error":
                     raise APIError(422, ev["message"], "invalid_response_error", param="text.format",
                                    code="json_validation_failed")
