@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import screenshot as shot
@@ -164,7 +165,7 @@ def test_tool_mode_shows_each_step(page):
     shot(page, "tool")
 
 
-def test_settings_are_kept_per_conversation_and_clear(page):
+def test_settings_are_kept_per_conversation_and_clear(page, url):
     page.click("#mode-chat")
     page.wait_for_function("document.body.dataset.mode === 'chat'")
     page.fill("#system", "You are terse.")
@@ -175,6 +176,11 @@ def test_settings_are_kept_per_conversation_and_clear(page):
     page.reload()
     page.wait_for_selector("#conversations li.active")
     assert page.input_value("#top_k") == "7" and page.input_value("#system") == "You are terse."
+    # only what was changed (here and by the fixture) is kept: the sliders left alone (top_p,
+    # repetition_penalty) follow the defaults of whichever model answers
+    cid = page.evaluate("current.id")
+    assert httpx.get(f"{url}/api/conversations/{cid}").json()["settings"] == \
+        {"system": "You are terse.", "top_k": 7, "temperature": 0, "max_new_tokens": 160}
     # another conversation has its own settings
     page.click("#conversations li >> nth=1")
     page.wait_for_function("document.querySelector('#top_k-v').textContent !== '7'")

@@ -283,10 +283,13 @@ function showPassage(c) {
 }
 
 // -- settings and modes ---------------------------------------------------------------------
-function settings() {
-  const s = {};
-  if (mode === "chat" || mode === "knowledge") s.system = $("system").value;
-  for (const k of SLIDERS) s[k] = Number($(k).value);
+function settings() {   // only what differs from the model's defaults: the rest follows whichever model answers
+  const s = {}, defaults = modelInfo().defaults || {};
+  if ((mode === "chat" || mode === "knowledge") && $("system").value) s.system = $("system").value;
+  for (const k of SLIDERS) {
+    const v = Number($(k).value);
+    if (v !== Number(defaults[k])) s[k] = v;
+  }
   return s;
 }
 
