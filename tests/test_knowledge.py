@@ -15,7 +15,7 @@ pytest.importorskip("pypdf")
 pytest.importorskip("docx")
 fpdf = pytest.importorskip("fpdf")
 
-from glmkit.knowledge.index import KnowledgeStore, NotFound  # noqa: E402
+from glmkit.knowledge.index import MIGRATIONS, KnowledgeStore, NotFound  # noqa: E402
 from glmkit.knowledge.ingest import add_files, load_embedder  # noqa: E402
 from glmkit.knowledge.parsers import BadDocument, parse  # noqa: E402
 from glmkit.knowledge.retrieval import search  # noqa: E402
@@ -333,9 +333,9 @@ def test_deleting_a_document_removes_every_trace(tmp_path, embedder):
     marks = ",".join("?" * len(ids))
     assert db.execute("SELECT COUNT(*) FROM documents WHERE id = ?", (doc["id"],)).fetchone()[0] == 0
     assert db.execute(f"SELECT COUNT(*) FROM chunks WHERE id IN ({marks})", ids).fetchone()[0] == 0
-    assert db.execute(f"SELECT COUNT(*) FROM chunks_fts WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
+    assert db.execute(f"SELECT COUNT(*) FROM kb_terms_{kb['id']} WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
     assert db.execute(f"SELECT COUNT(*) FROM kb_vectors_{kb['id']} WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM chunks_fts WHERE chunks_fts MATCH '钓鱼'").fetchone()[0] == 0
+    assert db.execute(f"SELECT COUNT(*) FROM kb_terms_{kb['id']} WHERE kb_terms_{kb['id']} MATCH '钓鱼'").fetchone()[0] == 0
     assert not (store.root / doc["file"]).exists()
     after = store.counts(kb)
     assert after == {k: v - (1 if k == "documents" else len(ids)) for k, v in total.items()}
@@ -343,10 +343,11 @@ def test_deleting_a_document_removes_every_trace(tmp_path, embedder):
         assert all(h.document != "security.txt" for h in search(store, kb, "钓鱼邮件 密码", embedder, top_k=50, mode=mode))
     with pytest.raises(NotFound):
         store.document(kb, "security.txt")
-    # and the whole knowledge base: no row, no vector table, no files
+    # and the whole knowledge base: no row, no term or vector table, no files
     store.delete("local", "h")
     assert store.counts() == {"documents": 0, "chunks": 0, "fts": 0}
-    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    for table in (f"kb_vectors_{kb['id']}", f"kb_terms_{kb['id']}"):
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] == 0
     assert not (store.files / str(kb["id"])).exists()
 
 
@@ -375,9 +376,38 @@ def test_one_owner_never_retrieves_anothers_documents(tmp_path, embedder):
 
 def test_migrations_are_numbered_and_reopen(tmp_path):
     store = KnowledgeStore(tmp_path / "data")
-    assert store.version == 1
+    assert store.version == len(MIGRATIONS)
     store.close()
-    assert KnowledgeStore(tmp_path / "data").version == 1
+    assert KnowledgeStore(tmp_path / "data").version == len(MIGRATIONS)
+
+
+def test_a_version_1_store_opens_with_each_knowledge_bases_terms_apart(tmp_path):
+    """Version 1 kept every knowledge base's terms in one FTS5 table; migration 2 gives each its
+    own, so a database written by the first glmkit still searches, each owner's alone."""
+    old = KnowledgeStore(tmp_path / "data", version=1)
+    db = old._db()
+    db.execute("BEGIN")
+    for kb_id, owner, text in ((1, "key:alice", "The launch code for project Falcon is 7421."),
+                               (2, "key:bob", "The cafeteria serves noodles; project Falcon pays.")):
+        db.execute("INSERT INTO kbs (id, owner, name, embedder, dim, created) VALUES (?, ?, 'h', 'm', 2, 0)",
+                   (kb_id, owner))
+        db.execute(f"CREATE VIRTUAL TABLE kb_vectors_{kb_id} USING vec0(embedding float[2] distance_metric=cosine)")
+        db.execute("INSERT INTO documents (id, kb_id, name, source, kind, sha256, bytes, file, added) "
+                   "VALUES (?, ?, 'a.md', 'a.md', 'markdown', ?, 1, '', 0)", (kb_id, kb_id, str(kb_id)))
+        db.execute("INSERT INTO chunks (id, kb_id, document_id, seq, text, sha256) VALUES (?, ?, ?, 0, ?, ?)",
+                   (kb_id, kb_id, kb_id, text, str(kb_id)))
+        db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", (kb_id, text))
+        db.execute(f"INSERT INTO kb_vectors_{kb_id} (rowid, embedding) VALUES (?, ?)",
+                   (kb_id, struct.pack("<2f", 1.0, 0.0)))
+    db.execute("COMMIT")
+    old.close()
+    store = KnowledgeStore(tmp_path / "data")
+    assert store.version == len(MIGRATIONS)
+    assert store._db().execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()[0] == 0
+    assert store.counts(store.get("key:alice", "h")) == {"documents": 2, "chunks": 2, "fts": 2, "vectors": 1}
+    for owner, want in (("key:alice", "7421"), ("key:bob", "noodles")):
+        hits = search(store, store.get(owner, "h"), "project Falcon", top_k=5, mode="lexical")
+        assert [h.text for h in hits] == [t for t in [hits[0].text] if want in t]
 
 
 def test_kb_command(tmp_path, capsys, monkeypatch, embedder):

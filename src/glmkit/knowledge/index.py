@@ -16,7 +16,9 @@ bundled SQLite of `sqlean.py` (the same DB-API) is used.
 Lexical terms: FTS5's unicode61 tokenizer splits on spaces and punctuation, so a run of Chinese
 would be one token; each CJK run is therefore segmented with jieba (search mode: words and the
 shorter words inside them) before it is indexed, and queries are segmented the same way.  The
-passage text itself is stored raw in `chunks`; the FTS table holds only the segmented terms.
+passage text itself is stored raw in `chunks`; each knowledge base's FTS5 table (kb_terms_<id>,
+beside its kb_vectors_<id>) holds only the segmented terms, so a query ranks that knowledge
+base's passages alone, by its own BM25 statistics.
 
 Ownership as in server/store.py: every knowledge base has an owner ("local" for the terminal, a
 hash of the API key for the server), each lookup starts from (owner, name), and every query on
@@ -36,6 +38,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import GlmkitError
+
+FTS_OPTIONS = "terms, tokenize='porter unicode61 remove_diacritics 2'"
+
+
+def _terms_per_kb(db) -> None:
+    """Migration 2.  One FTS5 table for all knowledge bases made a query rank every matching
+    passage of every knowledge base (BM25 for each, and a join to `chunks` for each to keep the
+    asked one's): 10,000 matches cost tens of ms.  With a table per knowledge base the match is
+    that knowledge base's rows only, and BM25's statistics (document frequencies, mean length)
+    are its own, never another owner's."""
+    for (kb_id,) in db.execute("SELECT id FROM kbs").fetchall():
+        db.execute(f"CREATE VIRTUAL TABLE {_fts(kb_id)} USING fts5({FTS_OPTIONS})")
+        db.execute(f"INSERT INTO {_fts(kb_id)} (rowid, terms) SELECT f.rowid, f.terms FROM chunks_fts f "
+                   "JOIN chunks c ON c.id = f.rowid WHERE c.kb_id = ?", (kb_id,))
+    db.execute("DROP TABLE chunks_fts")
+
 
 MIGRATIONS = [
     # 1: knowledge bases, documents, passages and the passages' FTS5 terms (rowid = chunks.id)
@@ -77,6 +95,8 @@ MIGRATIONS = [
         "CREATE INDEX chunks_hash ON chunks(kb_id, sha256)",
         "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')",
     ],
+    # 2: each knowledge base's terms in its own FTS5 table, as its vectors are (_terms_per_kb)
+    _terms_per_kb,
 ]
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
@@ -156,9 +176,12 @@ class KnowledgeStore:
                 at = row["version"] if row else 0
                 if row is None:
                     db.execute("INSERT INTO schema_version VALUES (0)")
-                for n, statements in enumerate(MIGRATIONS[:version][at:], start=at + 1):
-                    for statement in statements:
-                        db.execute(statement)
+                for n, migration in enumerate(MIGRATIONS[:version][at:], start=at + 1):
+                    if callable(migration):
+                        migration(db)
+                    else:
+                        for statement in migration:
+                            db.execute(statement)
                     db.execute("UPDATE schema_version SET version = ?", (n,))
         except self._sqlite.Error as e:
             raise KnowledgeError(f"{self.path}: cannot open the knowledge store: {' '.join(str(e).split())}") from None
@@ -215,6 +238,7 @@ class KnowledgeStore:
                                (owner, name, embedder, embedder_path, int(dim), time.time())).lastrowid
             db.execute(f"CREATE VIRTUAL TABLE {_vec(kb_id)} USING vec0(embedding float[{int(dim)}] "
                        "distance_metric=cosine)")
+            db.execute(f"CREATE VIRTUAL TABLE {_fts(kb_id)} USING fts5({FTS_OPTIONS})")
         return self.get(owner, name)
 
     def get(self, owner: str, name: str) -> dict:
@@ -233,7 +257,7 @@ class KnowledgeStore:
         """The knowledge base and everything in it: passages, terms, vectors, files."""
         kb = self.get(owner, name)
         with self._tx() as db:
-            db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE kb_id = ?)", (kb["id"],))
+            db.execute(f"DROP TABLE IF EXISTS {_fts(kb['id'])}")
             db.execute("DELETE FROM chunks WHERE kb_id = ?", (kb["id"],))
             db.execute("DELETE FROM documents WHERE kb_id = ?", (kb["id"],))
             db.execute(f"DROP TABLE IF EXISTS {_vec(kb['id'])}")
@@ -308,7 +332,7 @@ class KnowledgeStore:
                         "INSERT INTO chunks (kb_id, document_id, seq, text, heading, page, line, paragraph, sha256) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (kb["id"], doc_id, c.seq, c.text, c.heading, c.page, c.line, c.paragraph, c.sha256)).lastrowid
-                    db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", (cid, terms(c.for_index())))
+                    db.execute(f"INSERT INTO {_fts(kb['id'])} (rowid, terms) VALUES (?, ?)", (cid, terms(c.for_index())))
                     db.execute(f"INSERT INTO {_vec(kb['id'])} (rowid, embedding) VALUES (?, ?)", (cid, vec))
             tmp.replace(file)
         except BaseException:
@@ -333,7 +357,7 @@ class KnowledgeStore:
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
             marks = ",".join("?" * len(part))
-            db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({marks})", part)
+            db.execute(f"DELETE FROM {_fts(kb['id'])} WHERE rowid IN ({marks})", part)
             db.execute(f"DELETE FROM {_vec(kb['id'])} WHERE rowid IN ({marks})", part)
         db.execute("DELETE FROM chunks WHERE document_id = ? AND kb_id = ?", (doc_id, kb["id"]))
         db.execute("DELETE FROM documents WHERE id = ? AND kb_id = ?", (doc_id, kb["id"]))
@@ -352,10 +376,10 @@ class KnowledgeStore:
         """(chunk id, bm25) best first: FTS5 matches of `fts_query` in this knowledge base only."""
         if not fts_query:
             return []
-        rows = self._db().execute(
-            "SELECT c.id AS id, bm25(chunks_fts) AS score FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-            "WHERE chunks_fts MATCH ? AND c.kb_id = ? ORDER BY score LIMIT ?", (fts_query, kb["id"], k))
-        return [(r["id"], -r["score"]) for r in rows]
+        table = _fts(kb["id"])          # this knowledge base's rows only: no join, no other owner's
+        rows = self._db().execute(f"SELECT rowid, bm25({table}) AS score FROM {table} WHERE {table} MATCH ? "
+                                  "ORDER BY score LIMIT ?", (fts_query, k))
+        return [(r["rowid"], -r["score"]) for r in rows]
 
     def dense(self, kb: dict, vector: bytes, k: int) -> list[tuple[int, float]]:
         """(chunk id, cosine similarity) best first, from this knowledge base's own vector table."""
@@ -392,7 +416,8 @@ class KnowledgeStore:
         db = self._db()
         out = {"documents": db.execute("SELECT COUNT(*) FROM documents").fetchone()[0],
                "chunks": db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0],
-               "fts": db.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]}
+               "fts": sum(db.execute(f"SELECT COUNT(*) FROM {_fts(i)}").fetchone()[0]
+                          for (i,) in db.execute("SELECT id FROM kbs").fetchall())}
         if kb is not None:
             out["vectors"] = db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
         return out
@@ -400,3 +425,7 @@ class KnowledgeStore:
 
 def _vec(kb_id: int) -> str:
     return f"kb_vectors_{int(kb_id)}"          # an integer, never user text
+
+
+def _fts(kb_id: int) -> str:
+    return f"kb_terms_{int(kb_id)}"            # an integer, never user text
