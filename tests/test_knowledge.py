@@ -15,6 +15,7 @@ pytest.importorskip("pypdf")
 pytest.importorskip("docx")
 fpdf = pytest.importorskip("fpdf")
 
+from glmkit.knowledge.chunking import Chunk  # noqa: E402
 from glmkit.knowledge.index import MIGRATIONS, KnowledgeStore, NotFound  # noqa: E402
 from glmkit.knowledge.ingest import add_files, load_embedder  # noqa: E402
 from glmkit.knowledge.parsers import BadDocument, parse  # noqa: E402
@@ -441,3 +442,44 @@ def test_kb_command(tmp_path, capsys, monkeypatch, embedder):
 def test_vector_bytes_roundtrip():
     from glmkit.knowledge.index import vector_bytes
     assert struct.unpack("<3f", vector_bytes([1.0, 0.5, -2.0])) == (1.0, 0.5, -2.0)
+
+
+def test_dense_search_from_memory_is_sqlite_vecs_and_sees_every_change(tmp_path):
+    """The in-memory copy of a knowledge base's vectors answers as sqlite-vec's KNN does, and a
+    change made by another connection (another process: the server while `glmkit kb add` runs)
+    is seen by the next query."""
+    import random
+    rng = random.Random(3)
+
+    def unit(dim=8):
+        v = [rng.gauss(0, 1) for _ in range(dim)]
+        return [x / sum(y * y for y in v) ** 0.5 for x in v]
+
+    def add(store, kb, name, n):
+        src = tmp_path / name
+        src.write_text(name)
+        chunks = [Chunk(i, f"{name} passage {i}", "", None, i, None) for i in range(n)]
+        store.put(kb, {"name": name, "source": str(src), "kind": "text", "sha256": name, "bytes": 1, "pages": None},
+                  chunks, [struct.pack("<8f", *unit()) for _ in chunks], src)
+
+    store = KnowledgeStore(tmp_path / "data")
+    kb = store.create("local", "v", "m", 8)
+    add(store, kb, "a.txt", 40)
+
+    def from_sqlite_vec(q, k):
+        rows = store._db().execute(f"SELECT rowid, distance FROM kb_vectors_{kb['id']} WHERE embedding MATCH ? AND k = ?",
+                                   (q, k))
+        return [(r["rowid"], 1.0 - r["distance"]) for r in rows]
+
+    for _ in range(5):
+        q = struct.pack("<8f", *[3 * x for x in unit()])          # not unit length: cosine all the same
+        got, want = store.dense(kb, q, 10), from_sqlite_vec(q, 10)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want))
+    assert len(store.dense(kb, q, 100)) == 40
+    other = KnowledgeStore(tmp_path / "data")                   # another process's connection
+    add(other, kb, "b.txt", 5)
+    assert len(store.dense(kb, q, 100)) == 45
+    other.remove(kb, "a.txt")
+    got = store.dense(kb, q, 100)
+    assert len(got) == 5 and [i for i, _ in got] == [i for i, _ in from_sqlite_vec(q, 100)]
