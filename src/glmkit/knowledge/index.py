@@ -453,10 +453,13 @@ class KnowledgeStore:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
+        # `+c.kb_id`: still only this knowledge base's, but not a reason to pick the chunks_hash
+        # index, which made SQLite walk every passage of the knowledge base (7 ms at 10,000)
+        # instead of looking up these few by id
         rows = self._db().execute(
             f"SELECT c.id, c.seq, c.text, c.heading, c.page, c.line, c.paragraph, d.name AS document, d.kind "
-            f"FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.kb_id = ? AND c.id IN ({marks})",
-            (kb["id"], *ids))
+            f"FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.id IN ({marks}) AND +c.kb_id = ?",
+            (*ids, kb["id"]))
         return {r["id"]: dict(r) for r in rows}
 
     # -- export ----------------------------------------------------------------------------
