@@ -483,3 +483,44 @@ def test_dense_search_from_memory_is_sqlite_vecs_and_sees_every_change(tmp_path)
     other.remove(kb, "a.txt")
     got = store.dense(kb, q, 100)
     assert len(got) == 5 and [i for i, _ in got] == [i for i, _ in from_sqlite_vec(q, 100)]
+
+
+def test_a_words_only_knowledge_base_has_no_vectors(tmp_path):
+    """Made without an embedding model (the console of a --no-embeddings server): nothing is
+    embedded and no vector table is made (earlier ones held a placeholder for each passage:
+    migration 4 drops them); retrieval is by words, and adding, replacing and removing work."""
+    from glmkit.knowledge.index import KnowledgeError
+    from glmkit.knowledge.ingest import WordsOnly, add_file
+
+    class NoEmbedding(WordsOnly):
+        def embed(self, texts):
+            raise AssertionError("a words-only knowledge base embeds nothing")
+
+    md = tmp_path / "handbook.md"
+    md.write_text("# Parking\n\nThe parking lottery is drawn every March.\n", encoding="utf-8")
+    store = KnowledgeStore(tmp_path / "data")
+    kb = store.create("local", "w", WordsOnly.name, WordsOnly.dim)
+    db = store._db()
+    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    assert add_file(store, kb, md, NoEmbedding()).status == "added"
+    md.write_text("# Parking\n\nThe parking lottery is drawn every April.\n", encoding="utf-8")
+    assert add_file(store, kb, md, NoEmbedding()).status == "replaced"
+    assert store.counts(kb) == {"documents": 1, "chunks": 1, "fts": 1, "vectors": 0}
+    hits = search(store, kb, "when is the parking lottery?", NoEmbedding())
+    assert len(hits) == 1 and "April" in hits[0].text and hits[0].dense_rank is None
+    with pytest.raises(KnowledgeError, match="words only"):
+        search(store, kb, "parking", NoEmbedding(), mode="dense")
+    store.remove(kb, "handbook.md")
+    assert store.counts(kb) == {"documents": 0, "chunks": 0, "fts": 0, "vectors": 0}
+    store.delete("local", "w")
+    store.close()
+    # a store of version 3 with a words-only knowledge base's placeholder vectors
+    old = KnowledgeStore(tmp_path / "old", version=3)
+    kb = old.create("local", "w", WordsOnly.name, WordsOnly.dim)
+    old._db().execute(f"CREATE VIRTUAL TABLE kb_vectors_{kb['id']} USING vec0(embedding float[1] distance_metric=cosine)")
+    old.close()
+    store = KnowledgeStore(tmp_path / "old")
+    assert store.version == len(MIGRATIONS)
+    assert store._db().execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?",
+                               (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    assert add_file(store, store.get("local", "w"), md, NoEmbedding()).status == "added"

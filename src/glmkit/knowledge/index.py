@@ -56,6 +56,12 @@ def _terms_per_kb(db) -> None:
     db.execute("DROP TABLE chunks_fts")
 
 
+def _drop_placeholder_vectors(db) -> None:
+    """Migration 4: a knowledge base indexed by words only kept a vector table of placeholders."""
+    for (kb_id,) in db.execute("SELECT id FROM kbs WHERE embedder = ?", (WORDS_ONLY,)).fetchall():
+        db.execute(f"DROP TABLE IF EXISTS {_vec(kb_id)}")
+
+
 MIGRATIONS = [
     # 1: knowledge bases, documents, passages and the passages' FTS5 terms (rowid = chunks.id)
     [
@@ -101,6 +107,8 @@ MIGRATIONS = [
     # 3: a counter bumped by every change to a knowledge base's passages, in the same transaction:
     # a process's in-memory copy of the vectors (KnowledgeStore._matrix) is current while it matches
     ["ALTER TABLE kbs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"],
+    # 4: a knowledge base indexed by words only has no vector table (it had one of placeholders)
+    _drop_placeholder_vectors,
 ]
 # the vectors of recently searched knowledge bases, kept in memory (KnowledgeStore._matrix), at most
 # this many bytes in all; a knowledge base larger than that is searched by sqlite-vec from the file
@@ -108,7 +116,7 @@ MATRIX_CACHE_BYTES = 512 * 2**20
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
 # the embedder of a knowledge base indexed by words only (made where no embedding model was, as
-# by the console of a server started with --no-embeddings): its vectors are placeholders
+# by the console of a server started with --no-embeddings): it has no vector table
 WORDS_ONLY = "none (words only)"
 
 
@@ -245,8 +253,9 @@ class KnowledgeStore:
             kb_id = db.execute("INSERT INTO kbs (owner, name, embedder, embedder_path, dim, created) "
                                "VALUES (?, ?, ?, ?, ?, ?)",
                                (owner, name, embedder, embedder_path, int(dim), time.time())).lastrowid
-            db.execute(f"CREATE VIRTUAL TABLE {_vec(kb_id)} USING vec0(embedding float[{int(dim)}] "
-                       "distance_metric=cosine)")
+            if embedder != WORDS_ONLY:
+                db.execute(f"CREATE VIRTUAL TABLE {_vec(kb_id)} USING vec0(embedding float[{int(dim)}] "
+                           "distance_metric=cosine)")
             db.execute(f"CREATE VIRTUAL TABLE {_fts(kb_id)} USING fts5({FTS_OPTIONS})")
         return self.get(owner, name)
 
@@ -309,6 +318,8 @@ class KnowledgeStore:
         """Vectors already in this knowledge base for passages with these hashes (re-adding a
         changed file embeds only the passages that changed)."""
         out: dict[str, bytes] = {}
+        if words_only(kb):
+            return out
         db = self._db()
         wanted = list(dict.fromkeys(hashes))
         for i in range(0, len(wanted), 500):
@@ -344,7 +355,8 @@ class KnowledgeStore:
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (kb["id"], doc_id, c.seq, c.text, c.heading, c.page, c.line, c.paragraph, c.sha256)).lastrowid
                     db.execute(f"INSERT INTO {_fts(kb['id'])} (rowid, terms) VALUES (?, ?)", (cid, terms(c.for_index())))
-                    db.execute(f"INSERT INTO {_vec(kb['id'])} (rowid, embedding) VALUES (?, ?)", (cid, vec))
+                    if vec is not None:      # None: a knowledge base indexed by words only
+                        db.execute(f"INSERT INTO {_vec(kb['id'])} (rowid, embedding) VALUES (?, ?)", (cid, vec))
                 _changed(db, kb)
             tmp.replace(file)
         except BaseException:
@@ -370,7 +382,8 @@ class KnowledgeStore:
             part = ids[i:i + 500]
             marks = ",".join("?" * len(part))
             db.execute(f"DELETE FROM {_fts(kb['id'])} WHERE rowid IN ({marks})", part)
-            db.execute(f"DELETE FROM {_vec(kb['id'])} WHERE rowid IN ({marks})", part)
+            if not words_only(kb):
+                db.execute(f"DELETE FROM {_vec(kb['id'])} WHERE rowid IN ({marks})", part)
         db.execute("DELETE FROM chunks WHERE document_id = ? AND kb_id = ?", (doc_id, kb["id"]))
         db.execute("DELETE FROM documents WHERE id = ? AND kb_id = ?", (doc_id, kb["id"]))
         _changed(db, kb)
@@ -398,6 +411,8 @@ class KnowledgeStore:
         """(chunk id, cosine similarity) best first, over this knowledge base's vectors: exact, as
         sqlite-vec's KNN over its vec0 table gives, but from the in-memory copy (_matrix) when
         there is one, a matrix-vector product instead of reading every vector from SQLite."""
+        if words_only(kb):
+            return []
         m = self._matrix(kb)
         if m is None:
             rows = self._db().execute(f"SELECT rowid, distance FROM {_vec(kb['id'])} WHERE embedding MATCH ? AND k = ?",
@@ -484,7 +499,7 @@ class KnowledgeStore:
                "fts": sum(db.execute(f"SELECT COUNT(*) FROM {_fts(i)}").fetchone()[0]
                           for (i,) in db.execute("SELECT id FROM kbs").fetchall())}
         if kb is not None:
-            out["vectors"] = db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
+            out["vectors"] = 0 if words_only(kb) else db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
         return out
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import GlmkitError
 from .chunking import chunk
-from .index import WORDS_ONLY, KnowledgeStore, vector_bytes
+from .index import WORDS_ONLY, KnowledgeStore, vector_bytes, words_only
 from .parsers import MAX_BYTES, BadDocument, parse, supported
 
 BATCH = 64      # bf16 on 2 cores: 64 passages a batch ran 1.3x faster than 32, and 128 no faster than 64
@@ -37,9 +37,9 @@ def load_embedder(path: str | None):
 
 
 class WordsOnly:
-    """The "embedder" of a knowledge base indexed by words only (index.WORDS_ONLY): one constant
-    component per passage, since the vector index keeps a row for each; retrieval searches such
-    a knowledge base by words alone (retrieval.search)."""
+    """The "embedder" of a knowledge base indexed by words only (index.WORDS_ONLY): add_file
+    embeds nothing for it and it has no vector table; retrieval searches it by words alone
+    (retrieval.search)."""
     name, dim = WORDS_ONLY, 1
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -164,6 +164,8 @@ def add_file(store: KnowledgeStore, kb: dict, path: Path, embedder, max_bytes: i
         c.seq = i
     known = store.known_vectors(kb, [c.sha256 for c in unique])
     todo = [c for c in unique if c.sha256 not in known]
+    if words_only(kb):                     # no vectors at all
+        known, todo = {c.sha256: None for c in unique}, []
     if todo:
         if embedder.dim != kb["dim"]:
             raise GlmkitError(f"the embedding model gives {embedder.dim} dimensions; {kb['name']!r} holds {kb['dim']}")
