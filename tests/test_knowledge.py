@@ -16,7 +16,8 @@ pytest.importorskip("docx")
 fpdf = pytest.importorskip("fpdf")
 
 from glmkit.knowledge.chunking import Chunk  # noqa: E402
-from glmkit.knowledge.index import MIGRATIONS, KnowledgeStore, NotFound  # noqa: E402
+from glmkit.knowledge.index import KnowledgeStore, NotFound  # noqa: E402
+from glmkit.knowledge.schema import MIGRATIONS  # noqa: E402
 from glmkit.knowledge.ingest import add_files, load_embedder  # noqa: E402
 from glmkit.knowledge.parsers import BadDocument, parse  # noqa: E402
 from glmkit.knowledge.retrieval import search  # noqa: E402

@@ -23,7 +23,8 @@ base's passages alone, by its own BM25 statistics.
 Ownership as in server/store.py: every knowledge base has an owner ("local" for the terminal, a
 hash of the API key for the server), each lookup starts from (owner, name), and every query on
 documents or passages is scoped by the knowledge base's id that lookup returned.  Numbered
-migrations from the first schema, so a database written by an earlier glmkit opens in a later one.
+migrations from the first schema (knowledge/schema.py, with the connection), so a database written by
+an earlier glmkit opens in a later one.
 """
 
 from __future__ import annotations
@@ -39,85 +40,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import GlmkitError
+from .schema import FTS_OPTIONS, WORDS_ONLY, connect, migrate
+from .schema import terms_table as _fts
+from .schema import vector_table as _vec
 
-FTS_OPTIONS = "terms, tokenize='porter unicode61 remove_diacritics 2'"
-
-
-def _terms_per_kb(db) -> None:
-    """Migration 2.  One FTS5 table for all knowledge bases made a query rank every matching
-    passage of every knowledge base (BM25 for each, and a join to `chunks` for each to keep the
-    asked one's): 10,000 matches cost tens of ms.  With a table per knowledge base the match is
-    that knowledge base's rows only, and BM25's statistics (document frequencies, mean length)
-    are its own, never another owner's."""
-    for (kb_id,) in db.execute("SELECT id FROM kbs").fetchall():
-        db.execute(f"CREATE VIRTUAL TABLE {_fts(kb_id)} USING fts5({FTS_OPTIONS})")
-        db.execute(f"INSERT INTO {_fts(kb_id)} (rowid, terms) SELECT f.rowid, f.terms FROM chunks_fts f "
-                   "JOIN chunks c ON c.id = f.rowid WHERE c.kb_id = ?", (kb_id,))
-    db.execute("DROP TABLE chunks_fts")
-
-
-def _drop_placeholder_vectors(db) -> None:
-    """Migration 4: a knowledge base indexed by words only kept a vector table of placeholders."""
-    for (kb_id,) in db.execute("SELECT id FROM kbs WHERE embedder = ?", (WORDS_ONLY,)).fetchall():
-        db.execute(f"DROP TABLE IF EXISTS {_vec(kb_id)}")
-
-
-MIGRATIONS = [
-    # 1: knowledge bases, documents, passages and the passages' FTS5 terms (rowid = chunks.id)
-    [
-        """CREATE TABLE kbs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            owner TEXT NOT NULL,
-            name TEXT NOT NULL,
-            embedder TEXT NOT NULL,
-            embedder_path TEXT NOT NULL DEFAULT '',
-            dim INTEGER NOT NULL,
-            created REAL NOT NULL,
-            UNIQUE (owner, name))""",
-        """CREATE TABLE documents (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kb_id INTEGER NOT NULL REFERENCES kbs(id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            source TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            pages INTEGER,
-            file TEXT NOT NULL,
-            added REAL NOT NULL,
-            UNIQUE (kb_id, name))""",
-        "CREATE INDEX documents_hash ON documents(kb_id, sha256)",
-        """CREATE TABLE chunks (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kb_id INTEGER NOT NULL REFERENCES kbs(id) ON DELETE CASCADE,
-            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL,
-            text TEXT NOT NULL,
-            heading TEXT NOT NULL DEFAULT '',
-            page INTEGER,
-            line INTEGER,
-            paragraph INTEGER,
-            sha256 TEXT NOT NULL)""",
-        "CREATE INDEX chunks_document ON chunks(document_id, seq)",
-        "CREATE INDEX chunks_hash ON chunks(kb_id, sha256)",
-        "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')",
-    ],
-    # 2: each knowledge base's terms in its own FTS5 table, as its vectors are (_terms_per_kb)
-    _terms_per_kb,
-    # 3: a counter bumped by every change to a knowledge base's passages, in the same transaction:
-    # a process's in-memory copy of the vectors (KnowledgeStore._matrix) is current while it matches
-    ["ALTER TABLE kbs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"],
-    # 4: a knowledge base indexed by words only has no vector table (it had one of placeholders)
-    _drop_placeholder_vectors,
-]
 # the vectors of recently searched knowledge bases, kept in memory (KnowledgeStore._matrix), at most
 # this many bytes in all; a knowledge base larger than that is searched by sqlite-vec from the file
 MATRIX_CACHE_BYTES = 512 * 2**20
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
-# the embedder of a knowledge base indexed by words only (made where no embedding model was, as
-# by the console of a server started with --no-embeddings): it has no vector table
-WORDS_ONLY = "none (words only)"
 
 
 def words_only(kb: dict) -> bool:
@@ -188,18 +119,7 @@ class KnowledgeStore:
         self._matrices_lock = threading.Lock()
         try:
             with self._tx() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                row = db.execute("SELECT version FROM schema_version").fetchone()
-                at = row["version"] if row else 0
-                if row is None:
-                    db.execute("INSERT INTO schema_version VALUES (0)")
-                for n, migration in enumerate(MIGRATIONS[:version][at:], start=at + 1):
-                    if callable(migration):
-                        migration(db)
-                    else:
-                        for statement in migration:
-                            db.execute(statement)
-                    db.execute("UPDATE schema_version SET version = ?", (n,))
+                migrate(db, version)
         except self._sqlite.Error as e:
             raise KnowledgeError(f"{self.path}: cannot open the knowledge store: {' '.join(str(e).split())}") from None
 
@@ -212,16 +132,7 @@ class KnowledgeStore:
         if db is None:
             sqlite = self._sqlite
             self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.row_factory = sqlite.Row
-            db.text_factory = lambda b: b.decode("utf-8", "replace")
-            import sqlite_vec
-            db.enable_load_extension(True)
-            sqlite_vec.load(db)
-            db.enable_load_extension(False)
+            db = connect(sqlite, self.path)
             self._local.db = db
         return db
 
@@ -503,13 +414,6 @@ class KnowledgeStore:
         return out
 
 
-def _vec(kb_id: int) -> str:
-    return f"kb_vectors_{int(kb_id)}"          # an integer, never user text
-
 
 def _changed(db, kb: dict) -> None:
     db.execute("UPDATE kbs SET generation = generation + 1 WHERE id = ?", (kb["id"],))
-
-
-def _fts(kb_id: int) -> str:
-    return f"kb_terms_{int(kb_id)}"            # an integer, never user text
