@@ -5,7 +5,7 @@ llama-cpp-python sdist vendors: `bash tests/build_llama_server.sh`; these tests 
 where it is not built) serving the SmolLM2 GGUF that glmkit embeds, and a gateway
 (`glmkit serve --engine URL --engine-kind llamacpp --model <the same GGUF>`), which reads the
 tokenizer and chat template from the file but never its weights.  The gateway sends prompt ids
-to llama-server's /completion and reads ids back (engine/remote.py's LlamaCppStream)."""
+to llama-server's /completion and reads ids back (engine/llamacpp.py's LlamaCppStream)."""
 
 import os
 import shutil
@@ -106,8 +106,8 @@ def gateway(engine):
 
 @pytest.fixture(scope="module")
 def remote(engine, smol):
-    from glmkit.engine.remote import RemoteBackend
-    backend = RemoteBackend(engine, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
+    from glmkit.engine.llamacpp import LlamaCppBackend
+    backend = LlamaCppBackend(engine, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
     backend.check()
     yield backend
     backend.close()
@@ -256,10 +256,11 @@ def test_engine_killed_mid_stream(smol):
     """llama-server dies while a sequence streams from it: the reader gets one error naming the
     engine, at once, not a hang; a new request is refused naming it too."""
     from glmkit.engine import SamplingParams
-    from glmkit.engine.remote import EngineUnavailable, RemoteBackend
+    from glmkit.engine.llamacpp import LlamaCppBackend
+    from glmkit.engine.remote import EngineUnavailable
     ids = smol.encode_chat([{"role": "user", "content": "Count from 1 to 1000."}])
     with llama_server() as (url, proc):
-        backend = RemoteBackend(url, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
+        backend = LlamaCppBackend(url, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
         backend.check()
         stream = backend.submit(ids, SamplingParams(temperature=0), smol.format.stop_ids, 2000)
         got = [stream.get(timeout=30) for _ in range(5)]
@@ -303,7 +304,7 @@ def test_the_models_file_takes_the_kind(tmp_path):
 
 # -- the held-back ids, without a server ------------------------------------------------------------
 def test_withheld_ids_are_named_only_when_their_bytes_allow_one_reading():
-    from glmkit.engine.remote import _only_split
+    from glmkit.engine.llamacpp import _only_split
     pieces = {b"\xe8": 10, b"\x89": 11, b"\xbe": 12, b"\xe8\x89": 13, b"a": 14, b"ab": 15, b"b": 16}
     assert _only_split(b"\xe8\x89", 1, pieces, 2) == [13]
     assert _only_split(b"\xe8\x89", 2, pieces, 2) == [10, 11]
