@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 from ..errors import GlmkitError
 from .remote import EngineUnavailable, QueuedStream, RemoteLoad
-from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent, budget
+from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 
 MISSING = "--ray needs Ray Serve, which is not installed: pip install 'glmkit[cluster]'"
 DEPLOYMENT = "glmkit-engine"
@@ -233,14 +233,7 @@ class RayBackend:
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
                max_new_tokens: int | None = None, logprobs: int | None = None,
                forced_prefix: Sequence[int] = ()) -> RayStream:
-        if params.grammar is not None:
-            raise GlmkitError("constrained decoding (a JSON schema, a strict tool) needs the model in this "
-                              f"process; the engine at {self.url} cannot do it")
-        if not prompt:
-            raise GlmkitError("the prompt is empty")
-        n = budget(len(prompt), max_new_tokens, self.context_length)
-        self.scheduler.stats.requests += 1
-        self.scheduler.stats.prompt_tokens += len(prompt)
+        n = self.scheduler.admit(prompt, params, max_new_tokens)
         return RayStream(self, (list(prompt), params, frozenset(stop_ids), n, logprobs, tuple(forced_prefix)))
 
     def count(self, replica: str, requests: int = 0, tokens: int = 0):

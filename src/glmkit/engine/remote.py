@@ -110,14 +110,7 @@ class RemoteBackend:
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
                max_new_tokens: int | None = None, logprobs: int | None = None,
                forced_prefix: Sequence[int] = ()) -> RemoteStream:
-        if params.grammar is not None:
-            raise GlmkitError("constrained decoding (a JSON schema, a strict tool) needs the model in this "
-                              f"process; the engine at {self.url} cannot do it")
-        if not prompt:
-            raise GlmkitError("the prompt is empty")
-        n = budget(len(prompt), max_new_tokens, self.context_length)
-        self.scheduler.stats.requests += 1
-        self.scheduler.stats.prompt_tokens += len(prompt)
+        n = self.scheduler.admit(prompt, params, max_new_tokens)
         return self.stream_class(self, list(prompt), params, frozenset(stop_ids), n, logprobs, list(forced_prefix))
 
     def body(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], max_tokens: int,
@@ -149,8 +142,8 @@ class RemoteBackend:
 
 class RemoteLoad:
     """What the server asks of its scheduler (/health, /metrics, its lifetime) for a remote engine:
-    the sequences in flight from here, and the tokens they received.  The engine's own queue and
-    batch are on its own /metrics."""
+    the sequences in flight from here, and the tokens they received; and what a remote Backend's
+    submit checks (admit).  The engine's own queue and batch are on its own /metrics."""
 
     max_batch = 0               # the engine's batch and queue are its own
     queue_length = 0
@@ -167,6 +160,20 @@ class RemoteLoad:
     @property
     def max_seq_len(self) -> int:
         return self.backend.context_length
+
+    def admit(self, prompt: Sequence[int], params: SamplingParams, max_new_tokens: int | None) -> int:
+        """The checks every remote Backend's submit makes before calling its engine, as the local
+        Scheduler's submit does, and the request counted: how many tokens may be generated (the
+        one budget rule).  A grammar is refused: constrained decoding needs the logits here."""
+        if params.grammar is not None:
+            raise GlmkitError("constrained decoding (a JSON schema, a strict tool) needs the model in this "
+                              f"process; the engine at {self.backend.url} cannot do it")
+        if not prompt:
+            raise GlmkitError("the prompt is empty")
+        n = budget(len(prompt), max_new_tokens, self.backend.context_length)
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        return n
 
     def start(self) -> RemoteLoad:
         return self
