@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import GlmkitError
-from .remote import EngineUnavailable, QueuedStream, RemoteLoad
+from .remote import EngineUnavailable, QueuedStream, RemoteLoad, exception_text
 from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 
 MISSING = "--ray needs Ray Serve, which is not installed: pip install 'glmkit[cluster]'"
@@ -226,7 +226,7 @@ class RayBackend:
         try:
             info = self.handle.info.remote().result(timeout_s=self.timeout)
         except Exception as e:
-            raise EngineUnavailable(f"the engine at {self.url} did not answer ({_why(e)})") from None
+            raise EngineUnavailable(f"the engine at {self.url} did not answer ({exception_text(e)})") from None
         self.context_length = min(self.context_length, info["max_seq_len"])
         return info
 
@@ -310,12 +310,12 @@ class RayStream(QueuedStream):
             elif isinstance(cause, GlmkitError):
                 self._fail(EngineUnavailable(f"the engine at {url} failed: {cause}"))
             else:
-                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(cause or e)})"))
+                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({exception_text(cause or e)})"))
         except EngineUnavailable as e:
             self._fail(e)
         except Exception as e:
             if not self._cancelled.is_set():      # a cancelled call ends with Ray's cancellation error
-                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(e)})"))
+                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({exception_text(e)})"))
         finally:
             self.backend.streams.discard(self)
 
@@ -329,6 +329,3 @@ class RayStream(QueuedStream):
             self._put(ev)
         self.backend.count(replica, tokens=len(events))
 
-
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
