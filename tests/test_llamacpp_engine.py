@@ -10,9 +10,7 @@ to llama-server's /completion and reads ids back (engine/llamacpp.py's LlamaCppS
 import os
 import shutil
 import subprocess
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import glmkit_bin
-from server_helpers import free_port, running_server
+from server_helpers import free_port, running_process, running_server
 
 COMMON = ("--no-console", "--no-embeddings")
 
@@ -56,40 +54,15 @@ def llama_server(ctx: int = 4096):
     if binary is None:
         pytest.skip(NOT_BUILT)
     port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
     # one slot (-np 1): its whole context is ours; --slots and --metrics: what the tests watch.
     # One thread: ggml's threads spin at each step's barrier, and on a box busy with other tests
     # two of them ran 25 times slower than one (1 token/s).  --no-repack: the AMX kernels that
     # repacking picks where the CPU reports AMX crashed (SIGSEGV in ggml_backend_amx_mul_mat) on
     # the VMs this was built on.
-    proc = subprocess.Popen([binary, "-m", gguf(), "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
-                             "-np", "1", "-t", "1", "--no-repack", "--no-webui", "--slots", "--metrics",
-                             "--no-warmup"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError("llama-server exited: " + log.read()[-3000:])
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("llama-server did not start in time")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with running_process([binary, "-m", gguf(), "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
+                          "-np", "1", "-t", "1", "--no-repack", "--no-webui", "--slots", "--metrics",
+                          "--no-warmup"], port, "llama-server", timeout=60, merge_stdout=True) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
