@@ -1,4 +1,5 @@
-"""Start a real `glmkit serve` process on a free loopback port for a test module."""
+"""Start a real `glmkit serve` process on a free loopback port for a test module (running_server),
+or any other server process that answers GET /health (running_process)."""
 
 import os
 import socket
@@ -23,19 +24,29 @@ def running_server(*args, env=None, timeout=180):
     env = dict(env or os.environ)
     env.pop("MODEL_PATH", None)
     env["PYTHONUNBUFFERED"] = "1"
+    with running_process([glmkit_bin(), "serve", "--port", str(port), *args], port, env=env,
+                         timeout=timeout) as served:
+        yield served
+
+
+@contextmanager
+def running_process(argv, port: int, name="server", env=None, timeout=180, merge_stdout=False):
+    """Start `argv`, a server listening on loopback `port`, wait until its GET /health answers 200,
+    and yield (its URL, the process); it is stopped on leaving.  Its stderr (and its stdout with
+    `merge_stdout`; else stdout is dropped) is kept for the error when it exits before that."""
     log = open(os.devnull, "w")
     # stderr to a file, not a pipe nobody reads while the server runs: a server that logs a lot
     # (a request line each) would fill a pipe and stall
     errors = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([glmkit_bin(), "serve", "--port", str(port), *args], env=env,
-                            stdout=log, stderr=errors, text=True)
+    proc = subprocess.Popen(argv, env=env, stdout=errors if merge_stdout else log,
+                            stderr=subprocess.STDOUT if merge_stdout else errors, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:
         while True:
             if proc.poll() is not None:
                 errors.seek(0)
-                raise RuntimeError("server exited: " + errors.read())
+                raise RuntimeError(f"{name} exited: " + errors.read())
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -43,7 +54,7 @@ def running_server(*args, env=None, timeout=180):
             except OSError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError("server did not start in time")
+                raise RuntimeError(f"{name} did not start in time")
             time.sleep(0.3)
         yield base, proc
     finally:

@@ -5,14 +5,12 @@ llama-cpp-python sdist vendors: `bash tests/build_llama_server.sh`; these tests 
 where it is not built) serving the SmolLM2 GGUF that glmkit embeds, and a gateway
 (`glmkit serve --engine URL --engine-kind llamacpp --model <the same GGUF>`), which reads the
 tokenizer and chat template from the file but never its weights.  The gateway sends prompt ids
-to llama-server's /completion and reads ids back (engine/remote.py's LlamaCppStream)."""
+to llama-server's /completion and reads ids back (engine/llamacpp.py's LlamaCppStream)."""
 
 import os
 import shutil
 import subprocess
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import glmkit_bin
-from server_helpers import free_port, running_server
+from server_helpers import free_port, running_process, running_server
 
 COMMON = ("--no-console", "--no-embeddings")
 
@@ -56,40 +54,15 @@ def llama_server(ctx: int = 4096):
     if binary is None:
         pytest.skip(NOT_BUILT)
     port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
     # one slot (-np 1): its whole context is ours; --slots and --metrics: what the tests watch.
     # One thread: ggml's threads spin at each step's barrier, and on a box busy with other tests
     # two of them ran 25 times slower than one (1 token/s).  --no-repack: the AMX kernels that
     # repacking picks where the CPU reports AMX crashed (SIGSEGV in ggml_backend_amx_mul_mat) on
     # the VMs this was built on.
-    proc = subprocess.Popen([binary, "-m", gguf(), "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
-                             "-np", "1", "-t", "1", "--no-repack", "--no-webui", "--slots", "--metrics",
-                             "--no-warmup"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError("llama-server exited: " + log.read()[-3000:])
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("llama-server did not start in time")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with running_process([binary, "-m", gguf(), "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx),
+                          "-np", "1", "-t", "1", "--no-repack", "--no-webui", "--slots", "--metrics",
+                          "--no-warmup"], port, "llama-server", timeout=60, merge_stdout=True) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +79,8 @@ def gateway(engine):
 
 @pytest.fixture(scope="module")
 def remote(engine, smol):
-    from glmkit.engine.remote import RemoteBackend
-    backend = RemoteBackend(engine, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
+    from glmkit.engine.llamacpp import LlamaCppBackend
+    backend = LlamaCppBackend(engine, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
     backend.check()
     yield backend
     backend.close()
@@ -256,10 +229,11 @@ def test_engine_killed_mid_stream(smol):
     """llama-server dies while a sequence streams from it: the reader gets one error naming the
     engine, at once, not a hang; a new request is refused naming it too."""
     from glmkit.engine import SamplingParams
-    from glmkit.engine.remote import EngineUnavailable, RemoteBackend
+    from glmkit.engine.llamacpp import LlamaCppBackend
+    from glmkit.engine.remote import EngineUnavailable
     ids = smol.encode_chat([{"role": "user", "content": "Count from 1 to 1000."}])
     with llama_server() as (url, proc):
-        backend = RemoteBackend(url, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
+        backend = LlamaCppBackend(url, "llamacpp", smol.tokenizer, smol.format, "smol", smol.context_length)
         backend.check()
         stream = backend.submit(ids, SamplingParams(temperature=0), smol.format.stop_ids, 2000)
         got = [stream.get(timeout=30) for _ in range(5)]
@@ -303,7 +277,7 @@ def test_the_models_file_takes_the_kind(tmp_path):
 
 # -- the held-back ids, without a server ------------------------------------------------------------
 def test_withheld_ids_are_named_only_when_their_bytes_allow_one_reading():
-    from glmkit.engine.remote import _only_split
+    from glmkit.engine.llamacpp import _only_split
     pieces = {b"\xe8": 10, b"\x89": 11, b"\xbe": 12, b"\xe8\x89": 13, b"a": 14, b"ab": 15, b"b": 16}
     assert _only_split(b"\xe8\x89", 1, pieces, 2) == [13]
     assert _only_split(b"\xe8\x89", 2, pieces, 2) == [10, 11]

@@ -59,7 +59,7 @@ class LocalEntry(_Strict):
 
 class EngineEntry(_Strict):
     """A model whose tokens come from another server: `glmkit serve` or vLLM (/v1/completions), or
-    llama.cpp's llama-server (/completion); engine/remote.py's KINDS."""
+    llama.cpp's llama-server (/completion, engine/llamacpp.py); engine/remote.py's KINDS."""
     engine: HttpUrl
     kind: Literal["glmkit", "vllm", "llamacpp"] = "glmkit"
     path: str = Field(min_length=1)       # the same model's directory: tokenizer, config, chat format

@@ -90,10 +90,13 @@ def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: fl
     weights).  The engine is asked what it serves now, so that a wrong URL is one error at startup."""
     from ..chat_model import ChatModel
     from ..chat import chat_format_for
+    from ..engine.llamacpp import LlamaCppBackend
     from ..engine.remote import RemoteBackend
     from ..models.loader import without_weights
     checkpoint = without_weights(path)
-    backend = RemoteBackend(url, kind, checkpoint.tokenizer, chat_format_for(checkpoint),
+    # llama-server speaks its own dialect; every other kind, vLLM's /v1/completions
+    backend_class = LlamaCppBackend if kind == "llamacpp" else RemoteBackend
+    backend = backend_class(url, kind, checkpoint.tokenizer, chat_format_for(checkpoint),
                             model_id or checkpoint.config.name, checkpoint.config.context_length,
                             timeout=timeout, api_key=api_key)
     backend.check()

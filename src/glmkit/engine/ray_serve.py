@@ -34,8 +34,8 @@ import time
 from collections.abc import Sequence
 
 from ..errors import GlmkitError
-from .remote import EngineUnavailable, QueuedStream, RemoteLoad
-from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent, budget
+from .remote import EngineUnavailable, QueuedStream, RemoteLoad, exception_text
+from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 
 MISSING = "--ray needs Ray Serve, which is not installed: pip install 'glmkit[cluster]'"
 DEPLOYMENT = "glmkit-engine"
@@ -226,21 +226,14 @@ class RayBackend:
         try:
             info = self.handle.info.remote().result(timeout_s=self.timeout)
         except Exception as e:
-            raise EngineUnavailable(f"the engine at {self.url} did not answer ({_why(e)})") from None
+            raise EngineUnavailable(f"the engine at {self.url} did not answer ({exception_text(e)})") from None
         self.context_length = min(self.context_length, info["max_seq_len"])
         return info
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
                max_new_tokens: int | None = None, logprobs: int | None = None,
                forced_prefix: Sequence[int] = ()) -> RayStream:
-        if params.grammar is not None:
-            raise GlmkitError("constrained decoding (a JSON schema, a strict tool) needs the model in this "
-                              f"process; the engine at {self.url} cannot do it")
-        if not prompt:
-            raise GlmkitError("the prompt is empty")
-        n = budget(len(prompt), max_new_tokens, self.context_length)
-        self.scheduler.stats.requests += 1
-        self.scheduler.stats.prompt_tokens += len(prompt)
+        n = self.scheduler.admit(prompt, params, max_new_tokens)
         return RayStream(self, (list(prompt), params, frozenset(stop_ids), n, logprobs, tuple(forced_prefix)))
 
     def count(self, replica: str, requests: int = 0, tokens: int = 0):
@@ -317,12 +310,12 @@ class RayStream(QueuedStream):
             elif isinstance(cause, GlmkitError):
                 self._fail(EngineUnavailable(f"the engine at {url} failed: {cause}"))
             else:
-                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(cause or e)})"))
+                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({exception_text(cause or e)})"))
         except EngineUnavailable as e:
             self._fail(e)
         except Exception as e:
             if not self._cancelled.is_set():      # a cancelled call ends with Ray's cancellation error
-                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({_why(e)})"))
+                self._fail(EngineUnavailable(f"the engine at {url} failed during generation ({exception_text(e)})"))
         finally:
             self.backend.streams.discard(self)
 
@@ -336,6 +329,3 @@ class RayStream(QueuedStream):
             self._put(ev)
         self.backend.count(replica, tokens=len(events))
 
-
-def _why(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

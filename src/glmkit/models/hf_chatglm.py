@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .shard_index import read_shard_index
 
 _LAYER_KEYS = {
     "input_layernorm.weight": "attention_norm.weight",
@@ -98,18 +99,14 @@ def read_config(path: Path) -> ModelConfig:
 
 def weight_files(path: Path) -> list[Path]:
     """The shard files that hold the weights, checked to exist."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{path}: shard(s) named in {index_name} are missing: {', '.join(missing)}")
-            return files
+    shards = read_shard_index(path)
+    if shards is not None:
+        index_name, weight_map = shards
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) named in {index_name} are missing: {', '.join(missing)}")
+        return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (path / single).is_file():
             return [path / single]

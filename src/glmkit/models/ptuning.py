@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .shard_index import read_shard_index
 
 PREFIX = "transformer.prefix_encoder."
 EMBEDDING = PREFIX + "embedding.weight"
 PROJECTION = tuple(PREFIX + k for k in ("trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"))
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -139,18 +139,14 @@ def _misfit(path: Path, got: int, width: int, cfg, base) -> str:
 
 def _weight_files(path: Path) -> list[Path]:
     """The files that may hold the prefix: those an index names for it, else the single-file weights."""
-    for name in INDEXES:
-        index = path / name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            files = [path / f for k, f in weight_map.items() if k.startswith(PREFIX)]
-            if not files:
-                raise CheckpointError(f"{path}: {name} names no {PREFIX}* tensor: not a P-tuning v2 checkpoint "
-                                      f"(config.json sets pre_seq_len, but the weights have no prefix encoder)")
-            return list(dict.fromkeys(files))
+    shards = read_shard_index(path)
+    if shards is not None:
+        name, weight_map = shards
+        files = [path / f for k, f in weight_map.items() if k.startswith(PREFIX)]
+        if not files:
+            raise CheckpointError(f"{path}: {name} names no {PREFIX}* tensor: not a P-tuning v2 checkpoint "
+                                  f"(config.json sets pre_seq_len, but the weights have no prefix encoder)")
+        return list(dict.fromkeys(files))
     files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
     if not files:
         raise CheckpointError(f"{path}: no weights (expected pytorch_model.bin or model.safetensors holding "

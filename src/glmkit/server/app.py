@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..engine.scheduler import Scheduler
-from . import anthropic_api, console, console_knowledge, embeddings, ollama_api, openai_routes, responses_api
+from . import (anthropic_api, console, console_files, console_knowledge, embeddings, ollama_api, openai_routes,
+               responses_api)
 from .cloud_chat import CloudChat
 from .errors import StrictJSONRoute, add_error_handlers
 from .middleware import Guard
@@ -71,7 +72,7 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
         routers.append(embeddings.router)
     if config.data_dir is not None:
         server.console = console.Console(server)
-        routers += [console.router, console_knowledge.router]
+        routers += [console.router, console_files.router, console_knowledge.router]
     for router in routers:
         app.include_router(router)
     # every route, for /metrics to name a request that was refused before routing (FastAPI keeps

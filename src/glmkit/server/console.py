@@ -1,5 +1,7 @@
 """The web console's HTTP side, one APIRouter: a static page plus a small JSON API over the
-conversation store.  The server includes it when it has a data directory (--data-dir).
+conversation store.  The server includes it when it has a data directory (--data-dir), with the
+console's other routers: the code interpreter's workspace files and Run (console_files) and the
+knowledge bases (console_knowledge).
 
 Answers in every mode are produced by the chat layer's Agent over the server's scheduler
 (console_turns), so the console shares the API's engine, tool parser, agent loop and sandbox.
@@ -16,9 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import threading
-import time
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -30,18 +29,14 @@ from pydantic import ValidationError
 from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from ..errors import GlmkitError
 from ..chat.capabilities import small_model_note
-from ..chat.protocols import GLM3Protocol
-from ..chat.tool_calls import INTERPRETER, CodeCall
-from ..chat.tools import ToolResult
 from .auth import request_key
 from .state import server_state
 from .console_turns import Turn
 from .errors import APIError, StrictJSONRoute
 from .knowledge import knowledge_dir, lookup
 from .console_requests import (CONTENT_MAX, MODES, SYSTEM_MAX, TITLE_MAX, ConsoleSettings, ConversationPatch,
-                               NewConversation, Run, Send, slug, title_of)
+                               NewConversation, Send, slug, title_of)
 from .store import NotFound, Store, owner_of
-from .tool_steps import step_view
 from .workspace import Workspaces
 
 STATIC = Path(__file__).with_name("static")
@@ -288,91 +283,6 @@ async def clear(cid: str, request: Request, console: TheConsole):
     console.store.truncate(console.owner(request), cid, 0)
     await asyncio.to_thread(console.workspaces.close_kernel, cid)
     return console.conversation(request, cid)
-
-
-# -- the code interpreter's workspace ----------------------------------------------------------
-@router.get("/api/conversations/{cid}/files")
-def list_files(cid: str, request: Request, console: TheConsole):
-    console.conversation(request, cid)
-    return console.workspaces.list(cid)
-
-
-@router.put("/api/conversations/{cid}/files/{name}")
-async def upload(cid: str, name: str, request: Request, console: TheConsole):
-    """The raw request body becomes /mnt/data/NAME for the conversation's code (its size bounded
-    by the middleware's upload limit, counted as it arrives)."""
-    if console.conversation(request, cid)["mode"] != "code":
-        raise APIError(400, "files belong to code-interpreter conversations")
-    data = await request.body()
-    try:
-        return await asyncio.to_thread(console.workspaces.save, cid, name, data)
-    except GlmkitError as e:
-        raise APIError(400, str(e), param="name") from None
-
-
-@router.get("/api/conversations/{cid}/files/{name:path}")
-def download(cid: str, name: str, request: Request, console: TheConsole):
-    console.conversation(request, cid)
-    try:
-        fd, size = console.workspaces.open(cid, name)
-    except (OSError, ValueError, GlmkitError):
-        raise APIError(404, f"no file {name!r} in this conversation's workspace", code="not_found") from None
-    f = os.fdopen(fd, "rb")   # closed when read out, or when dropped if the client goes away first
-
-    def chunks():   # from the descriptor that was checked, never the path again
-        with f:
-            while block := f.read(1 << 16):
-                yield block
-    filename = quote(name.rsplit("/", 1)[-1])
-    return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-        "Content-Length": str(size), "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
-
-
-# -- a person's own code -----------------------------------------------------------------------
-class _UserRun:
-    """A cell the person runs (Run on a code block): it holds the conversation as a turn does,
-    and Stop interrupts it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.finished = kernel, threading.Event()
-
-    def stop(self):
-        self.kernel.interrupt()
-
-
-@router.post("/api/conversations/{cid}/run")
-async def run_code(cid: str, request: Request, console: TheConsole, body: Run):
-    """Run `code` in the conversation's sandboxed kernel (its variables and /mnt/data), recorded
-    as a step of the conversation like the model's own code steps, marked as the person's
-    (extras.by = "user"), so the model sees the code and its output in the history too."""
-    who, store = console.owner(request), console.store
-    conv = console.conversation(request, cid)
-    if conv["mode"] != "code":
-        raise APIError(400, "code runs in Code interpreter conversations only")
-    console.mode_on("code")
-    console.not_busy(cid)
-    kernel = console.workspaces.lease(cid)
-    job = console.active[cid] = _UserRun(kernel)
-    try:
-        started = time.monotonic()
-        cell = await asyncio.to_thread(kernel.run, body.code)
-        seconds = round(time.monotonic() - started, 3)
-        call = CodeCall("user-run", body.code)
-        fence = "```python\n" + body.code.rstrip("\n") + "\n```"
-        # as the model's own code step would be in its history: ChatGLM3's interpreter segment,
-        # or (any other protocol) a fenced block in an assistant message
-        metadata = INTERPRETER if type(console.models[conv["model"]].protocol) is GLM3Protocol else ""
-        store.append(who, cid, "assistant", fence, metadata, {"by": "user"})
-        view = {"name": INTERPRETER, **step_view(call, ToolResult(not cell.error, cell.observation(), value=cell)),
-                "by": "user", "seconds": seconds}
-        store.append(who, cid, "observation", cell.observation(), "", view)
-    except NotFound:
-        raise APIError(404, "conversation not found", code="not_found") from None
-    finally:
-        kernel.release()
-        console.active.pop(cid, None)
-        job.finished.set()
-    return view
 
 
 # -- answering ---------------------------------------------------------------------------------

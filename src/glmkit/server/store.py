@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import GlmkitError
+from ..migrations import migrate
 from .store_sql import dialect_for
 
 # A migration is SQL statements separated by ";", a list of statements, or {dialect name: either}
@@ -125,6 +126,13 @@ MIGRATIONS = [
 SEARCH_TERMS_MAX = 8
 
 
+def _statements(sql, dialect: str) -> list[str]:
+    """One of MIGRATIONS as the statements to run on `dialect` (see MIGRATIONS)."""
+    if isinstance(sql, dict):
+        sql = sql[dialect]
+    return list(filter(str.strip, sql.split(";") if isinstance(sql, str) else sql))
+
+
 def owner_of(api_key: str | None) -> str:
     """Conversations are keyed by a hash of the API key, never the key itself."""
     return "local" if not api_key else "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:32]
@@ -142,22 +150,12 @@ class Store:
         self._dialect = dialect_for(where)
         self.where = self._dialect.where          # for messages: a URL's password is not in it
         self._local = threading.local()
-        migrations = MIGRATIONS[:version]
+        migrations = [_statements(sql, self._dialect.name) for sql in MIGRATIONS[:version]]
         try:
             # one transaction: concurrent first opens cannot both migrate
             with self._tx() as db:
                 self._dialect.lock_migrations(db)
-                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                row = db.execute("SELECT version FROM schema_version").fetchone()
-                at = row["version"] if row else 0
-                if row is None:
-                    db.execute("INSERT INTO schema_version VALUES (0)")
-                for n, sql in enumerate(migrations[at:], start=at + 1):
-                    if isinstance(sql, dict):
-                        sql = sql[self._dialect.name]
-                    for statement in filter(str.strip, sql.split(";") if isinstance(sql, str) else sql):
-                        db.execute(statement)
-                    db.execute("UPDATE schema_version SET version = ?", (n,))
+                migrate(db, migrations)
         except self._dialect.errors as e:
             # at startup, one line naming the database (a permission, a full disk, a file that is
             # not a database), not a traceback
