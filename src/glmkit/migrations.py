@@ -6,19 +6,23 @@ transaction (which makes concurrent first opens take turns): no driver is import
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
-def migrate(db, migrations: Sequence[Iterable[str]]) -> None:
-    """Run on `db` each migration it has not had yet, in order: the n-th of `migrations` is the
-    statements that take the schema from version n - 1 to n, and n is recorded once they have run.
+def migrate(db, migrations: Sequence[Iterable[str] | Callable]) -> None:
+    """Run on `db` each migration it has not had yet, in order: the n-th of `migrations` takes the
+    schema from version n - 1 to n, as statements or as a function of `db` (for a change that
+    depends on what the database holds), and n is recorded once it has run.
     `db`'s rows must be readable by column name, and its placeholder `?`."""
     db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = db.execute("SELECT version FROM schema_version").fetchone()
     at = row["version"] if row else 0
     if row is None:
         db.execute("INSERT INTO schema_version VALUES (0)")
-    for n, statements in enumerate(migrations[at:], start=at + 1):
-        for statement in statements:
-            db.execute(statement)
+    for n, migration in enumerate(migrations[at:], start=at + 1):
+        if callable(migration):
+            migration(db)
+        else:
+            for statement in migration:
+                db.execute(statement)
         db.execute("UPDATE schema_version SET version = ?", (n,))

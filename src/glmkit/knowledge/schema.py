@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import migrations
+
 # the embedder of a knowledge base indexed by words only (made where no embedding model was, as
 # by the console of a server started with --no-embeddings): it has no vector table
 WORDS_ONLY = "none (words only)"
@@ -117,15 +119,4 @@ def connect(sqlite, path: Path):
 
 def migrate(db, version: int | None = None) -> None:
     """Bring the schema to `version` (all of MIGRATIONS when None), inside the caller's transaction."""
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = db.execute("SELECT version FROM schema_version").fetchone()
-    at = row["version"] if row else 0
-    if row is None:
-        db.execute("INSERT INTO schema_version VALUES (0)")
-    for n, migration in enumerate(MIGRATIONS[:version][at:], start=at + 1):
-        if callable(migration):
-            migration(db)
-        else:
-            for statement in migration:
-                db.execute(statement)
-        db.execute("UPDATE schema_version SET version = ?", (n,))
+    migrations.migrate(db, MIGRATIONS[:version])
