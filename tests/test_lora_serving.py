@@ -8,6 +8,7 @@ one batch.  The reference for an adapter's output is the adapter merged into the
 (W + (alpha/r)·B·A, tests/test_finetune_lora.py checks that merge against the files): unmerged per
 row must compute the same logits, alone and batched with base rows and the other adapter's."""
 
+import httpx
 import openai
 import pytest
 import torch
@@ -253,3 +254,24 @@ def test_serve_lists_and_answers_each_adapter(dirs, merged):
         with pytest.raises(openai.NotFoundError) as e:
             client.chat.completions.create(model="chatglm3-tiny:nope", messages=HI, max_tokens=4)
         assert e.value.code == "model_not_found"
+        # Ollama's API: "<model>:<tag>" is the adapter (":latest" stays the base model), an unknown one a 404
+        ask = dict(messages=HI, stream=False, options={"temperature": 0, "num_predict": 16})
+        for model, name in [("chatglm3-tiny:b", "b"), ("chatglm3-tiny:latest", "")]:
+            r = httpx.post(url + "/api/chat", json={"model": model, **ask}, timeout=60)
+            assert r.status_code == 200 and r.json()["message"]["content"] == want[name], (model, r.text)
+        assert httpx.post(url + "/api/chat", json={"model": "chatglm3-tiny:nope", **ask}, timeout=60).status_code == 404
+
+
+def test_adapter_options():
+    """--adapter's values: one plain DIR is merged; NAME=DIR entries are served per request."""
+    from glmkit.cli.options import split_adapters
+    assert split_adapters([]) == (None, {})
+    assert split_adapters(["x/dir"]) == ("x/dir", {})
+    assert split_adapters(["a=x/1", "b=x/2"]) == (None, {"a": "x/1", "b": "x/2"})
+    assert split_adapters(["./odd=name"]) == ("./odd=name", {})        # a path, not a name
+    for bad, match in [(["x/1", "x/2"], "name each"), (["x/1", "a=x/2"], "name it too"),
+                       (["a=x/1", "a=x/2"], "twice")]:
+        with pytest.raises(GlmkitError, match=match):
+            split_adapters(bad)
+    with pytest.raises(GlmkitError, match="glmkit serve"):
+        split_adapters(["a=x/1"], named_ok=False)

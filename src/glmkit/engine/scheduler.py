@@ -26,6 +26,12 @@ bucket (1, 2, 4, 8, ...), and the cache has all max_batch rows from the start so
 fits.  Its length still grows by doubling (the compiled step takes lengths as dynamic sizes), except
 with a static step (CUDA graphs), which needs the whole max_batch x max_seq_len cache up front.
 Prefill chunks always run eagerly.
+
+LoRA adapters served unmerged (models/lora.py): each request names its adapter by index
+(GenerationRequest.adapter, 0 = none) and rows of different adapters share one decode step, each
+row getting its own adapter's product.  A step with any adapter's row in it runs eagerly (the
+compiled step has no LoRA path); steps of base rows only keep the compiled step.  A kept or running
+row donates its prefix only to sequences of the same adapter (its keys and values are that adapter's).
 """
 
 from __future__ import annotations
