@@ -19,7 +19,7 @@ import glmkit
 from glmkit.engine import GenerationRequest, SamplingParams, Scheduler
 from glmkit.errors import CheckpointError, GlmkitError
 from glmkit.models.loader import load_checkpoint
-from glmkit.models.lora import MODES
+from glmkit.models.lora import DEFAULT_MODE, MODES
 
 GREEDY = SamplingParams(temperature=0)
 ADAPTERS = {"a": dict(r=8, alpha=16.0, seed=1, targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
@@ -91,7 +91,7 @@ def test_unmerged_rows_compute_the_merged_models_logits(served, merged, mode):
         # the same row with no adapter (adapters=None: the base model's path, nothing added)
         assert torch.allclose(all_logits(model, tokens)[1], all_logits(merged[""].model, tokens[1:2])[0], atol=1e-5)
     finally:
-        model.lora.mode = "grouped"
+        model.lora.mode = DEFAULT_MODE
 
 
 def run(scheduler, reqs):
