@@ -147,7 +147,9 @@ def run(args) -> dict:
     quant = QuantConfig.parse(args.quantize, args.group_size, args.quantize_output)
     text = _perplexity_text(args) if args.perplexity else None     # a bad input fails before the slow load
     t0 = time.perf_counter()
-    if args.random_like and getattr(args, "adapter", None):
+    from .cli.options import split_adapters
+    adapter = split_adapters(getattr(args, "adapter", None), named_ok=False)[0]
+    if args.random_like and adapter:
         raise GlmkitError("--adapter needs a real model (not --random-like)")
     if args.random_like:
         if args.random_like not in RANDOM_LIKE:
@@ -163,7 +165,7 @@ def run(args) -> dict:
         from . import load
         cm = load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                   progress=args.progress, quantize=args.quantize, group_size=args.group_size,
-                  quantize_output=args.quantize_output, adapter=getattr(args, "adapter", None))
+                  quantize_output=args.quantize_output, adapter=adapter)
         model, tokenizer, name = cm.model, cm.tokenizer, cm.name
     load_s = time.perf_counter() - t0
     result = {"model": name, "quantize": args.quantize, "group_size": args.group_size, "dtype": str(model.dtype).replace("torch.", ""),

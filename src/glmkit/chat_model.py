@@ -41,6 +41,10 @@ class ChatModel:
         self.context_length = checkpoint.config.context_length
         self.default_sampling = dict(DEFAULT_SAMPLING.get(checkpoint.config.family, DEFAULT_SAMPLING["llama"]))
         self._backend: LocalBackend | None = None
+        # a with_adapter() view: the model it is a view of, and the adapter's index in its LoraSet
+        self._parent: ChatModel | None = None
+        self._adapter = 0
+        self.adapter: str | None = None
         self._vocabulary = None          # the vocabulary as the grammar library sees it (json_grammar)
         self._lock = threading.Lock()
 
@@ -78,6 +82,11 @@ class ChatModel:
         made on first use (its KV cache grows with use; without a thread of its own, the threads
         waiting for tokens run its steps), or the one given to serve_with()."""
         with self._lock:
+            if self._parent is not None:     # an adapter's view: the same scheduler, its own index
+                base = self._parent.backend
+                if self._backend is None or self._backend.scheduler is not base.scheduler:
+                    self._backend = LocalBackend(base.scheduler, self.tokenizer, self.format, self.name, self._adapter)
+                return self._backend
             if self._backend is None:        # (a remote model has had its backend from the start)
                 self._use(Scheduler(self.model, max_queue=None, compile=self.compile,
                                     progress=self.compile_progress))
@@ -101,14 +110,37 @@ class ChatModel:
         previous one stops.  The KV cache lives in the model, so it has one scheduler at a time."""
         if self.remote:
             raise GlmkitError(self._elsewhere("the model's weights and KV cache"))
+        if self._parent is not None:
+            self._parent.serve_with(scheduler)
+            return self.backend
         with self._lock:
             return self._use(scheduler)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters this model serves unmerged (load(adapters=...)), by name."""
+        lora = None if self.remote else self.checkpoint.model.lora
+        return list(lora.names) if lora is not None else []
+
+    def with_adapter(self, name: str) -> ChatModel:
+        """This model generating with its LoRA adapter `name` (served unmerged, models/lora.py):
+        same weights, tokenizer and format, the same scheduler (its sequences batch with the base
+        model's and the other adapters'), named `<name of the model>:<adapter>`."""
+        base = self._parent or self
+        if name not in base.adapters:
+            raise GlmkitError(f"no adapter {name!r}; this model serves "
+                              f"{', '.join(base.adapters) or 'none'} (load(adapters={{name: DIR}}))")
+        view = copy.copy(base)
+        view._lock, view._backend, view._parent = threading.Lock(), None, base
+        view._adapter, view.adapter = base.checkpoint.model.lora.index(name), name
+        view.name = f"{base.name}:{name}"
+        return view
 
     def with_backend(self, backend) -> ChatModel:
         """This model (same weights, tokenizer and format) generating through `backend` instead:
         a chat.scripted.ScriptedBackend in tests, or any other Backend wrapping this one's."""
         view = copy.copy(self)
-        view._backend, view._lock = backend, threading.Lock()
+        view._backend, view._lock, view._parent = backend, threading.Lock(), None
         return view
 
     def _use(self, scheduler: Scheduler) -> LocalBackend:
@@ -223,7 +255,7 @@ def _to_stderr(line: str):
 
 def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, quantize: str | None = None,
          group_size: int = 128, quantize_output: bool = False, compile: bool = False,
-         adapter=None) -> ChatModel:
+         adapter=None, adapters: dict | None = None) -> ChatModel:
     """Load a ChatGLM3 directory, a GGUF file, or (model=None) the embedded default model.
 
     quantize: None/"auto" keeps the checkpoint's own precision (a GGUF file's Q4_0/Q4_1/Q8_0 blocks
@@ -240,8 +272,12 @@ def load(model=None, device: str = "cpu", dtype=None, progress: bool = False, qu
     as `glmkit finetune` or peft writes it for ChatGLM3), merged into the weights as they load, before
     any quantization (models/adapters.py); one made for another base model is refused.  Or a P-tuning
     v2 checkpoint of the official demo (config.json with pre_seq_len), whose prefix keys and values sit
-    in the KV cache before every sequence (models/ptuning.py)."""
+    in the KV cache before every sequence (models/ptuning.py).
+
+    adapters: {name: LoRA adapter directory}, kept unmerged beside the (possibly quantized) weights
+    and chosen per sequence (models/lora.py): `model.with_adapter(name)` generates with one, in the
+    same batches as the base model and the other adapters."""
     quant = QuantConfig.parse(quantize, group_size, quantize_output)
     return ChatModel(load_checkpoint(model, device=device, dtype=dtype, progress=progress, quant=quant,
-                                     adapter=adapter),
+                                     adapter=adapter, adapters=adapters),
                      compile=compile, progress=progress)

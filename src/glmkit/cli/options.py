@@ -15,6 +15,7 @@ import os
 from contextlib import nullcontext
 
 from ..engine.requests import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from ..errors import GlmkitError
 
 
 def positive(text: str) -> int:
@@ -58,20 +59,49 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "none = float, int8 = per channel, int4 = group-wise (quantized while loading)")
     g.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
                    help="int4 group size (input columns sharing one scale); default 128")
-    g.add_argument("--adapter", metavar="DIR", default=None,
+    g.add_argument("--adapter", metavar="[NAME=]DIR", action="append", default=[],
                    help="a LoRA adapter (`glmkit finetune` output, or peft's adapter_config.json + "
                         "adapter_model.safetensors for ChatGLM3) merged into the weights as they load, before "
                         "--quantize; or a P-tuning v2 checkpoint of the official ChatGLM3 demo (config.json with "
-                        "pre_seq_len + the prefix encoder's weights), served as a KV-cache prefix")
+                        "pre_seq_len + the prefix encoder's weights), served as a KV-cache prefix.  serve: "
+                        "repeat as NAME=DIR to serve several LoRA adapters unmerged, each request choosing one "
+                        "by model id <model>:NAME (batched with the base model's requests; on top of --quantize "
+                        "too)")
     g.add_argument("--no-compile", action="store_true", default=os.environ.get("GLMKIT_NO_COMPILE") == "1",
                    help="decode with the eager step only (also GLMKIT_NO_COMPILE=1).  Default: a torch.compile'd "
                         "step, compiled in the background (about a minute the first time, seconds once cached "
                         "in ~/.cache/glmkit/inductor) while the eager step answers")
 
 
-def load_model(args, progress: bool, compile: bool = True):
+def split_adapters(values, named_ok: bool = True) -> tuple[str | None, dict[str, str]]:
+    """--adapter's values: (the one plain DIR, merged at load, or None; {NAME: DIR} served per request).
+    An existing directory is a DIR whatever its name holds; else NAME=DIR names an adapter."""
+    plain, named = [], {}
+    for value in values or ():
+        name, eq, where = str(value).partition("=")
+        if not eq or os.path.isdir(value) or "/" in name or not name:
+            plain.append(value)
+        elif name in named:
+            raise GlmkitError(f"--adapter {name}= is given twice")
+        else:
+            named[name] = where
+    if named and not named_ok:
+        raise GlmkitError("--adapter NAME=DIR serves an adapter per request (glmkit serve); here give one "
+                          "adapter as --adapter DIR, merged into the weights")
+    if len(plain) > 1:
+        raise GlmkitError(f"--adapter {plain[0]} and --adapter {plain[1]}: one adapter is merged into the weights; "
+                          f"to serve several, name each: --adapter NAME=DIR (glmkit serve)")
+    if plain and named:
+        raise GlmkitError(f"--adapter {plain[0]} (merged into the weights) and named adapters together: name it too "
+                          f"(NAME=DIR) to serve every adapter unmerged, each by its own model id")
+    return (plain[0] if plain else None), named
+
+
+def load_model(args, progress: bool, compile: bool = True, named_adapters: bool = False):
     """The ChatModel that the model options name; `compile`: unless --no-compile, decode through the
-    compiled step once it is compiled (engine/compiled_step.py)."""
+    compiled step once it is compiled (engine/compiled_step.py).  `named_adapters`: the command
+    serves --adapter NAME=DIR adapters per request (glmkit serve); elsewhere they are refused."""
+    merged, named = split_adapters(getattr(args, "adapter", None), named_adapters)
     import glmkit
     if args.threads:
         import torch
@@ -82,7 +112,7 @@ def load_model(args, progress: bool, compile: bool = True):
             if progress else nullcontext():
         return glmkit.load(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                            quantize=args.quantize, group_size=args.group_size,
-                           compile=compile and not args.no_compile, adapter=getattr(args, "adapter", None))
+                           compile=compile and not args.no_compile, adapter=merged, adapters=named or None)
 
 
 def remote_model_at(path, url: str, kind: str, model_id: str | None, timeout: float, api_key: str | None):

@@ -11,7 +11,8 @@ from pathlib import Path
 from .. import __version__
 from ..engine.remote import KINDS as ENGINE_KINDS
 from ..errors import GlmkitError
-from .options import add_model_options, default_data_dir, kernel_pool, load_model, positive, remote_model_at
+from .options import (add_model_options, default_data_dir, kernel_pool, load_model, positive, remote_model_at,
+                      split_adapters)
 
 
 def add_parser(sub) -> None:
@@ -110,6 +111,10 @@ def cmd_serve(args) -> int:
     if args.adapter and (args.models or args.engine):
         raise GlmkitError("--adapter is merged into --model's weights as they load here; with --models or "
                           "--engine no weights load in this process")
+    named = split_adapters(args.adapter)[1]       # a mistake in them: one error before anything loads
+    if named and args.ray:
+        raise GlmkitError("--adapter NAME=DIR (adapters served per request) is not supported with --ray; "
+                          "serve them from one process, or one merged --adapter DIR per --ray server")
     if args.ray and (args.models or args.engine):
         raise GlmkitError("--ray serves --model's replicas; leave out --models and --engine")
     if not args.ray and (args.replicas != 1 or args.ray_address):
@@ -137,7 +142,7 @@ def _serve(args, spec, keys: list[str], private_keys: list[str]) -> int:
         model, default = models_file.load(spec, args), spec.default
     else:
         model = remote_model(args) if args.engine else ray_model(args) if args.ray else \
-            load_model(args, progress=sys.stderr.isatty())
+            load_model(args, progress=sys.stderr.isatty(), named_adapters=True)
         default = None
     embedder = None
     if not args.no_embeddings:
@@ -162,12 +167,15 @@ def _serve(args, spec, keys: list[str], private_keys: list[str]) -> int:
                                          knowledge_dir=args.data_dir or default_data_dir()),
                      embedder=embedder)
     state = app.state.server
-    if state.several:
+    adapters = [n for n, m in state.models.items() if m.parent is not None]
+    if len(state.models) > len(adapters) + 1:
         what = f"{', '.join(state.models)} (default {state.model_id})"
         batching = "a scheduler per model"
     else:
         what = state.model_id
         batching = f"tokens from {args.engine}" if args.engine else f"batch {args.max_batch}"
+        if adapters:
+            what += f" and its LoRA adapters {', '.join(adapters)} (per request, batched together)"
         if args.ray:
             batching = f"{args.replicas} Ray Serve replica{'s' if args.replicas > 1 else ''} of batch {args.max_batch}"
     print(f"glmkit {__version__} serving {what} on http://{args.host}:{args.port}/v1 "
@@ -198,7 +206,7 @@ def ray_model(args):
     checkpoint = without_weights(args.model)      # a wrong path: one error before Ray starts
     load = {"device": args.device, "dtype": None if args.dtype == "auto" else args.dtype,
             "quantize": args.quantize, "group_size": args.group_size, "compile": not args.no_compile,
-            "adapter": str(Path(args.adapter).resolve()) if args.adapter else None}
+            "adapter": str(Path(args.adapter[0]).resolve()) if args.adapter else None}   # (one, merged)
     handle, _ = deploy(str(checkpoint.source.resolve()), load, args.replicas, args.threads, args.max_batch,
                        args.kv_cache_mb, args.max_queue, address=args.ray_address, app=args.ray_app,
                        log=lambda m: print(f"glmkit: {m}", file=sys.stderr, flush=True),

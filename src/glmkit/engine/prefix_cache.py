@@ -4,7 +4,8 @@ A conversation's next turn (and any request sharing a long system prompt, like C
 message) begins with tokens some earlier sequence already ran.  When a sequence leaves its slot,
 the row keeps its contents and we remember which tokens they are; when a new sequence is admitted,
 the free row holding the longest common prefix of its prompt donates those positions (copied into
-the new sequence's row unless it is that row), and prefill starts after them.
+the new sequence's row unless it is that row), and prefill starts after them.  Keys and values are
+those of one LoRA adapter (or none: models/lora.py): a row donates only to sequences of its own.
 
 Running sequences donate too: positions below a sequence's current one are never rewritten, so
 streams sharing a system prompt admitted together prefill it once.  Bounded by the pool: only rows
@@ -28,6 +29,7 @@ MIN_COPY = 16
 class _Kept:
     tokens: list[int]           # what the row's positions 0..len-1 hold
     used: int                   # when it was kept or last donated (a counter, for LRU)
+    adapter: int = 0            # the LoRA adapter they were computed with (0: none)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -49,24 +51,26 @@ class PrefixCache:
     def forget_all(self):
         self._kept = [None] * len(self._kept)
 
-    def keep(self, row: int, tokens: list[int]):
-        """Row `row` now holds `tokens` (a sequence left it)."""
+    def keep(self, row: int, tokens: list[int], adapter: int = 0):
+        """Row `row` now holds `tokens`, computed with LoRA adapter `adapter` (a sequence left it)."""
         if self.enabled and tokens:
-            self._kept[row] = _Kept(tokens, next(self._clock))
+            self._kept[row] = _Kept(tokens, next(self._clock), adapter)
 
     def drop(self, row: int):
         self._kept[row] = None
 
     def admit(self, model, prompt: list[int], row: int, free: list[int], running: list[tuple[int, list[int]]],
-              cache_rows: int) -> int:
+              cache_rows: int, adapter: int = 0) -> int:
         """A sequence with `prompt` takes row `row`.  Donors: what free rows keep, and what running
         sequences have computed so far (`running`: (row, tokens); positions below a running
         sequence's own are never written again).  Arranges the cache and returns how many prompt
         tokens are already in the row (fewer than the prompt: its last token must run to give the
-        first logits).  `cache_rows`: rows the cache has now."""
+        first logits).  `cache_rows`: rows the cache has now.  `adapter`: the sequence's LoRA
+        adapter; only rows kept with the same one donate (`running` holds only such sequences)."""
         if not self.enabled:
             return 0
-        sources = [(r, self._kept[r].tokens) for r in free if self._kept[r] is not None] + running
+        sources = [(r, self._kept[r].tokens) for r in free
+                   if self._kept[r] is not None and self._kept[r].adapter == adapter] + running
         best, best_n = None, 0
         for r, tokens in sources:
             n = min(common_prefix(tokens, prompt), len(prompt) - 1)

@@ -79,6 +79,9 @@ class GenerationRequest:
     # The one constrained-decoding seam: the first generated tokens are these (the model still
     # runs on them).  Tests use it to make a tiny random model write tool calls.
     forced_prefix: Sequence[int] = ()
+    # the LoRA adapter this sequence runs with, served unmerged (models/lora.py): 0 = none, k = the
+    # model's k-th; the Backend of a `<base>:<name>` model id sets it, the engine never sees names
+    adapter: int = 0
 
 
 @dataclass

@@ -26,6 +26,12 @@ bucket (1, 2, 4, 8, ...), and the cache has all max_batch rows from the start so
 fits.  Its length still grows by doubling (the compiled step takes lengths as dynamic sizes), except
 with a static step (CUDA graphs), which needs the whole max_batch x max_seq_len cache up front.
 Prefill chunks always run eagerly.
+
+LoRA adapters served unmerged (models/lora.py): each request names its adapter by index
+(GenerationRequest.adapter, 0 = none) and rows of different adapters share one decode step, each
+row getting its own adapter's product.  A step with any adapter's row in it runs eagerly (the
+compiled step has no LoRA path); steps of base rows only keep the compiled step.  A kept or running
+row donates its prefix only to sequences of the same adapter (its keys and values are that adapter's).
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ class Scheduler:
         """Queue a sequence; its events arrive on the Handle."""
         if not req.prompt:
             raise GlmkitError("the prompt is empty")
+        served = len(getattr(self.model.lora, "names", ()))
+        if not 0 <= req.adapter <= served:
+            raise GlmkitError(f"LoRA adapter {req.adapter} asked for; this model serves {served}")
         req = replace(req, max_new_tokens=budget(len(req.prompt), req.max_new_tokens, self.max_seq_len))
         seq = _Seq(next(self._ids), req, queue.Queue())
         if req.params.seed is not None:
@@ -229,8 +238,11 @@ class Scheduler:
                 seq = self._waiting.popleft()
                 self._reserve(i + 1, len(seq.req.prompt) + seq.req.max_new_tokens)
                 free = [j for j, other in enumerate(self._slots) if other is None]
-                running = [(o.slot, o.cached_tokens()) for o in self._slots if o is not None] if self.prefix.enabled else []
-                seq.prefilled = self.prefix.admit(self.model, seq.req.prompt, i, free, running, self.model.cache_batch)
+                # keys and values differ per LoRA adapter: only sequences of the same one donate
+                running = [(o.slot, o.cached_tokens()) for o in self._slots
+                           if o is not None and o.req.adapter == seq.req.adapter] if self.prefix.enabled else []
+                seq.prefilled = self.prefix.admit(self.model, seq.req.prompt, i, free, running, self.model.cache_batch,
+                                                  seq.req.adapter)
                 if seq.prefilled:
                     self.stats.prefix_hits += 1
                     self.stats.prefix_hit_tokens += seq.prefilled
@@ -256,7 +268,7 @@ class Scheduler:
 
     def _finish(self, seq: _Seq):
         self._slots[seq.slot] = None
-        self.prefix.keep(seq.slot, seq.cached_tokens())
+        self.prefix.keep(seq.slot, seq.cached_tokens(), seq.req.adapter)
 
     def _step(self):
         dev = self.model.device
@@ -266,7 +278,11 @@ class Scheduler:
         if ready:
             hi = max(s.slot for s in ready) + 1
             c = self.compiled
-            compiled = c is not None and self._compiled_bucket(hi)
+            adapters = [0] * hi                # each row's LoRA adapter (models/lora.py), 0: none
+            for s in ready:
+                adapters[s.slot] = s.req.adapter
+            # the compiled step has no LoRA path: a step with an adapter's row in it runs eagerly
+            compiled = c is not None and not any(adapters) and self._compiled_bucket(hi)
             rows = c.bucket(hi) if compiled else hi
             tokens = torch.zeros((rows, 1), dtype=torch.long)
             start = torch.zeros(rows, dtype=torch.long)
@@ -280,7 +296,8 @@ class Scheduler:
                     c.fail(rows, e)
                     compiled = False
             if not compiled:
-                logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev))
+                logits = self.model(tokens.to(dev), start.to(dev), lengths.to(dev),
+                                    adapters=adapters if any(adapters) else None)
             logits = logits.float().cpu()                  # one copy per step
             self._cache_version = self.model.cache_version
             for s in ready:
@@ -292,7 +309,8 @@ class Scheduler:
             s = min(pending, key=lambda q: q.id)
             chunk = s.req.prompt[s.prefilled:s.prefilled + self.prefill_chunk]
             logits = self.model(torch.tensor([chunk], device=dev), torch.tensor([s.prefilled], device=dev),
-                                rows=torch.tensor([s.slot], device=dev))
+                                rows=torch.tensor([s.slot], device=dev),
+                                adapters=[s.req.adapter] if s.req.adapter else None)
             self._cache_version = self.model.cache_version
             s.prefilled += len(chunk)
             if s.prefilled == len(s.req.prompt):

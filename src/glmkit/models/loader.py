@@ -87,15 +87,21 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str, quantized: bool = F
 
 def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                     dtype: str | torch.dtype | None = None, progress: bool = False,
-                    quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None) -> Checkpoint:
+                    quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None,
+                    adapters: dict | None = None) -> Checkpoint:
     """`adapter`: a LoRA adapter directory (peft's layout, models/adapters.py) merged into the
     weights as they load, before any quantization; or a P-tuning v2 checkpoint of the official
-    demo (config.json with pre_seq_len, models/ptuning.py), whose prefix goes into the KV cache."""
+    demo (config.json with pre_seq_len, models/ptuning.py), whose prefix goes into the KV cache.
+    `adapters`: {name: LoRA adapter directory}, kept unmerged and served per sequence
+    (models/lora.py; on top of quantized weights too)."""
     path = resolve_model_path(model)
+    if adapters and adapter is not None:
+        raise CheckpointError("a merged adapter and named adapters together: name every adapter (NAME=DIR), "
+                              "each is then served on its own")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available to PyTorch")
     if _is_gguf(path):  # by magic bytes, whatever the file is called
-        if adapter is not None:
+        if adapter is not None or adapters:
             raise CheckpointError(f"--adapter applies to a ChatGLM3 model directory, not a GGUF file ({path.name})")
         return _load_gguf(path, device, dtype, progress, quant)
     if path.is_dir():
@@ -109,6 +115,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                 from .adapters import check_base, read_adapter
                 lora = read_adapter(adapter)
                 check_base(lora, path, cfg)
+        named = _named_adapters(adapters or {}, path, cfg)     # every one checked before the weights load
         if is_ptuning_dir(path) and not quantized_checkpoint.is_quantized_dir(path):
             # the official demo's whole-model save (finetune_hf.py) passed as --model: its own prefix
             if prefix is not None:
@@ -135,7 +142,30 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
     transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
     if prefix is not None:
         transformer.set_prefix(prefix.layers)
+    if named:
+        from .lora import LoraSet
+        transformer.lora = LoraSet.build(transformer, named)
     return Checkpoint(transformer, tokenizer, cfg, path, template, prompt_format)
+
+
+def _named_adapters(adapters: dict, base: Path, cfg) -> list:
+    """[(name, models.adapters.Adapter)] for {name: directory}, each checked against the base."""
+    from .adapters import check_base, read_adapter
+    from .lora import NAME
+    from .ptuning import is_ptuning_dir
+    out = []
+    for name, where in adapters.items():
+        if not NAME.match(str(name)):
+            raise CheckpointError(f"adapter name {name!r}: letters, digits, '.', '_' and '-' only (it becomes the "
+                                  f"model id <base>:{name})")
+        if is_ptuning_dir(where):
+            raise CheckpointError(f"adapter {name}={where} is a P-tuning v2 checkpoint: its prefix is in every row's "
+                                  f"KV cache, so it cannot be chosen per request. Serve it alone as a plain "
+                                  f"--adapter {where} (or a server of its own)")
+        lora = read_adapter(where)
+        check_base(lora, base, cfg)
+        out.append((name, lora))
+    return out
 
 
 def without_weights(model: str | os.PathLike | None) -> Checkpoint:

@@ -92,15 +92,33 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: Tensor, slots: Tensor, kv_len: int,
-                in_order: bool) -> Tensor:
+    def _qkv(self, x: Tensor, rope: Tensor, lora=None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (both rotated) and values of `x` [B, T, dim]: [B, T, heads, head_dim] each."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
-                                      cfg.n_kv_head * cfg.head_dim], dim=-1)
+        qkv = self.wqkv(x)
+        if lora is not None:
+            qkv = lora("attention.wqkv", x, qkv)
+        q, k, v = qkv.split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
+                             cfg.n_kv_head * cfg.head_dim], dim=-1)
         q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_dim), rope)
         k = apply_rope(k.view(B, T, cfg.n_kv_head, cfg.head_dim), rope)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)
+        return q, k, v.view(B, T, cfg.n_kv_head, cfg.head_dim)
+
+    def _out(self, y: Tensor, lora=None) -> Tensor:
+        """The output projection of the attention `y` [B, heads, T, head_dim]."""
+        cfg = self.cfg
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)
+        out = self.wo(y)
+        return out if lora is None else lora("attention.wo", y, out)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, rows: Tensor, slots: Tensor, kv_len: int,
+                in_order: bool, lora=None) -> Tensor:
+        """`lora`: the rows' LoRA adapters for this layer (models/lora.py LoraBatch.at), or None."""
+        cfg = self.cfg
+        B = x.shape[0]
+        q, k, v = self._qkv(x, rope, lora)
         self.kv_cache.write(rows, slots, k, v)
         if in_order:  # rows 0..B-1: a view of the cache, no copy
             keys, values = self.kv_cache.k[:B, :, :kv_len], self.kv_cache.v[:B, :, :kv_len]
@@ -108,21 +126,15 @@ class Attention(nn.Module):
             keys, values = self.kv_cache.k[rows[:, 0], :, :kv_len], self.kv_cache.v[rows[:, 0], :, :kv_len]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                            enable_gqa=cfg.n_head != cfg.n_kv_head)
-        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        return self._out(y, lora)
 
     def forward_train(self, x: Tensor, rope: Tensor) -> Tensor:
         """Causal self-attention over `x` [B, T, dim] at positions 0..T-1, without the KV cache
         (fine-tuning: finetune/train.py); right padding is never seen by a real token."""
-        cfg = self.cfg
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
-                                      cfg.n_kv_head * cfg.head_dim], dim=-1)
-        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_dim), rope)
-        k = apply_rope(k.view(B, T, cfg.n_kv_head, cfg.head_dim), rope)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)
+        q, k, v = self._qkv(x, rope)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                           enable_gqa=cfg.n_head != cfg.n_kv_head)
-        return self.wo(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+                                           enable_gqa=self.cfg.n_head != self.cfg.n_kv_head)
+        return self._out(y)
 
 
 class FeedForward(nn.Module):
@@ -133,9 +145,13 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: Tensor, lora=None) -> Tensor:
+        if lora is None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
+        gate, up = lora("feed_forward.w13", x, self.w13(x)).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return lora("feed_forward.w2", h, self.w2(h))
 
 
 class Block(nn.Module):
@@ -146,9 +162,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, mask, rows, slots, kv_len, in_order):
-        x = x + self.attention(self.attention_norm(x), rope, mask, rows, slots, kv_len, in_order)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, rope, mask, rows, slots, kv_len, in_order, lora=None):
+        x = x + self.attention(self.attention_norm(x), rope, mask, rows, slots, kv_len, in_order, lora)
+        return x + self.feed_forward(self.ffn_norm(x), lora)
 
     def forward_train(self, x: Tensor, rope: Tensor) -> Tensor:
         x = x + self.attention.forward_train(self.attention_norm(x), rope)
@@ -172,6 +188,7 @@ class Transformer(nn.Module):
         self.cache_version = 0
         self.prefix_len = 0            # P-tuning v2 prefix slots at the start of every cache row
         self._prefix: list[tuple[Tensor, Tensor]] | None = None
+        self.lora = None               # LoRA adapters served unmerged, per row (models/lora.py LoraSet)
 
     @property
     def device(self) -> torch.device:
@@ -235,25 +252,32 @@ class Transformer(nn.Module):
             c.v[dst, :, lo:hi] = c.v[src, :, lo:hi]
 
     def forward(self, tokens: Tensor, start: Tensor, lengths: Tensor | None = None,
-                rows: Tensor | None = None, all_logits: bool = False) -> Tensor:
+                rows: Tensor | None = None, all_logits: bool = False, adapters=None) -> Tensor:
         """Run `tokens` [B, T] whose first token sits at position `start[b]` of cache row `rows[b]`.
 
         `lengths[b]` (default T) says how many of row b's tokens are real; the rest is padding.
-        Returns logits [B, V] at each row's last real token, or [B, T, V] with all_logits.
+        `adapters[b]` (a sequence of B ints, default all 0): the LoRA adapter of row b in
+        `self.lora`, 0 for none.  Returns logits [B, V] at each row's last real token, or [B, T, V]
+        with all_logits.
         """
         self.cache_version += 1
+        lora = None
+        if adapters is not None and any(adapters):
+            if self.lora is None:
+                raise ValueError("a row asks for a LoRA adapter but the model serves none")
+            lora = self.lora.batch(adapters, tokens.device)
         if self.device.type == "cpu" and self.dtype != torch.float32 and tokens.numel() <= MKLDNN_MIN_ROWS:
             # oneDNN's bf16/fp16 matmul reaches about half the memory bandwidth for a few rows;
             # ATen's own kernel is faster there (and ~5x slower for prefill-sized inputs)
             was = torch._C._get_mkldnn_enabled()
             torch._C._set_mkldnn_enabled(False)
             try:
-                return self._forward(tokens, start, lengths, rows, all_logits)
+                return self._forward(tokens, start, lengths, rows, all_logits, lora)
             finally:
                 torch._C._set_mkldnn_enabled(was)
-        return self._forward(tokens, start, lengths, rows, all_logits)
+        return self._forward(tokens, start, lengths, rows, all_logits, lora)
 
-    def _forward(self, tokens, start, lengths, rows, all_logits):
+    def _forward(self, tokens, start, lengths, rows, all_logits, lora=None):
         B, T = tokens.shape
         dev = tokens.device
         in_order = rows is None
@@ -277,13 +301,14 @@ class Transformer(nn.Module):
         mask = mask[:, None]                                                 # [B, 1, T, S]
         rope = self.rope[positions.clamp(max=self.cache_length - 1)]
         last = (lengths - 1).clamp(min=0)
-        return self._run(tokens, rope, mask, rows[:, None], slots, kv_len, in_order, last, all_logits)
+        return self._run(tokens, rope, mask, rows[:, None], slots, kv_len, in_order, last, all_logits, lora)
 
-    def _run(self, tokens, rope, mask, rows2, slots, kv_len: int, in_order: bool, last, all_logits: bool):
+    def _run(self, tokens, rope, mask, rows2, slots, kv_len: int, in_order: bool, last, all_logits: bool,
+             lora=None):
         """The layers proper: only tensor work from here on."""
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, rope, mask, rows2, slots, kv_len, in_order)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, rows2, slots, kv_len, in_order, None if lora is None else lora.at(i))
         if not all_logits:
             x = x[torch.arange(x.shape[0], device=x.device), last][:, None]
         logits = self.output(self.norm(x))

@@ -40,8 +40,10 @@ def create_app(chat_model, config: ServerConfig | None = None, embedder=None) ->
     served = {name: _served(name, m, config) for name, m in chat_models.items()}
     served = {default: served.pop(default), **served}      # the default first (listed first, too)
     first = served[default]
+    for name in list(served):          # each LoRA adapter served unmerged: `<model>:<adapter>`, after its model
+        served.update((s.model_id, s) for s in _adapters(served[name], chat_models[name], config))
     server = ServerState(config, first.chat_model, first.scheduler, default, embedder, models=served, clouds=clouds)
-    schedulers = [m.scheduler for m in served.values()]
+    schedulers = list({id(m.scheduler): m.scheduler for m in served.values()}.values())   # adapters share theirs
 
     @asynccontextmanager
     async def lifespan(app):
@@ -103,3 +105,17 @@ def _served(name: str, chat_model, config: ServerConfig) -> ServedModel:
         from ..chat.scripted import ScriptedBackend
         chat_model = chat_model.with_backend(ScriptedBackend(chat_model.backend, by_message=config.scripted_replies))
     return ServedModel(name, chat_model, scheduler)
+
+
+def _adapters(base: ServedModel, chat_model, config: ServerConfig) -> list[ServedModel]:
+    """The model's LoRA adapters served unmerged (`--adapter NAME=DIR`), each its own model id
+    `<model>:<NAME>` generating through the model's own scheduler, in the same batches."""
+    out = []
+    for adapter in chat_model.adapters:
+        view = chat_model.with_adapter(adapter)
+        if config.scripted_replies:
+            from ..chat.scripted import ScriptedBackend
+            view = view.with_backend(ScriptedBackend(view.backend, by_message=config.scripted_replies))
+        out.append(ServedModel(f"{base.model_id}:{adapter}", view, base.scheduler, parent=base.model_id,
+                               adapter=adapter))
+    return out

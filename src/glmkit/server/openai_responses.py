@@ -181,6 +181,11 @@ class ModelCard(BaseModel):
     context_length: int | None     # None: a cloud model's (its service does not say)
     max_model_len: int | None
     family: str | None
+    # as vLLM lists LoRA adapters: `parent` the base model's id (None for a base model), `root`
+    # the base model of the family (its own id for a base model); `adapter` the adapter's name
+    parent: str | None = None
+    root: str | None = None
+    adapter: str | None = None
 
 
 class ModelList(BaseModel):

@@ -39,7 +39,9 @@ def health(server: Server):
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(server: Server):
     # one model: its series unlabelled, as always; several: each series per model (a `model` label)
-    schedulers = {name: m.scheduler for name, m in server.models.items()} if server.several else server.scheduler
+    # (a LoRA adapter's model shares its base model's scheduler: counted there, once)
+    bases = {name: m.scheduler for name, m in server.models.items() if m.parent is None}
+    schedulers = bases if len(bases) > 1 else server.scheduler
     return render_metrics(schedulers, server.http_requests, server.fallbacks_done)
 
 
@@ -256,7 +258,9 @@ def _model_card(server: ServerState, name: str) -> ModelCard:
     if name in server.clouds:
         return ModelCard(id=name, created=server.started, owned_by=server.clouds[name].host, context_length=None,
                          max_model_len=None, family=None)
+    served = server.models[name]
     server = server.pick(name)
     n = server.scheduler.max_seq_len
     return ModelCard(id=server.model_id, created=server.started, context_length=n, max_model_len=n,
-                     family=server.chat_model.config.family)
+                     family=server.chat_model.config.family, parent=served.parent,
+                     root=served.parent or served.model_id, adapter=served.adapter)

@@ -77,6 +77,10 @@ class ServedModel:
     model_id: str
     chat_model: ChatModel
     scheduler: Scheduler      # its own continuous batching (remote: the engine's RemoteLoad)
+    # a LoRA adapter served unmerged (`--adapter NAME=DIR`, id `<parent>:<NAME>`): the base model's
+    # id and the adapter's name; its scheduler is the parent's, the batches shared (models/lora.py)
+    parent: str | None = None
+    adapter: str | None = None
 
 
 @dataclass
