@@ -74,7 +74,7 @@ def one_step(model_dir: str, quantize: str | None, seq: int, device: str) -> dic
     from glmkit.models.quantize import QuantConfig
     cfg = TrainConfig(quantize=quantize, device=device).check()
     quant = QuantConfig.parse("int4", cfg.group_size) if quantize == "int4" else None
-    model = load_checkpoint(Path(model_dir), device=device, dtype="bfloat16", quant=quant).model
+    model = load_checkpoint(Path(model_dir), device=device, dtype="bfloat16", quant=quant, training=True).model
     params = lora_model(model, cfg)
     model.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr)

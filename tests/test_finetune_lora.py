@@ -306,3 +306,24 @@ def test_chat_command_takes_the_adapter(trained, clean_env):
     assert ok.stdout.strip() == QA[1][1]
     bad = subprocess.run(cmd + ["--model", str(TINY_32K)], capture_output=True, text=True, env=clean_env, timeout=300)
     assert bad.returncode == 1 and "trained on a different base model" in bad.stderr
+
+
+def test_a_large_bf16_model_is_loaded_for_training_without_inference_prepacking(monkeypatch):
+    """A float model past DENSE_COPY_MAX_BYTES on CPU has its Linears prepacked for oneDNN's
+    inference kernel (PackedLinear), which peft cannot wrap: ChatGLM3-6B in bfloat16 could not
+    be fine-tuned.  Loaded for training, its Linears stay nn.Linear and LoRA goes on.  The
+    threshold is lowered so that the tiny fixture counts as large."""
+    from glmkit.finetune.train import TrainConfig, lora_model
+    from glmkit.models import loader
+    from glmkit.models.loader import load_checkpoint
+    from glmkit.models.quantize import PackedLinear
+    monkeypatch.setattr(loader, "DENSE_COPY_MAX_BYTES", 0)
+    served = load_checkpoint(TINY, dtype="bfloat16").model
+    assert isinstance(served.layers[0].attention.wqkv, PackedLinear)       # the inference path, as before
+    model = load_checkpoint(TINY, dtype="bfloat16", training=True).model
+    assert type(model.layers[0].attention.wqkv) is torch.nn.Linear
+    params = lora_model(model, TrainConfig().check())
+    model.train()
+    tokens = torch.arange(5, 37).unsqueeze(0)
+    model.forward_train(tokens).float().sum().backward()
+    assert all(p.grad is not None for p in params)

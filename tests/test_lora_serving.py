@@ -275,3 +275,16 @@ def test_adapter_options():
             split_adapters(bad)
     with pytest.raises(GlmkitError, match="glmkit serve"):
         split_adapters(["a=x/1"], named_ok=False)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--random-like", "chatglm3-6b", "--adapter", "some/dir"], "needs a real model"),
+    (["--adapter", "a=some/dir"], "glmkit serve"),
+])
+def test_bench_takes_one_merged_adapter(args, says):
+    """`glmkit bench --adapter`: one DIR, merged; a named adapter or --random-like is one clear line."""
+    import subprocess
+
+    from conftest import glmkit_bin
+    out = subprocess.run([glmkit_bin(), "bench", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -147,8 +147,7 @@ def run(args) -> dict:
     quant = QuantConfig.parse(args.quantize, args.group_size, args.quantize_output)
     text = _perplexity_text(args) if args.perplexity else None     # a bad input fails before the slow load
     t0 = time.perf_counter()
-    from .cli.options import split_adapters
-    adapter = split_adapters(getattr(args, "adapter", None), named_ok=False)[0]
+    adapter = getattr(args, "adapter", None)      # one DIR, merged (cli/bench.py took --adapter's values apart)
     if args.random_like and adapter:
         raise GlmkitError("--adapter needs a real model (not --random-like)")
     if args.random_like:

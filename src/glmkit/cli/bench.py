@@ -39,6 +39,8 @@ def int_list(text: str) -> list[int]:
 
 def cmd_bench(args) -> int:
     from .. import benchmark       # imports torch: only when benchmarking
+    from .options import split_adapters
+    args.adapter = split_adapters(getattr(args, "adapter", None), named_ok=False)[0]
     args.progress = sys.stderr.isatty()
     result = benchmark.run(args)
     benchmark.print_table(result)

@@ -229,7 +229,7 @@ def finetune(model_path, data, out, cfg: TrainConfig | None = None, resume: str 
     dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") or quant else "float32")
     start_from = _checkpoint_to_resume(out, resume)
 
-    ckpt = load_checkpoint(base, device=cfg.device, dtype=dtype, quant=quant)
+    ckpt = load_checkpoint(base, device=cfg.device, dtype=dtype, quant=quant, training=True)
     model = ckpt.model
     fmt = chat_format_for(ckpt)
     train, dropped = encode(train_file, fmt, cfg.max_length)

@@ -88,8 +88,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: str, quantized: bool = F
 def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
                     dtype: str | torch.dtype | None = None, progress: bool = False,
                     quant: QuantConfig | None = None, adapter: str | os.PathLike | None = None,
-                    adapters: dict | None = None) -> Checkpoint:
-    """`adapter`: a LoRA adapter directory (peft's layout, models/adapters.py) merged into the
+                    adapters: dict | None = None, training: bool = False) -> Checkpoint:
+    """`training`: for fine-tuning (finetune/train.py): weights stay nn.Linear, never prepacked for
+    oneDNN's inference kernel (PackedLinear), which peft cannot wrap and autograd cannot go through.
+    `adapter`: a LoRA adapter directory (peft's layout, models/adapters.py) merged into the
     weights as they load, before any quantization; or a P-tuning v2 checkpoint of the official
     demo (config.json with pre_seq_len, models/ptuning.py), whose prefix goes into the KV cache.
     `adapters`: {name: LoRA adapter directory}, kept unmerged and served per sequence
@@ -139,7 +141,7 @@ def load_checkpoint(model: str | os.PathLike | None = None, device: str = "cpu",
         raise CheckpointError(f"{path}: not a model (expected a model directory with config.json, or a .gguf file)")
     quantized = (quant.bits > 0) if quant is not None else prequantized
     torch_dtype = pick_dtype(dtype, device, quantized=quantized)
-    transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant)
+    transformer = build(cfg, state, torch_dtype, device, progress, source=path, quant=quant, prepack=not training)
     if prefix is not None:
         transformer.set_prefix(prefix.layers)
     if named:
@@ -224,7 +226,7 @@ def _is_gguf(path: Path) -> bool:
 
 
 def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bool = False,
-          source: Path | str = "checkpoint", quant: QuantConfig | None = None) -> Transformer:
+          source: Path | str = "checkpoint", quant: QuantConfig | None = None, prepack: bool = True) -> Transformer:
     """Create the model on the meta device (no memory), then assign real tensors one by one.
 
     With `quant`, Linear weights are quantized as they arrive, so the full-precision model never
@@ -267,7 +269,7 @@ def build(cfg: ModelConfig, state, dtype: torch.dtype, device: str, progress: bo
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
-    if layer_bytes > DENSE_COPY_MAX_BYTES:
+    if prepack and layer_bytes > DENSE_COPY_MAX_BYTES:
         # a large float model on CPU: its bf16 layers' weights prepacked for oneDNN (models/quantize.py
         # PackedLinear); not the output layer when it is the embedding (that would be a second copy)
         prepack_linears(model.layers)
