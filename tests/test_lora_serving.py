@@ -259,7 +259,12 @@ def test_serve_lists_and_answers_each_adapter(dirs, merged):
         for model, name in [("chatglm3-tiny:b", "b"), ("chatglm3-tiny:latest", "")]:
             r = httpx.post(url + "/api/chat", json={"model": model, **ask}, timeout=60)
             assert r.status_code == 200 and r.json()["message"]["content"] == want[name], (model, r.text)
-        assert httpx.post(url + "/api/chat", json={"model": "chatglm3-tiny:nope", **ask}, timeout=60).status_code == 404
+        for model, name in [("chatglm3-tiny:b:latest", "b")]:     # an adapter's id with Ollama's tag
+            r = httpx.post(url + "/api/chat", json={"model": model, **ask}, timeout=60)
+            assert r.status_code == 200 and r.json()["message"]["content"] == want[name], (model, r.text)
+        # unknown, and ids that merely start with a served one ("…:bee" is not the adapter "…:b")
+        for model in ["chatglm3-tiny:nope", "chatglm3-tiny:bee", "chatglm3-tinyx", "chatglm3-tiny:b:v2"]:
+            assert httpx.post(url + "/api/chat", json={"model": model, **ask}, timeout=60).status_code == 404, model
 
 
 def test_adapter_options():

@@ -24,7 +24,8 @@ BATCH = 64      # bf16 on 2 cores: 64 passages a batch ran 1.3x faster than 32, 
 
 
 def load_embedder(path: str | None):
-    """The embedding model glmkit serves (models/bert.py; all-MiniLM-L6-v2 unless `path`); torch is
+    """The embedding model glmkit serves (models/bert.py; all-MiniLM-L6-v2 unless `path`), for `glmkit
+    kb` (the server's console and /v1/embeddings load it in float32: server/embeddings.py); torch is
     imported here.  Its weights are bfloat16 where the CPU multiplies those natively (AMX,
     AVX512-BF16): ingestion's time is the embedding's, and that is about 3x faster there, with
     vectors within cosine 0.996 of float32's (the same model's either way: a knowledge base made

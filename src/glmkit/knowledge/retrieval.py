@@ -74,7 +74,7 @@ def search(store: KnowledgeStore, kb: dict, query: str, embedder=None, top_k: in
     `embedder` (or a ready `query_vector`) is needed unless mode is "lexical"."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    if words_only(kb):               # its vectors are placeholders: words are all there is
+    if words_only(kb):               # it has no vectors: words are all there is
         if mode == "dense":
             raise KnowledgeError(f"{kb['name']!r} is indexed by words only (it was made without an embedding model)")
         mode = "lexical"

@@ -38,7 +38,8 @@ from torch import Tensor
 from ..errors import CheckpointError
 
 MODES = ("grouped", "stacked", "concat")
-DEFAULT_MODE = "concat"      # the fastest measured (bench/adapters_serving.py), and the simplest to compile
+DEFAULT_MODE = "concat"      # the fastest measured (bench/adapters_serving.py); fixed shapes, ready for a
+                             # compiled path (there is none yet: steps with adapter rows run eagerly)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MODULES = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
@@ -164,5 +165,7 @@ class LoraBatch:
         mask = self._masks.get(owner)
         if mask is None:
             own = torch.tensor(owner, device=self.idx.device)
-            mask = self._masks[owner] = (own[None, :] == self.idx[:, None]).to(x.dtype)[:, None, :]   # [B, 1, R]
-        return y + F.linear(F.linear(x, a) * mask, b)
+            mask = self._masks[owner] = (own[None, :] == self.idx[:, None])[:, None, :]   # [B, 1, R]
+        # where, not a product with the mask: another adapter's column that overflows (float16)
+        # times 0 would be NaN in this row
+        return y + F.linear(torch.where(mask, F.linear(x, a), 0), b)

@@ -280,10 +280,13 @@ def _pick(name: str, server: ServerState) -> ServerState:
     if found is None:
         found = max((m for m in server.models.values() if name.startswith(m.model_id)),
                     key=lambda m: len(m.model_id), default=None)
+        # what follows the id must be a tag ("m:bee" is not the adapter "m:b"; "mx" is not "m").
         # "<model>:<tag>" where the model serves LoRA adapters as "<model>:<name>": a tag other than
-        # Ollama's "latest" means an adapter, and one it does not serve is not the base model
+        # Ollama's "latest" means an adapter, and one it does not serve is not the base model; an
+        # adapter's own id takes only ":latest"
         tag = name[len(found.model_id):] if found is not None else ""
-        if tag.startswith(":") and tag != ":latest" and any(m.parent == found.model_id for m in server.models.values()):
+        if found is not None and tag and (not tag.startswith(":") or (tag != ":latest" and (
+                found.parent is not None or any(m.parent == found.model_id for m in server.models.values())))):
             found = None
     if found is None:
         raise APIError(404, f"model {name!r} not found", param="model")

@@ -106,10 +106,6 @@ class ServerState:
         if not self.models:
             self.models = {self.model_id: ServedModel(self.model_id, self.chat_model, self.scheduler)}
 
-    @property
-    def several(self) -> bool:
-        return len(self.models) > 1
-
     def find(self, name: str | None) -> ServedModel | None:
         """The model a request's `model` names: None, "", "default" and "glmkit" are the default;
         None when this server serves no such model."""
