@@ -3,7 +3,6 @@
 import json
 import os
 import time
-import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
