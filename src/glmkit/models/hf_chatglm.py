@@ -114,15 +114,19 @@ def weight_files(path: Path) -> list[Path]:
                           "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor in the shards, one at a time."""
+def iter_tensors(files: list[Path], names: set[str] | None = None,
+                 what: str = "weights") -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor in the shards, one at a time; with `names`, only those
+    (safetensors read by name; pickles memory-mapped, so the rest of a shard is never read).
+    `what` names the tensors in the error a damaged file gives."""
     for f in files:
         try:
             if f.suffix == ".safetensors":
                 from safetensors import safe_open
                 with safe_open(str(f), framework="pt") as st:
                     for name in st.keys():
-                        yield f, name, st.get_tensor(name)
+                        if names is None or name in names:
+                            yield f, name, st.get_tensor(name)
             else:
                 try:
                     sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -132,10 +136,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
                     sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy, non-zip pickle
                 if not isinstance(sd, dict):
                     raise CheckpointError(f"{f}: expected a dict of tensors, found {type(sd).__name__}")
-                for name, t in sd.items():
-                    if not isinstance(t, torch.Tensor):
+                for name in sd if names is None else names & set(sd):
+                    if not isinstance(sd[name], torch.Tensor):
                         raise CheckpointError(f"{f}: entry {name!r} is not a tensor")
-                    yield f, name, t
+                    yield f, name, sd[name]
                 del sd
         except CheckpointError:
             raise
@@ -143,7 +147,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if any(k in msg.lower() for k in ("weights_only", "weights only", "unpickl")):
                 msg = "it contains objects other than tensors, refused for safety (loaded with weights_only=True)"
-            raise CheckpointError(f"{f}: cannot read weights: {msg}") from None
+            raise CheckpointError(f"{f}: cannot read {what}: {msg}") from None
 
 
 def map_name(name: str) -> str | None:

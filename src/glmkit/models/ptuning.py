@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .hf_chatglm import iter_tensors
 from .shard_index import read_shard_index
 
 PREFIX = "transformer.prefix_encoder."
@@ -158,36 +159,8 @@ def _read_tensors(path: Path, projection: bool) -> dict:
     """The prefix encoder's tensors, read alone (safetensors by name; pickles with weights_only=True,
     memory-mapped, so a whole-model shard is not read into memory)."""
     want = {EMBEDDING, *(PROJECTION if projection else ())}
-    found: dict = {}
-    for f in _weight_files(path):
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-                with safe_open(str(f), framework="pt") as st:
-                    for k in st.keys():
-                        if k in want:
-                            found[k] = st.get_tensor(k)
-            else:
-                try:
-                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:
-                    if "mmap" not in str(e):
-                        raise
-                    sd = torch.load(f, map_location="cpu", weights_only=True)   # legacy, non-zip pickle
-                if not isinstance(sd, dict):
-                    raise CheckpointError(f"{f}: expected a dict of tensors, found {type(sd).__name__}")
-                for k in want & set(sd):
-                    if not isinstance(sd[k], torch.Tensor):
-                        raise CheckpointError(f"{f}: entry {k!r} is not a tensor")
-                    found[k] = sd[k].clone()
-                del sd
-        except CheckpointError:
-            raise
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if any(k in msg.lower() for k in ("weights_only", "weights only", "unpickl")):
-                msg = "it contains objects other than tensors, refused for safety (loaded with weights_only=True)"
-            raise CheckpointError(f"{f}: cannot read the prefix encoder: {msg}") from None
+    # cloned: a pickle's tensors are views of its memory-mapped file, which would otherwise stay mapped
+    found = {name: t.clone() for _, name, t in iter_tensors(_weight_files(path), want, "the prefix encoder")}
     missing = sorted(want - set(found))
     if missing:
         hint = (" (config.json says prefix_projection=true: the checkpoint should hold the projection MLP too)"
