@@ -7,7 +7,8 @@ transaction, so a crash never leaves a vector without its passage, and deleting 
 complete by construction.  The vectors live in sqlite-vec's vec0 tables (one per knowledge base,
 its dimension the knowledge base's embedding model's; cosine distance), exact nearest-neighbour
 search in C that answers 10,000 passages in milliseconds, with no server, no second store to keep
-in step, and a wheel of a few hundred KB.  LanceDB would be a second store (a directory of
+in step, and a wheel of a few hundred KB.  Searches read them from an in-memory copy where one fits
+(knowledge/vectors.py).  LanceDB would be a second store (a directory of
 Arrow files beside the database) that no SQLite transaction covers.
 
 Python's own sqlite3 may be built without extension loading (this machine's is); then the
@@ -35,7 +36,6 @@ import shutil
 import struct
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,10 +43,8 @@ from ..errors import GlmkitError
 from .schema import FTS_OPTIONS, WORDS_ONLY, connect, migrate
 from .schema import terms_table as _fts
 from .schema import vector_table as _vec
+from .vectors import VectorCache, nearest
 
-# the vectors of recently searched knowledge bases, kept in memory (KnowledgeStore._matrix), at most
-# this many bytes in all; a knowledge base larger than that is searched by sqlite-vec from the file
-MATRIX_CACHE_BYTES = 512 * 2**20
 
 NAME = re.compile(r"[\w][\w.\- ]{0,63}")
 
@@ -115,8 +113,7 @@ class KnowledgeStore:
         self.files = self.root / "files"
         self._local = threading.local()
         self._sqlite = sqlite_module()
-        self._matrices: OrderedDict[int, tuple[int, object, object]] = OrderedDict()  # kb id: (generation, ids, unit rows)
-        self._matrices_lock = threading.Lock()
+        self._vectors = VectorCache()
         try:
             with self._tx() as db:
                 migrate(db, version)
@@ -191,8 +188,7 @@ class KnowledgeStore:
             db.execute("DELETE FROM documents WHERE kb_id = ?", (kb["id"],))
             db.execute(f"DROP TABLE IF EXISTS {_vec(kb['id'])}")
             db.execute("DELETE FROM kbs WHERE id = ? AND owner = ?", (kb["id"], owner))
-        with self._matrices_lock:
-            self._matrices.pop(kb["id"], None)
+        self._vectors.forget(kb["id"])
         shutil.rmtree(self.files / str(kb["id"]), ignore_errors=True)
 
     # -- documents -------------------------------------------------------------------------
@@ -320,60 +316,16 @@ class KnowledgeStore:
 
     def dense(self, kb: dict, vector: bytes, k: int) -> list[tuple[int, float]]:
         """(chunk id, cosine similarity) best first, over this knowledge base's vectors: exact, as
-        sqlite-vec's KNN over its vec0 table gives, but from the in-memory copy (_matrix) when
+        sqlite-vec's KNN over its vec0 table gives, but from the in-memory copy (vectors.py) when
         there is one, a matrix-vector product instead of reading every vector from SQLite."""
         if words_only(kb):
             return []
-        m = self._matrix(kb)
+        m = self._vectors.matrix(self._db(), kb["id"])
         if m is None:
             rows = self._db().execute(f"SELECT rowid, distance FROM {_vec(kb['id'])} WHERE embedding MATCH ? AND k = ?",
                                       (vector, k))
             return [(r["rowid"], 1.0 - r["distance"]) for r in rows]
-        import numpy as np
-        ids, unit = m
-        q = np.frombuffer(vector, dtype=np.float32)
-        norm = float(np.linalg.norm(q))
-        if not len(ids) or norm == 0.0 or k <= 0:
-            return []
-        # einsum: numpy's own loop on this thread.  `unit @ q` goes to OpenBLAS, whose threads then
-        # spin on both cores after the product and starve the SQLite queries around it (on 2
-        # cores under load: the matrix-vector product 12 ms instead of 0.7, the query twice as slow)
-        sims = np.einsum("ij,j->i", unit, q / norm)
-        top = np.argpartition(-sims, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
-        top = top[np.argsort(-sims[top], kind="stable")]
-        return [(int(ids[i]), float(sims[i])) for i in top]
-
-    def _matrix(self, kb: dict):
-        """(chunk ids, their vectors as unit rows) of this knowledge base, kept in memory while its
-        generation (migration 3, bumped by every change, in the same transaction) is unchanged;
-        None when it would not fit in MATRIX_CACHE_BYTES (sqlite-vec answers then)."""
-        db = self._db()
-        row = db.execute("SELECT generation, dim FROM kbs WHERE id = ?", (kb["id"],)).fetchone()
-        if row is None:
-            return None
-        generation = row["generation"]
-        with self._matrices_lock:
-            hit = self._matrices.get(kb["id"])
-            if hit is not None and hit[0] == generation:
-                self._matrices.move_to_end(kb["id"])
-                return hit[1], hit[2]
-        # read before the vectors: a write in between leaves an older generation on newer rows,
-        # which the next query reloads; never the other way round
-        import numpy as np
-        n = db.execute(f"SELECT COUNT(*) FROM {_vec(kb['id'])}").fetchone()[0]
-        if n * row["dim"] * 4 > MATRIX_CACHE_BYTES:
-            return None
-        rows = db.execute(f"SELECT rowid, embedding FROM {_vec(kb['id'])}").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        unit = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), row["dim"]).copy()
-        norms = np.linalg.norm(unit, axis=1, keepdims=True)
-        unit /= np.where(norms == 0.0, 1.0, norms)
-        with self._matrices_lock:
-            self._matrices[kb["id"]] = (generation, ids, unit)
-            self._matrices.move_to_end(kb["id"])
-            while sum(u.nbytes for _, _, u in self._matrices.values()) > MATRIX_CACHE_BYTES:
-                self._matrices.popitem(last=False)
-        return ids, unit
+        return nearest(*m, vector, k)
 
     def passages(self, kb: dict, ids: list[int]) -> dict[int, dict]:
         if not ids:

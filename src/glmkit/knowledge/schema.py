@@ -92,7 +92,7 @@ MIGRATIONS = [
     # 2: each knowledge base's terms in its own FTS5 table, as its vectors are (_terms_per_kb)
     _terms_per_kb,
     # 3: a counter bumped by every change to a knowledge base's passages, in the same transaction:
-    # a process's in-memory copy of the vectors (KnowledgeStore._matrix) is current while it matches
+    # a process's in-memory copy of the vectors (knowledge/vectors.py) is current while it matches
     ["ALTER TABLE kbs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0"],
     # 4: a knowledge base indexed by words only has no vector table (it had one of placeholders)
     _drop_placeholder_vectors,
