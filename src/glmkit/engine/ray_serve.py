@@ -34,7 +34,8 @@ import time
 from collections.abc import Sequence
 
 from ..errors import GlmkitError
-from .remote import EngineUnavailable, QueuedStream, RemoteLoad, exception_text
+from .queued_stream import QueuedStream
+from .remote import EngineUnavailable, RemoteLoad, exception_text
 from .requests import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 
 MISSING = "--ray needs Ray Serve, which is not installed: pip install 'glmkit[cluster]'"

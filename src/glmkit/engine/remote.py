@@ -21,13 +21,13 @@ which a local model also runs."""
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections.abc import Sequence
 
 from ..errors import GlmkitError
-from .requests import EventStream, QueueFull, SamplingParams, TokenEvent, budget
+from .queued_stream import QueuedStream
+from .requests import QueueFull, SamplingParams, TokenEvent, budget
 from .stats import Stats
 
 KINDS = ("glmkit", "vllm", "llamacpp")   # every remote engine's kind; llamacpp's is engine/llamacpp.py's
@@ -188,70 +188,6 @@ class RemoteLoad:
     def stop(self):
         self._stopped.set()
         self.backend.close()
-
-
-class QueuedStream(EventStream):
-    """A sequence whose events a reader thread puts in a queue (a remote engine's stream, a Ray
-    replica's): the caller's side of chat/backend.py's TokenStream, and the reader's put and fail.
-    A subclass sets `backend` (whose scheduler counts cancels), starts its reader, keeps the
-    upstream call in `_response` and says in `_close` how that call is ended."""
-
-    def __init__(self):
-        self.events: queue.Queue[TokenEvent | BaseException] = queue.Queue()
-        self._notify = None
-        self._cancelled = threading.Event()
-        self._response = None
-        self._done = False
-
-    # -- the caller's side (as engine/sequence.py's Handle) -------------------------------------
-    def get(self, timeout: float | None = None) -> TokenEvent:
-        return self._unwrap(self.events.get(timeout=timeout))
-
-    def get_nowait(self) -> TokenEvent:
-        return self._unwrap(self.events.get_nowait())
-
-    def on_event(self, callback) -> None:
-        self._notify = callback
-
-    def cancel(self) -> None:
-        """End the upstream call: the engine sees its client go and frees the sequence."""
-        if self._cancelled.is_set():
-            return
-        self._cancelled.set()
-        if not self._done:
-            self.backend.scheduler.stats.cancelled += 1
-        response = self._response
-        if response is not None:
-            try:
-                self._close(response)     # unblocks the reader: its next read fails, and is ignored
-            except Exception:
-                pass
-
-    def _close(self, response) -> None:
-        response.close()
-
-    def abort(self, e: BaseException):
-        """End the sequence with `e` for its reader, and the upstream call with it."""
-        self._fail(e)
-        self.cancel()
-
-    @staticmethod
-    def _unwrap(ev):
-        if isinstance(ev, BaseException):
-            raise ev
-        return ev
-
-    # -- the reader thread --------------------------------------------------------------------
-    def _put(self, ev):
-        self.events.put(ev)
-        if self._notify is not None:
-            self._notify()
-
-    def _fail(self, e: BaseException):
-        # after cancel() nobody reads on, and the reader's own failure (a closed socket) is expected
-        if not self._done and not self._cancelled.is_set():
-            self._done = True
-            self._put(e)
 
 
 class RemoteStream(QueuedStream):
